@@ -1,0 +1,679 @@
+# Copyright 2026 the TTT-LM PyTorch authors. MIT License.
+"""TTT-Linear and TTT-MLP language models (Sun et al., "Learning to (Learn at Test Time): RNNs with
+Expressive Hidden States", arXiv 2407.04620) as a Hugging Face causal LM.
+
+The hidden state of each TTT layer is a small inner model f_W (linear, or a 2-layer MLP) trained by
+gradient descent on a self-supervised reconstruction loss while the sequence is read. Parameter names,
+shapes, initialisation and numerics follow the official PyTorch implementation
+(test-time-training/ttt-lm-pytorch, commit cd831db), so its checkpoints load here and give the same logits.
+
+Notation in comments: B batch, T length, C hidden size, H heads, f = C / H head dim, K mini-batch size,
+n full mini-batches, k length of one mini-batch segment (k <= K).
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+TTT_LAYER_TYPES = ("linear", "mlp")
+
+# The paper's sizes (Table 3 / the official TTT_STANDARD_CONFIGS) plus `tiny`, which trains on a laptop CPU.
+TTT_STANDARD_CONFIGS = {
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    "350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
+    "760m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+    "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=32),
+}
+
+# The official code hard-codes eps=1e-6 for the TTT LayerNorms and std=0.02 for W1/W2/the lr gate.
+TTT_NORM_EPS = 1e-6
+INNER_INIT_STD = 0.02
+
+
+class TTTConfig(PreTrainedConfig):
+    r"""Configuration of a TTT language model. Defaults are the official ones (the 1b size, Transformer backbone).
+
+    ttt_layer_type: `"linear"` (TTT-Linear) or `"mlp"` (TTT-MLP, inner MLP of width 4f).
+    ttt_base_lr: eta_base of the per-token inner learning rate eta(x) = eta_base * sigmoid(theta_lr . x) / f.
+    mini_batch_size: K, the number of tokens whose gradients are taken at the same inner weights.
+    pre_conv / conv_kernel / share_qk / use_gate: the Mamba-backbone options of the paper (all three on =
+        the paper's "Mamba backbone"; all off = its "Transformer backbone").
+    scan_checkpoint_group_size: when > 0 and training, the scan over mini-batches is run under activation
+        checkpointing in groups of this many mini-batches (as JAX's `remat_mini_batch_group_size`; the
+        official PyTorch file reads it as a number of groups instead). Gradients are unchanged.
+    """
+
+    model_type = "ttt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    intermediate_size: int = 5504
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pretraining_tp: int = 1
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    use_gate: bool = False
+    share_qk: bool = False
+    ttt_layer_type: str = "linear"
+    ttt_base_lr: float = 1.0
+    mini_batch_size: int = 16
+    pre_conv: bool = False
+    conv_kernel: int = 4
+    scan_checkpoint_group_size: int = 0
+
+    def __post_init__(self, **kwargs):
+        if self.ttt_layer_type not in TTT_LAYER_TYPES:
+            raise ValueError(f"ttt_layer_type must be one of {TTT_LAYER_TYPES}, got {self.ttt_layer_type!r}")
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "mini_batch_size", "conv_kernel"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive integer (>= 1), got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError(
+                f"hidden_size / num_attention_heads must be even for RoPE, got "
+                f"{self.hidden_size // self.num_attention_heads}"
+            )
+        if self.scan_checkpoint_group_size < 0:
+            raise ValueError(
+                f"scan_checkpoint_group_size must be >= 0 (0 disables it), got {self.scan_checkpoint_group_size}"
+            )
+        if self.ttt_base_lr <= 0:
+            raise ValueError(f"ttt_base_lr must be > 0, got {self.ttt_base_lr}")
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_size(cls, size: str, **kwargs) -> "TTTConfig":
+        """A standard size (`tiny`, `125m`, `350m`, `760m`, `1b`) with any field overridden by `kwargs`."""
+        if size not in TTT_STANDARD_CONFIGS:
+            raise ValueError(f"model size must be one of {list(TTT_STANDARD_CONFIGS)}, got {size!r}")
+        return cls(**{**TTT_STANDARD_CONFIGS[size], **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbone pieces
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalised in float32 and cast back *before* the weight, as the official model does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGluMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def causal_depthwise_conv(conv: nn.Conv1d, x, state=None):
+    """y_t = bias + sum_j w_j x_{t-k+1+j} per channel. x: (B, T, C); state: (B, C, k-1) previous inputs or None
+    (zeros). Returns y (B, T, C) and the new state (the last k-1 inputs), so any chunking gives the same y."""
+    k = conv.kernel_size[0]
+    x = x.transpose(1, 2)  # (B, C, T)
+    if state is None:
+        state = x.new_zeros(x.shape[0], x.shape[1], k - 1)
+    x = torch.cat([state.to(x.dtype), x], dim=-1)
+    y = F.conv1d(x, conv.weight, conv.bias, groups=conv.groups)
+    return y.transpose(1, 2), x[..., x.shape[-1] - (k - 1):]
+
+
+class Conv(nn.Module):
+    """The Mamba backbone's residual temporal convolution before the TTT layer (`pre_conv`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, config.conv_kernel,
+                              groups=config.hidden_size, padding=config.conv_kernel - 1)
+
+    def forward(self, hidden_states, cache=None, layer_idx=None):
+        state = cache.conv_state(layer_idx, "pre_conv") if cache is not None else None
+        out, state = causal_depthwise_conv(self.conv, self.norm(hidden_states), state)
+        if cache is not None:
+            cache.set_conv_state(layer_idx, "pre_conv", state)
+        return out
+
+
+def rotate_interleaved(x, cos, sin):
+    """RoPE on adjacent pairs (x[2i], x[2i+1]), as in the JAX code. x: (B, H, T, f); cos, sin: (T, f/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def ln_fwd(z, gamma, beta):
+    """Per-head LayerNorm over f. z: (..., H, k, f); gamma, beta: (H, 1, f)."""
+    mu = z.mean(-1, keepdim=True)
+    var = z.var(-1, keepdim=True, unbiased=False)
+    return gamma * (z - mu) / torch.sqrt(var + TTT_NORM_EPS) + beta
+
+
+def ln_reconstruction_grad(z, target, gamma, beta):
+    """d l / d z for the inner loss l = 1/2 ||LN(z) - target||^2, the LayerNorm backward written out:
+    with x_hat = (z - mu) / std and g = (LN(z) - target) * gamma,
+    dl/dz = (f g - sum(g) - x_hat sum(g x_hat)) / (f std)."""
+    f = z.shape[-1]
+    mu = z.mean(-1, keepdim=True)
+    std = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + TTT_NORM_EPS)
+    x_hat = (z - mu) / std
+    g = (gamma * x_hat + beta - target) * gamma
+    return (f * g - g.sum(-1, keepdim=True) - x_hat * (g * x_hat).sum(-1, keepdim=True)) / (f * std)
+
+
+def gelu_tanh_grad(x):
+    """Derivative of the tanh-approximated GELU 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    tanh_out = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+    return 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mini-batch TTT
+
+
+class MiniBatch(NamedTuple):
+    """One mini-batch segment (or n of them stacked on dim 2). k <= K tokens that all take their inner gradient
+    at the weights the mini-batch started with."""
+
+    q: torch.Tensor  # (B, H, k, f) test view
+    k: torch.Tensor  # (B, H, k, f) training view
+    target: torch.Tensor  # (B, H, k, f) reconstruction target v - k
+    lr: torch.Tensor  # (B, H, k, 1) per-token inner learning rate eta_base * sigmoid(.) / f
+    c: torch.Tensor  # (k, 1) position factor c_i = max(0, 1/(i+1) + tau_i) of each row
+    eta: torch.Tensor  # (B, H, k, k) eta_ij = c_i lr_j for j <= i, else 0
+    eta_qk: torch.Tensor  # (B, H, k, k) eta_ij (q_i . k_j + 1): the dual form's first-layer mixing matrix
+    ends_mini_batch: bool  # whether the last row is position K-1, after which the weights move
+
+
+class InnerState(NamedTuple):
+    """The TTT hidden state: the inner weights at the start of the current mini-batch, and for a partly read
+    mini-batch the sums over its tokens so far of lr_j * grad l_j (None when at a mini-batch boundary)."""
+
+    params: tuple  # linear: (W1 (B,H,f,f), b1 (B,H,1,f)); mlp: (W1, b1, W2, b2)
+    grad_sums: tuple | None
+
+    def advance(self, grad_sums, mb: MiniBatch):
+        """theta_{K-1} = theta_0 - c_{K-1} * sum_j lr_j grad l_j(theta_0) when the mini-batch is complete."""
+        if self.grad_sums is not None:
+            grad_sums = tuple(s + g for s, g in zip(self.grad_sums, grad_sums))
+        if not mb.ends_mini_batch:
+            return InnerState(self.params, grad_sums)
+        c_last = mb.c[-1]
+        return InnerState(tuple(p - c_last * s for p, s in zip(self.params, grad_sums)), None)
+
+
+def dense_at_row_weights(x, weight, bias, weight_sum, bias_sum, c):
+    """x_i W_i + b_i for the weights before this segment's own steps, W_i = W0 - c_i * weight_sum."""
+    out = x @ weight + bias
+    if weight_sum is not None:
+        out = out - c * (x @ weight_sum + bias_sum)
+    return out
+
+
+class TTTBase(nn.Module):
+    """A TTT layer: projections to the training view k, test view q and label view v, the per-token inner learning
+    rate eta, RoPE inside each mini-batch, the inner model's mini-batch scan, post LayerNorm, optional gate, o_proj.
+
+    Subclasses are the inner models: `initial_params()` gives theta_0 (the learnable initial hidden state) and
+    `mini_batch_step(state, mb)` returns Z_bar, the pre-LayerNorm outputs f_{W_i}(q_i) of every row of one
+    mini-batch in the dual form, and the next InnerState."""
+
+    def __init__(self, config: TTTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.width = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.mini_batch_size = config.mini_batch_size
+        C, H, f, K = self.width, self.num_heads, self.head_dim, self.mini_batch_size
+
+        # tau, the learnable offset of the position factor c_i = 1/(i+1) + tau_i
+        self.learnable_token_idx = nn.Parameter(torch.zeros(K))
+        # theta_lr: eta(x) = eta_base * sigmoid(x . w_h + b_h) / f, per head, from the layer input
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, 1, C)))
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1))
+        # the inner model's LayerNorm (part of f, and of the layer's output q + LN(f(q)))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(H, f))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(H, f))
+
+        self.q_proj = nn.Linear(C, C, bias=False)
+        if not config.share_qk:
+            self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        if config.share_qk:
+            self.conv_q = nn.Conv1d(C, C, config.conv_kernel, groups=C, padding=config.conv_kernel - 1)
+            self.conv_k = nn.Conv1d(C, C, config.conv_kernel, groups=C, padding=config.conv_kernel - 1)
+        if config.use_gate:
+            self.g_proj = nn.Linear(C, C, bias=False)
+        self.post_norm = nn.LayerNorm(C, eps=TTT_NORM_EPS)
+
+    # -- views, learning rate, RoPE
+    def views(self, x, cache):
+        """q, k, v of shape (B, H, T, f) from the layer input x (B, T, C)."""
+        if self.config.share_qk:
+            shared = self.q_proj(x)
+            q, q_state = causal_depthwise_conv(self.conv_q, shared, self._conv_state(cache, "conv_q"))
+            k, k_state = causal_depthwise_conv(self.conv_k, shared, self._conv_state(cache, "conv_k"))
+            if cache is not None:
+                cache.set_conv_state(self.layer_idx, "conv_q", q_state)
+                cache.set_conv_state(self.layer_idx, "conv_k", k_state)
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)
+        v = self.v_proj(x)
+        B, T, _ = x.shape
+        return [t.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+
+    def _conv_state(self, cache, name):
+        return cache.conv_state(self.layer_idx, name) if cache is not None else None
+
+    def inner_lr(self, x):
+        """lr_t = eta_base * sigmoid(x_t . w_h + b_h) / f: (B, H, T, 1)."""
+        logits = torch.einsum("btc,hc->bht", x, self.learnable_ttt_lr_weight.squeeze(1))
+        logits = logits + self.learnable_ttt_lr_bias
+        return (self.config.ttt_base_lr * torch.sigmoid(logits) / self.head_dim).unsqueeze(-1)
+
+    def rope(self, positions, dtype):
+        """cos, sin (T, f/2) for in-mini-batch positions t mod K, frequencies theta^(-2i/f)."""
+        inv_freq = 1.0 / (self.config.rope_theta ** (
+            torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim))
+        angles = positions.float()[:, None] * inv_freq[None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def position_factor(self, device):
+        """c_i = max(0, 1/(i+1) + tau_i), i = 0..K-1 (turns the sum over the mini-batch into a running mean)."""
+        base = 1.0 / torch.arange(1, self.mini_batch_size + 1, dtype=torch.float32, device=device)
+        return F.relu(base.to(self.learnable_token_idx.dtype) + self.learnable_token_idx)
+
+    def make_mini_batch(self, q, k, target, lr, c, ends_mini_batch):
+        """Dual-form inputs for one segment (dims (..., k, f)) or n stacked full mini-batches ((B, H, n, K, f))."""
+        size = q.shape[-2]
+        causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+        eta = torch.where(causal, c * lr.transpose(-1, -2), 0.0)  # eta_ij = c_i lr_j, j <= i
+        eta_qk = eta * (q @ k.transpose(-1, -2) + 1)
+        return MiniBatch(q, k, target, lr, c, eta, eta_qk, ends_mini_batch)
+
+    # -- the layer
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        K = self.mini_batch_size
+        offset = cache.seqlen_offset if cache is not None else 0
+        in_batch = (offset + torch.arange(T, device=x.device)) % K  # position inside the mini-batch
+
+        q, k, v = self.views(x, cache)
+        cos, sin = self.rope(in_batch, q.dtype)
+        q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)
+        target = v - k  # the inner model learns k -> v - k; with its residual, k -> v
+        lr = self.inner_lr(x)
+        c = self.position_factor(x.device)[in_batch].unsqueeze(-1)  # (T, 1)
+
+        state = cache.inner_state(self.layer_idx) if cache is not None else None
+        if state is None:
+            state = InnerState(tuple(p.unsqueeze(0).expand(B, *p.shape) for p in self.initial_params()), None)
+
+        # Segments: the rest of a partly read mini-batch, the full mini-batches (one batched scan), the remainder.
+        head = min(T, (K - offset % K) % K)
+        n = (T - head) // K
+        outputs = []
+        if head:
+            out, state = self.mini_batch_step(state, self.make_mini_batch(
+                q[:, :, :head], k[:, :, :head], target[:, :, :head], lr[:, :, :head], c[:head],
+                offset % K + head == K))
+            outputs.append(out)
+        if n:
+            span = slice(head, head + n * K)
+            stacked = [t[:, :, span].reshape(B, self.num_heads, n, K, -1) for t in (q, k, target, lr)]
+            out, state = self.scan(state, self.make_mini_batch(*stacked, c[:K], True))
+            outputs.append(out)
+        if head + n * K < T:
+            rest = slice(head + n * K, T)
+            out, state = self.mini_batch_step(state, self.make_mini_batch(
+                q[:, :, rest], k[:, :, rest], target[:, :, rest], lr[:, :, rest], c[rest], False))
+            outputs.append(out)
+        if cache is not None:
+            cache.set_inner_state(self.layer_idx, state)
+
+        z_bar = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # (B, H, T, f)
+        out = q + ln_fwd(z_bar, self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1))
+        out = self.post_norm(out.transpose(1, 2).reshape(B, T, C))
+        if self.config.use_gate:
+            out = out * F.gelu(self.g_proj(x), approximate="tanh")
+        return self.o_proj(out)
+
+    def scan(self, state: InnerState, stacked: MiniBatch):
+        """Runs mini_batch_step over n full mini-batches stacked on dim 2; outputs (B, H, n*K, f)."""
+        n = stacked.q.shape[2]
+        per_mini_batch = [
+            stacked._replace(**{name: getattr(stacked, name)[:, :, i]
+                                for name in ("q", "k", "target", "lr", "eta", "eta_qk")})
+            for i in range(n)
+        ]
+        group = self.config.scan_checkpoint_group_size
+        outputs = []
+        if group and self.training and torch.is_grad_enabled():
+            for start in range(0, n, group):
+                params, outs = torch.utils.checkpoint.checkpoint(
+                    self._run_group, state, per_mini_batch[start:start + group], use_reentrant=False)
+                state = InnerState(params, None)
+                outputs.extend(outs)
+        else:
+            for mb in per_mini_batch:
+                out, state = self.mini_batch_step(state, mb)
+                outputs.append(out)
+        return torch.cat(outputs, dim=2), state
+
+    def _run_group(self, state, mini_batches):
+        outs = []
+        for mb in mini_batches:
+            out, state = self.mini_batch_step(state, mb)
+            outs.append(out)
+        return state.params, outs
+
+
+class TTTLinear(TTTBase):
+    """Inner model f(x) = x W1 + b1, per head."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        H, f = self.num_heads, self.head_dim
+        self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, f)))
+        self.b1 = nn.Parameter(torch.zeros(H, 1, f))
+
+    def initial_params(self):
+        return (self.W1, self.b1)
+
+    def mini_batch_step(self, state, mb):
+        W1, b1 = state.params
+        sums = state.grad_sums or (None, None)
+        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
+        # gradients of every token at the mini-batch's starting weights
+        z1 = mb.k @ W1 + b1
+        grad_z1 = ln_reconstruction_grad(z1, mb.target, gamma, beta)
+        # dual form: Z_bar = Q W_0 + b_0 - (eta * (Q K^T + 1)) G, never materialising each token's W_i
+        z_bar = dense_at_row_weights(mb.q, W1, b1, *sums, mb.c) - mb.eta_qk @ grad_z1
+        lr_grad = mb.lr * grad_z1
+        grad_sums = (mb.k.transpose(-1, -2) @ lr_grad, lr_grad.sum(-2, keepdim=True))
+        return z_bar, state.advance(grad_sums, mb)
+
+
+class TTTMLP(TTTBase):
+    """Inner model f(x) = GELU(x W1 + b1) W2 + b2 with hidden width 4f, per head."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        H, f = self.num_heads, self.head_dim
+        self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, 4 * f)))
+        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * f))
+        self.W2 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, 4 * f, f)))
+        self.b2 = nn.Parameter(torch.zeros(H, 1, f))
+
+    def initial_params(self):
+        return (self.W1, self.b1, self.W2, self.b2)
+
+    def mini_batch_step(self, state, mb):
+        W1, b1, W2, b2 = state.params
+        sums = state.grad_sums or (None,) * 4
+        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
+        # forward and backward of the inner MLP on the training view, at the starting weights
+        z1 = mb.k @ W1 + b1
+        x2 = F.gelu(z1, approximate="tanh")
+        z2 = x2 @ W2 + b2
+        grad_z2 = ln_reconstruction_grad(z2, mb.target, gamma, beta)
+        grad_z1 = (grad_z2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
+        # dual form, layer by layer, on the test view
+        z1_bar = dense_at_row_weights(mb.q, W1, b1, sums[0], sums[1], mb.c) - mb.eta_qk @ grad_z1
+        x2_bar = F.gelu(z1_bar, approximate="tanh")
+        eta_x2 = mb.eta * (x2_bar @ x2.transpose(-1, -2) + 1)
+        z2_bar = dense_at_row_weights(x2_bar, W2, b2, sums[2], sums[3], mb.c) - eta_x2 @ grad_z2
+        lr_grad_z1, lr_grad_z2 = mb.lr * grad_z1, mb.lr * grad_z2
+        grad_sums = (mb.k.transpose(-1, -2) @ lr_grad_z1, lr_grad_z1.sum(-2, keepdim=True),
+                     x2.transpose(-1, -2) @ lr_grad_z2, lr_grad_z2.sum(-2, keepdim=True))
+        return z2_bar, state.advance(grad_sums, mb)
+
+
+TTT_LAYER_CLASSES = {"linear": TTTLinear, "mlp": TTTMLP}
+
+
+class Block(GradientCheckpointingLayer):
+    """[h += Conv(RMSNorm(h))] ; h += TTT(RMSNorm(h)) ; h += SwiGLU(RMSNorm(h))."""
+
+    def __init__(self, config: TTTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        if config.pre_conv:
+            self.conv = Conv(config)
+        self.seq_modeling_block = TTT_LAYER_CLASSES[config.ttt_layer_type](config, layer_idx)
+        self.mlp = SwiGluMLP(config)
+        self.seq_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, cache=None):
+        if hasattr(self, "conv"):
+            hidden_states = hidden_states + self.conv(hidden_states, cache, self.layer_idx)
+        hidden_states = hidden_states + self.seq_modeling_block(self.seq_norm(hidden_states), cache)
+        return hidden_states + self.mlp(self.ffn_norm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+class TTTCache:
+    """Decoding state of a TTT model. Per layer: the inner weights at the start of the current mini-batch and the
+    running sums of lr-weighted gradients of its tokens so far, and the last k-1 inputs of each causal conv.
+    Its size does not depend on how many tokens were read. States are created by the first call."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        self.seqlen_offset = 0
+        self.inner_states: list[InnerState | None] = [None] * num_layers
+        self.conv_states: list[dict] = [{} for _ in range(num_layers)]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seqlen_offset
+
+    def inner_state(self, layer_idx):
+        return self.inner_states[layer_idx]
+
+    def set_inner_state(self, layer_idx, state: InnerState):
+        self.inner_states[layer_idx] = state
+
+    def conv_state(self, layer_idx, name):
+        return self.conv_states[layer_idx].get(name)
+
+    def set_conv_state(self, layer_idx, name, state):
+        self.conv_states[layer_idx][name] = state
+
+    def tensors(self):
+        for state in self.inner_states:
+            if state is not None:
+                yield from state.params
+                yield from state.grad_sums or ()
+        for convs in self.conv_states:
+            yield from convs.values()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Select batch rows (beam search)."""
+        pick = lambda t: t.index_select(0, beam_idx.to(t.device))  # noqa: E731
+        self.inner_states = [
+            None if s is None else InnerState(tuple(map(pick, s.params)),
+                                              None if s.grad_sums is None else tuple(map(pick, s.grad_sums)))
+            for s in self.inner_states
+        ]
+        self.conv_states = [{name: pick(t) for name, t in convs.items()} for convs in self.conv_states]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class TTTPreTrainedModel(PreTrainedModel):
+    config_class = TTTConfig
+    config: TTTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Conv1d):
+            # PyTorch's default Conv1d init, as in the official model (U(+-1/sqrt(k)) for weight and bias)
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, TTTBase):
+            init.zeros_(module.learnable_token_idx)
+            init.normal_(module.learnable_ttt_lr_weight, mean=0.0, std=INNER_INIT_STD)
+            init.zeros_(module.learnable_ttt_lr_bias)
+            init.ones_(module.ttt_norm_weight)
+            init.zeros_(module.ttt_norm_bias)
+            for name in ("W1", "W2"):
+                if hasattr(module, name):
+                    init.normal_(getattr(module, name), mean=0.0, std=INNER_INIT_STD)
+            for name in ("b1", "b2"):
+                if hasattr(module, name):
+                    init.zeros_(getattr(module, name))
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not hand us a KV cache; forward creates a TTTCache
+
+
+class TTTModel(TTTPreTrainedModel):
+    def __init__(self, config: TTTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values: TTTCache | None = None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("TTT models read every token in order and do not support padding "
+                             "(attention_mask has zeros); pass unpadded sequences of equal length")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = TTTCache(self.config.num_hidden_layers)
+        cache = past_key_values if use_cache else None
+
+        hidden_states = inputs_embeds
+        all_hidden_states = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(hidden_states, cache)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        if cache is not None:
+            cache.seqlen_offset += inputs_embeds.shape[1]
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+
+class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TTTConfig):
+        super().__init__(config)
+        self.model = TTTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values: TTTCache | None = None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
+                return_dict=None, logits_to_keep: int = 0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states)
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states).float()
+        loss = None
+        if labels is not None:
+            # mean cross-entropy of logits[:, :-1] against labels[:, 1:] (ignore_index -100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states)
+
+
+AutoConfig.register("ttt", TTTConfig, exist_ok=True)
+AutoModel.register(TTTConfig, TTTModel, exist_ok=True)
+AutoModelForCausalLM.register(TTTConfig, TTTForCausalLM, exist_ok=True)
+
+__all__ = ["TTTConfig", "TTTModel", "TTTForCausalLM", "TTTCache", "TTT_STANDARD_CONFIGS"]
