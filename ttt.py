@@ -366,7 +366,7 @@ class TTTBase(nn.Module):
         if n:
             span = slice(head, head + n * K)
             stacked = [t[:, :, span].reshape(B, self.num_heads, n, K, -1) for t in (q, k, target, lr)]
-            out, state = self.scan(state, self.make_mini_batch(*stacked, c[:K], True))
+            out, state = self.scan(state, self.make_mini_batch(*stacked, c[head:head + K], True))
             outputs.append(out)
         if head + n * K < T:
             rest = slice(head + n * K, T)

@@ -1,0 +1,203 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from conftest import SHARED
+from ttt import TTT_STANDARD_CONFIGS, TTTCache, TTTConfig, TTTForCausalLM, TTTModel
+
+REFERENCE = SHARED / "reference"
+CASES = sorted(p.name for p in REFERENCE.iterdir() if p.is_dir()) if REFERENCE.exists() else []
+VARIANTS = [
+    dict(ttt_layer_type="linear"),
+    dict(ttt_layer_type="mlp"),
+    dict(ttt_layer_type="linear", pre_conv=True, share_qk=True, use_gate=True),
+    dict(ttt_layer_type="mlp", pre_conv=True, share_qk=True, use_gate=True),
+]
+
+
+def small_model(**overrides):
+    torch.manual_seed(0)
+    config = TTTConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, mini_batch_size=8, **overrides)
+    return TTTForCausalLM(config)
+
+
+def load_reference(case):
+    folder = REFERENCE / case
+    config = TTTConfig(**json.loads((folder / "config.json").read_text()))
+    model = TTTForCausalLM(config).eval()
+    model.load_state_dict(load_file(folder / "reference_state_dict.safetensors"), strict=True)
+    return model, load_file(folder / "io.safetensors")
+
+
+@pytest.mark.skipif(not CASES, reason=f"{REFERENCE} is absent (reference fixtures live beside the developers' checkout)")
+@pytest.mark.parametrize("case", CASES)
+def test_reference_logits(case):
+    model, io = load_reference(case)
+    with torch.no_grad():
+        logits = model(io["input_ids"]).logits
+    assert logits.dtype == torch.float32
+    assert (logits - io["logits"]).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not CASES, reason=f"{REFERENCE} is absent (reference fixtures live beside the developers' checkout)")
+@pytest.mark.parametrize("case", CASES)
+def test_reference_decode_through_cache(case):
+    model, io = load_reference(case)
+    ids = io["input_ids"]
+    cache = TTTCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    assert (torch.cat(steps, 1) - io["decode_logits"]).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not CASES, reason=f"{REFERENCE} is absent (reference fixtures live beside the developers' checkout)")
+def test_official_checkpoint_folder_loads_with_from_pretrained(tmp_path):
+    """An official checkpoint folder (config.json + weights under the official names) loads through Auto classes."""
+    case = "mlp_mamba_len33"
+    folder = REFERENCE / case
+    config = {**json.loads((folder / "config.json").read_text()), "model_type": "ttt"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = load_file(folder / "reference_state_dict.safetensors")
+    state.pop("lm_head.weight")  # tied: an HF checkpoint stores the shared tensor once
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    io = load_file(folder / "io.safetensors")
+    with torch.no_grad():
+        assert (model(io["input_ids"]).logits - io["logits"]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_decode_equals_prefill(variant):
+    model = small_model(**variant).eval()
+    ids = torch.randint(0, 97, (2, 29))  # 29: three mini-batches of 8 and a remainder of 5
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = TTTCache(2)
+        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(29)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    assert cache.get_seq_length() == 29
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:2], ids=["linear", "mlp"])
+def test_chunked_prefill_at_any_offset(variant):
+    model = small_model(**variant).eval()
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = TTTCache(2)
+        chunks = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
+                  for a, b in [(0, 3), (3, 14), (14, 15), (15, 33), (33, 40)]]
+    assert (torch.cat(chunks, 1) - full).abs().max() < 1e-5
+
+
+def test_prefix_logits_do_not_depend_on_later_tokens():
+    model = small_model(ttt_layer_type="mlp").eval()
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        assert (model(ids[:, :19]).logits - model(ids).logits[:, :19]).abs().max() < 1e-5
+
+
+def test_cache_memory_is_constant_in_context_length():
+    model = small_model(pre_conv=True, share_qk=True).eval()
+    sizes = []
+    for length in (17, 100):
+        cache = TTTCache(2)
+        with torch.no_grad():
+            model(torch.randint(0, 97, (1, length)), past_key_values=cache, use_cache=True)
+        sizes.append(sum(t.numel() for t in cache.tensors()))
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_generate_greedy_matches_argmax_loop_and_sampling_runs():
+    model = small_model(ttt_layer_type="mlp", pre_conv=True).eval()
+    prompt = torch.randint(0, 97, (1, 11))
+    out = model.generate(prompt, max_new_tokens=13, do_sample=False, pad_token_id=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(13):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+    torch.manual_seed(1)
+    sampled = model.generate(prompt, max_new_tokens=13, do_sample=True, top_k=20, temperature=0.9, pad_token_id=0)
+    assert sampled.shape == (1, 24) and torch.equal(sampled[:, :11], prompt)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = small_model(ttt_layer_type="mlp", use_gate=True).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = TTTForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 97, (2, 21))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_auto_classes(tmp_path):
+    small_model().save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is TTTConfig
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is TTTForCausalLM
+    assert type(AutoModel.from_pretrained(tmp_path)) is TTTModel
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_gradient_reaches_every_parameter(variant):
+    model = small_model(tie_word_embeddings=False, **variant)
+    with torch.no_grad():  # tau is clamped at 0 by max(0, .); move it off the kink so its gradient is defined
+        for layer in model.model.layers:
+            layer.seq_modeling_block.learnable_token_idx.normal_(0, 0.01)
+    ids = torch.randint(0, 97, (2, 21))
+    model(ids, labels=ids).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_scan_checkpointing_keeps_gradients():
+    ids = torch.randint(0, 97, (2, 43))
+    grads = []
+    for group in (0, 2):
+        model = small_model(ttt_layer_type="mlp", scan_checkpoint_group_size=group).train()
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_standard_sizes():
+    expected = {"125m": (768, 2048, 12, 12), "350m": (1024, 2736, 24, 16),
+                "760m": (1536, 4096, 24, 16), "1b": (2048, 5504, 24, 32)}
+    for size, dims in expected.items():
+        c = TTTConfig.from_size(size)
+        assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads) == dims
+    with torch.device("meta"):
+        model = TTTForCausalLM(TTTConfig.from_size("125m"))
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 110.3) < 0.1  # the official count, tied
+    tiny = TTTForCausalLM(TTTConfig.from_size("tiny", vocab_size=1000))
+    body = sum(p.numel() for n, p in tiny.named_parameters() if "embed_tokens" not in n)
+    assert 1e6 <= body <= 5e6
+    assert set(TTT_STANDARD_CONFIGS) == {"tiny", "125m", "350m", "760m", "1b"}
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("hidden_size", 30, ["hidden_size", "num_attention_heads"]),
+    ("ttt_layer_type", "conv", ["ttt_layer_type", "linear", "mlp"]),
+    ("mini_batch_size", 0, ["mini_batch_size", ">= 1"]),
+    ("num_attention_heads", 0, ["num_attention_heads"]),
+    ("scan_checkpoint_group_size", -1, ["scan_checkpoint_group_size"]),
+])
+def test_config_errors_name_the_field(field, value, words):
+    with pytest.raises(ValueError) as error:
+        TTTConfig(**{"hidden_size": 32, "num_attention_heads": 4, field: value})
+    assert all(word in str(error.value) for word in words)
+
+
+def test_padding_is_refused():
+    model = small_model()
+    ids = torch.randint(0, 97, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model(ids, attention_mask=mask)
