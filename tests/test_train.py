@@ -1,0 +1,302 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import pytest
+import torch
+
+from conftest import ROOT
+import train_ttt
+from ttt import TTTForCausalLM
+
+FAST = ["--model_size", "tiny", "--seq_length", "64", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "4", "--max_eval_samples", "4", "--logging_steps", "1", "--eval_steps", "0"]
+
+
+def run(tmp_path, *extra, out="run"):
+    train_ttt.main([*FAST, "--output_dir", str(tmp_path / out), *extra])
+    return tmp_path / out
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(folder):
+    return {r["step"]: r["loss"] for r in metrics(folder) if "loss" in r}
+
+
+def fails(capsys, *argv, match):
+    with pytest.raises(SystemExit) as exit_info:
+        train_ttt.main(list(argv))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err, err
+    assert match in err, err
+    return err
+
+
+def test_loss_falls_on_tinyshakespeare(tmp_path, shakespeare, llama_tokenizer_dir):
+    folder = run(tmp_path, "--dataset_name", str(shakespeare), "--tokenizer_name", str(llama_tokenizer_dir),
+                 "--max_train_steps", "40", "--learning_rate", "3e-3", "--save_checkpoint_freq", "0",
+                 "--eval_steps", "20", "--logging_steps", "5")
+    records = metrics(folder)
+    train = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert train[-1] < train[0] - 2.0  # from ~10.4 (uniform over 32000) down
+    assert len(evals) == 2 and evals[1] < evals[0]
+    model = TTTForCausalLM.from_pretrained(folder / "final_model")
+    assert model.config.vocab_size == 32000
+    for record in records:
+        if "loss" in record:
+            assert set(record) == {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"}
+            assert record["tokens_per_sec"] > 0 and record["grad_norm"] > 0
+        else:
+            assert set(record) == {"step", "eval_loss", "eval_perplexity"}
+            assert abs(record["eval_perplexity"] - torch.tensor(record["eval_loss"]).exp().item()) < 1e-3
+    saved = json.loads((folder / "training_args.json").read_text())
+    assert saved["seq_length"] == 64 and saved["tokenizer_name"] == str(llama_tokenizer_dir)
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    common = ["--max_train_steps", "20", "--save_checkpoint_freq", "10", "--gradient_accumulation_steps", "2"]
+    full = run(tmp_path, *common, out="full")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-10", resumed / "checkpoint-10")
+    run(tmp_path, *common, "--resume_from_checkpoint", "latest", out="resumed")
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == list(range(11, 21))
+    assert all(got[s] == expected[s] for s in range(11, 21)), (got, expected)
+    lrs = {r["step"]: r["lr"] for r in metrics(full) if "lr" in r}
+    assert all(r["lr"] == lrs[r["step"]] for r in metrics(resumed) if "lr" in r)
+
+
+def test_checkpoints_are_pruned_and_milestones_kept(tmp_path):
+    folder = run(tmp_path, "--max_train_steps", "12", "--save_checkpoint_freq", "2", "--save_total_limit", "2",
+                 "--save_milestone_freq", "5")
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    assert names == ["checkpoint-10", "checkpoint-12", "final_model", "milestone-10", "milestone-5"]
+    assert not any(p.name.startswith(".") for p in folder.iterdir())
+    state = json.loads((folder / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["step"] == 12 and len(state["data"]) == 1 and state["data"][0]["documents"] > 0
+    model = TTTForCausalLM.from_pretrained(folder / "checkpoint-12")
+    assert model.config.hidden_size == 256
+
+
+def test_curriculum_resume_with_longer_sequences(tmp_path, capsys):
+    folder = run(tmp_path, "--max_train_steps", "4", "--save_checkpoint_freq", "4")
+    capsys.readouterr()
+    run(tmp_path, "--max_train_steps", "6", "--seq_length", "128", "--per_device_train_batch_size", "1",
+        "--resume_from_checkpoint", str(folder / "checkpoint-4"))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "seq_length 64 -> 128" in out and "max_train_steps 4 -> 6" in out
+    assert sorted(losses(folder)) == [1, 2, 3, 4, 5, 6]
+    assert json.loads((folder / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train_ttt.py"), *FAST, "--max_train_steps", "100000",
+           "--save_checkpoint_freq", "0", "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    saved = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1
+    step = int(saved[0].split("-")[1])
+    assert step >= 3 and not (out / "final_model").exists()
+    train_ttt.main([*FAST, "--output_dir", str(out), "--max_train_steps", str(step + 2),
+                    "--resume_from_checkpoint", "latest"])
+    assert max(losses(out)) == step + 2 and (out / "final_model").exists()
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "csv", "folder", "save_to_disk"])
+def test_local_data_formats(tmp_path, kind):
+    docs = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 5 + 1) for i in range(60)]
+    rows = datasets.Dataset.from_dict({"content": docs, "id": list(range(60))})
+    path = tmp_path / f"data.{kind}"
+    if kind == "txt":
+        path.write_text("\n\n".join(docs))
+    elif kind == "jsonl":
+        rows.to_json(path)
+    elif kind == "parquet":
+        rows.to_parquet(path)
+    elif kind == "csv":
+        rows.to_csv(path)
+    elif kind == "folder":  # a Hub-style repository layout with its own validation split
+        path.mkdir()
+        rows.select(range(50)).to_json(path / "train.jsonl")
+        rows.select(range(50, 60)).to_json(path / "validation.jsonl")
+    else:
+        datasets.DatasetDict({"train": rows}).save_to_disk(str(path))
+    folder = run(tmp_path, "--dataset_name", str(path), "--max_train_steps", "3", "--save_checkpoint_freq", "0",
+                 "--max_eval_samples", "2", "--seq_length", "32")
+    assert sorted(losses(folder)) == [1, 2, 3]
+    assert any("eval_loss" in r for r in metrics(folder))
+
+
+def test_each_process_reads_its_own_shard():
+    from ttt_train.data import PackedBlocks, byte_tokenizer
+    docs = datasets.Dataset.from_dict({"text": [f"doc{i:03d}." for i in range(40)]})
+    tok = byte_tokenizer()
+    firsts = [next(PackedBlocks(docs, tok, "text", 7, 1, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert not torch.equal(firsts[0], firsts[1])
+    seen = [set(tok.decode(b.flatten()).replace("</s>", " ").split()) for b in
+            [torch.cat([next(s) for _ in range(40)]) for s in
+             [PackedBlocks(docs, tok, "text", 7, 1, seed=3, rank=r, world_size=2) for r in range(2)]]]
+    assert len(seen[0] & seen[1]) <= 2  # only documents cut at the block edge of an epoch wrap can repeat
+
+
+def test_packing_state_resumes_exactly():
+    from ttt_train.data import PackedBlocks, byte_tokenizer
+    docs = datasets.Dataset.from_dict({"text": [f"document number {i} " * (i % 7 + 1) for i in range(30)]})
+    tok = byte_tokenizer()
+    stream = PackedBlocks(docs, tok, "text", 16, 3, seed=0)
+    [next(stream) for _ in range(25)]  # crosses an epoch boundary
+    state = json.loads(json.dumps(stream.state_dict()))
+    expected = [next(stream) for _ in range(10)]
+    again = PackedBlocks(docs, tok, "text", 16, 3, seed=0, state=state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [next(again) for _ in range(10)]))
+    assert state["epoch"] >= 1
+
+
+def test_streaming_hub_style_loading(tmp_path):
+    """The streaming code path used for Hub datasets, on a local Hub-layout folder (no network here)."""
+    from ttt_train.data import PackedBlocks, byte_tokenizer, load_raw_dataset, split_train_validation
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict({"text": [f"streamed doc {i}" for i in range(50)]}).to_parquet(
+        tmp_path / "data" / "train-00000-of-00001.parquet")
+    raw = load_raw_dataset(str(tmp_path), None, streaming=True)
+    train, validation = split_train_validation(raw, 0.05, 5, seed=0)
+    assert isinstance(train, datasets.IterableDataset)
+    assert [r["text"] for r in validation] == [f"streamed doc {i}" for i in range(5)]
+    tok = byte_tokenizer()
+    stream = PackedBlocks(train, tok, "text", 8, 2, seed=0, shuffle_buffer=10)
+    [next(stream) for _ in range(5)]
+    state = json.loads(json.dumps(stream.state_dict()))
+    expected = [next(stream) for _ in range(3)]
+    resumed = PackedBlocks(train, tok, "text", 8, 2, seed=0, shuffle_buffer=10, state=state)
+    got = [next(resumed) for _ in range(3)]
+    assert all(b.shape == (2, 8) for b in got)
+    assert state["iterator_state"] is not None
+    assert "".join(tok.decode(b.flatten()) for b in expected).count("streamed doc") >= 2
+
+
+# ---------------------------------------------------------------- bad input: one line on stderr, non-zero exit
+
+def test_missing_file(tmp_path, capsys):
+    fails(capsys, "--dataset_name", str(tmp_path / "nope.txt"), "--output_dir", str(tmp_path / "o"),
+          match="does not exist")
+
+
+def test_unknown_hub_dataset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails(capsys, "--dataset_name", "no-such-user/no-such-dataset", "--output_dir", str(tmp_path / "o"),
+          match="cannot load dataset 'no-such-user/no-such-dataset'")
+
+
+def test_no_text_column_lists_columns(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    datasets.Dataset.from_dict({"question": ["a", "b", "c"], "answer": ["x", "y", "z"]}).to_json(path)
+    err = fails(capsys, "--dataset_name", str(path), "--output_dir", str(tmp_path / "o"), match="no text column")
+    assert "question" in err and "answer" in err
+
+
+def test_named_text_column_missing(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"]}).to_json(path)
+    fails(capsys, "--dataset_name", str(path), "--text_column", "body", "--output_dir", str(tmp_path / "o"),
+          match="text column 'body' not found")
+
+
+def test_empty_dataset(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    datasets.Dataset.from_dict({"text": ["", "", ""]}).to_json(path)
+    fails(capsys, "--dataset_name", str(path), "--output_dir", str(tmp_path / "o"), match="empty")
+
+
+def test_bad_tokenizer(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    fails(capsys, "--tokenizer_name", str(tmp_path / "tok"), "--output_dir", str(tmp_path / "o"),
+          match="cannot load tokenizer")
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_bad_seq_length(tmp_path, capsys, value):
+    fails(capsys, "--seq_length", value, "--output_dir", str(tmp_path / "o"), match="--seq_length must be positive")
+
+
+def test_bad_model_flag(tmp_path, capsys):
+    fails(capsys, "--mini_batch_size", "0", "--output_dir", str(tmp_path / "o"), match="mini_batch_size")
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    fails(capsys, "--resume_from_checkpoint", str(tmp_path / "checkpoint-7"), "--output_dir", str(tmp_path / "o"),
+          match="does not exist")
+    fails(capsys, "--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path / "o"),
+          match="no complete checkpoint")
+
+
+def test_incomplete_or_corrupt_checkpoint_is_refused(tmp_path, capsys):
+    folder = run(tmp_path, "--max_train_steps", "2", "--save_checkpoint_freq", "2")
+    checkpoint = folder / "checkpoint-2"
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken / "checkpoint-2")
+    (broken / "checkpoint-2" / "training_state" / "optimizer.bin").unlink()
+    capsys.readouterr()
+    fails(capsys, "--resume_from_checkpoint", str(broken / "checkpoint-2"), "--max_train_steps", "4",
+          "--output_dir", str(broken), match="training_state/optimizer.bin is missing")
+    shutil.rmtree(broken / "checkpoint-2")
+    shutil.copytree(checkpoint, broken / "checkpoint-2")
+    weights = broken / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    fails(capsys, "--resume_from_checkpoint", "latest", "--max_train_steps", "4", "--output_dir", str(broken),
+          match="model.safetensors has 1000 bytes")
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    folder = run(tmp_path, "--max_train_steps", "2", "--save_checkpoint_freq", "2")
+    before = (folder / "checkpoint-2" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    fails(capsys, "--max_train_steps", "2", "--output_dir", str(folder), match="already holds a run")
+    assert (folder / "checkpoint-2" / "model.safetensors").read_bytes() == before
+
+
+def test_conflicting_model_flag_on_resume(tmp_path, capsys):
+    folder = run(tmp_path, "--max_train_steps", "2", "--save_checkpoint_freq", "2")
+    capsys.readouterr()
+    fails(capsys, *FAST, "--ttt_layer_type", "mlp", "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+          "--output_dir", str(folder), match="--ttt_layer_type mlp conflicts")
+
+
+def test_config_file_with_command_line_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_train_steps: 3\nseq_length: 32\nlearning_rate: 0.001\nsave_checkpoint_freq: 0\n")
+    folder = run(tmp_path, "--config", str(config), "--max_train_steps", "2")
+    saved = json.loads((folder / "training_args.json").read_text())
+    assert (saved["max_train_steps"], saved["learning_rate"]) == (2, 0.001)
+    assert sorted(losses(folder)) == [1, 2]
+
+
+def test_config_file_unknown_key(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train_ttt.main(["--config", str(config)])
+    assert exit_info.value.code != 0 and "max_steps" in capsys.readouterr().err
+
+
+def test_tensorboard_tracker_writes_events(tmp_path):
+    folder = run(tmp_path, "--max_train_steps", "2", "--save_checkpoint_freq", "0", "--report_to", "tensorboard")
+    assert list(folder.rglob("events.out.tfevents.*"))

@@ -1,0 +1,141 @@
+"""Train a TTT language model (TTT-Linear / TTT-MLP) on a Hugging Face dataset or local text files.
+
+    python train_ttt.py                                   # tiny model, built-in corpus, offline, about a minute
+    python train_ttt.py --dataset_name ../shared/data/tinyshakespeare.txt \\
+        --tokenizer_name ../shared/data/llama2_tokenizer --model_size tiny --max_train_steps 300
+    accelerate launch train_ttt.py --config run.yaml --resume_from_checkpoint latest
+
+Every flag can also be a key of the YAML file given to --config; the command line wins.
+"""
+
+import argparse
+import sys
+
+import torch
+import yaml
+
+from ttt import TTT_LAYER_TYPES, TTT_STANDARD_CONFIGS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of flag values (keys are flag names without --)")
+
+    m = p.add_argument_group("model (unset flags take the official defaults; on resume they come from the checkpoint)")
+    m.add_argument("--model_size", default="tiny", choices=list(TTT_STANDARD_CONFIGS))
+    m.add_argument("--ttt_layer_type", choices=TTT_LAYER_TYPES)
+    m.add_argument("--ttt_base_lr", type=float, help="eta_base of the inner learning rate (paper: 1 linear, 0.1 mlp)")
+    m.add_argument("--mini_batch_size", type=int, help="TTT mini-batch size K (default 16)")
+    m.add_argument("--use_gate", action=argparse.BooleanOptionalAction, help="GELU output gate (Mamba backbone)")
+    m.add_argument("--share_qk", action=argparse.BooleanOptionalAction, help="shared Q/K projection + convs")
+    m.add_argument("--pre_conv", action=argparse.BooleanOptionalAction, help="causal conv before each TTT layer")
+    m.add_argument("--conv_kernel", type=int)
+    m.add_argument("--scan_checkpoint_group_size", type=int,
+                   help="activation checkpointing over groups of this many mini-batches (0: off)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset_name", default="builtin:synthetic",
+                   help="Hub dataset id, a local file or folder (.txt/.json/.jsonl/.parquet/.csv, or a "
+                        "save_to_disk folder), or builtin:synthetic (a generated corpus, offline)")
+    d.add_argument("--dataset_config", help="Hub dataset configuration (e.g. 'en' for allenai/c4)")
+    d.add_argument("--text_column", help="default: the first of text, content, article, body")
+    d.add_argument("--tokenizer_name", help="Hub id or local folder; builtin:bytes is a byte-level tokenizer "
+                                            "(default for new runs; resumed runs use the checkpoint's tokenizer)")
+    d.add_argument("--streaming", action=argparse.BooleanOptionalAction,
+                   help="stream the dataset (default: on for Hub datasets, off for local files)")
+    d.add_argument("--seq_length", "--max_seq_length", dest="seq_length", type=int, default=512)
+    d.add_argument("--validation_split", type=float, default=0.05,
+                   help="fraction of documents held out when the dataset has no validation split")
+    d.add_argument("--streaming_eval_docs", type=int, default=1000,
+                   help="documents held out from a streamed dataset that has no validation split")
+    d.add_argument("--max_eval_samples", type=int, default=64, help="validation blocks of seq_length tokens")
+
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--per_device_train_batch_size", type=int, default=8)
+    t.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--learning_rate", type=float, default=3e-3)
+    t.add_argument("--lr_end", type=float, default=1e-5)
+    t.add_argument("--lr_warmup_steps", type=int, help="default: --warmup_ratio of --max_train_steps")
+    t.add_argument("--warmup_ratio", type=float)
+    t.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
+    t.add_argument("--weight_decay", type=float, default=0.1)
+    t.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    t.add_argument("--max_train_steps", type=int, default=200)
+    t.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    t.add_argument("--seed", type=int, default=42)
+
+    o = p.add_argument_group("checkpoints and logging")
+    o.add_argument("--output_dir", default="outputs/ttt-tiny")
+    o.add_argument("--save_checkpoint_freq", type=int, default=100, help="steps between checkpoint-<step>/ (0: off)")
+    o.add_argument("--save_total_limit", type=int, default=3, help="checkpoint-<step>/ folders kept")
+    o.add_argument("--save_milestone_freq", type=int, default=0, help="steps between milestone-<step>/ (0: off)")
+    o.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' in --output_dir")
+    o.add_argument("--logging_steps", type=int, default=10)
+    o.add_argument("--eval_steps", type=int, default=100, help="0: evaluate only at the end")
+    o.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"])
+    o.add_argument("--wandb_project", default="ttt")
+    o.add_argument("--wandb_run_name")
+    return p
+
+
+def parse_args(argv=None, parser=None) -> argparse.Namespace:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        try:
+            values = yaml.safe_load(open(args.config)) or {}
+        except (OSError, yaml.YAMLError) as error:
+            parser.error(f"cannot read --config {args.config}: {error}")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict) or unknown:
+            parser.error(f"--config {args.config}: unknown keys {unknown} (keys are flag names)")
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    check_args(args, parser)
+    return args
+
+
+def check_args(args, parser):
+    positive = ["seq_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "max_train_steps", "logging_steps", "save_total_limit",
+                "max_eval_samples"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ["save_checkpoint_freq", "save_milestone_freq", "eval_steps", "weight_decay", "max_grad_norm",
+                 "lr_end", "lr_warmup_steps", "streaming_eval_docs"]:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.lr_end > args.learning_rate:
+        parser.error(f"--lr_end ({args.lr_end}) must not exceed --learning_rate ({args.learning_rate})")
+    if args.lr_warmup_steps is not None and args.warmup_ratio is not None:
+        parser.error("give --lr_warmup_steps or --warmup_ratio, not both")
+    if args.warmup_ratio is None and args.lr_warmup_steps is None:
+        args.warmup_ratio = 0.1  # the paper's recipe
+    if args.warmup_ratio is not None and not 0 <= args.warmup_ratio < 1:
+        parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if not 0 < args.validation_split < 1:
+        parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        parser.error("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+
+
+def main(argv=None, parser=None):
+    args = parse_args(argv, parser)
+    from ttt_train.checkpoint import CheckpointError  # imported after parsing: --help stays fast
+    from ttt_train.data import DataError
+    from ttt_train.loop import train
+
+    try:
+        train(args)
+    except (DataError, CheckpointError, ValueError) as error:
+        print(f"{sys.argv[0]}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

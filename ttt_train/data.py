@@ -1,0 +1,267 @@
+"""Training data: datasets from the Hub or local files, tokenised, EOS-terminated, packed into fixed blocks.
+
+The stream of token blocks is exactly resumable: its state (epoch, documents consumed, the packing leftover, and
+for streamed datasets the `datasets` iterator state) is saved with each checkpoint.
+"""
+
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+TEXT_COLUMNS = ("text", "content", "article", "body")
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
+BUILDER_BY_SUFFIX = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+BUILTIN_DATASET = "builtin:synthetic"
+BUILTIN_TOKENIZER = "builtin:bytes"
+TOKENIZE_CHUNK = 64  # documents tokenised per call (the fast tokenizer batches in Rust)
+
+
+class DataError(ValueError):
+    """Bad data input: the message names what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 bytes + <unk>, <s>, </s>) that needs no files, for offline smoke runs."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=10**9)
+
+
+def load_tokenizer(name: str):
+    if name == BUILTIN_TOKENIZER:
+        return byte_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as error:  # the Hub and local loaders raise many types; all mean "cannot load"
+        raise DataError(f"cannot load tokenizer {name!r}: {str(error).splitlines()[0]}") from error
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {name!r} has no EOS token, needed to mark document ends")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Documents
+
+
+def synthetic_documents(num_docs=3000, seed=1234):
+    """A generated corpus for offline runs: short stories whose later sentences repeat facts stated earlier, so a
+    model can lower its loss by using context (what TTT layers are for)."""
+    rng = random.Random(seed)
+    names = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy"]
+    things = ["apples", "books", "coins", "ducks", "eggs", "flowers", "games", "hats", "keys", "lamps"]
+    places = ["the market", "the library", "the river", "the garden", "the station", "the school"]
+    docs = []
+    for _ in range(num_docs):
+        people = rng.sample(names, 3)
+        facts = {p: (rng.randint(2, 19), rng.choice(things), rng.choice(places)) for p in people}
+        lines = [f"{p} has {n} {t} and lives near {pl}." for p, (n, t, pl) in facts.items()]
+        for _ in range(rng.randint(2, 6)):
+            p = rng.choice(people)
+            n, t, pl = facts[p]
+            lines.append(rng.choice([f"Near {pl}, {p} counted {n} {t}.", f"How many {t} does {p} have? {n}.",
+                                     f"{p} walked to {pl} with {n} {t}."]))
+        docs.append({"text": " ".join(lines)})
+    return datasets.Dataset.from_list(docs)
+
+
+def _load_local(path: Path, streaming: bool):
+    if path.is_file():
+        builder = BUILDER_BY_SUFFIX.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"unsupported file type {path.suffix!r} for {path}; use one of {sorted(BUILDER_BY_SUFFIX)}")
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=streaming, **kwargs)
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return datasets.load_from_disk(str(path))  # written by Dataset(Dict).save_to_disk
+    suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDER_BY_SUFFIX}
+    if not suffixes:
+        raise DataError(f"dataset folder {path} holds no {'/'.join(sorted(BUILDER_BY_SUFFIX))} files")
+    builders = {BUILDER_BY_SUFFIX[s] for s in suffixes}
+    if len(builders) > 1:
+        raise DataError(f"dataset folder {path} mixes file types {sorted(suffixes)}; keep one type per folder")
+    # A folder laid out like a Hub dataset repo: `datasets` infers the builder and the splits from file names.
+    kwargs = {"sample_by": "paragraph"} if builders == {"text"} else {}
+    return datasets.load_dataset(str(path), streaming=streaming, **kwargs)
+
+
+def load_raw_dataset(name: str, config: str | None, streaming: bool | None):
+    """A Dataset(Dict) or IterableDataset(Dict). Local paths load in memory-mapped form unless `streaming`;
+    Hub datasets stream unless `streaming` is False."""
+    if name == BUILTIN_DATASET:
+        return synthetic_documents()
+    path = Path(name).expanduser()
+    if path.exists():
+        return _load_local(path, bool(streaming))
+    if name.startswith((".", "/", "~")) or Path(name).suffix.lower() in BUILDER_BY_SUFFIX:
+        raise DataError(f"dataset path {name} does not exist")
+    try:
+        return datasets.load_dataset(name, config, streaming=streaming is not False)
+    except Exception as error:  # offline, unknown id, missing config: `datasets` raises many types
+        raise DataError(f"cannot load dataset {name!r}"
+                        f"{f' (config {config!r})' if config else ''}: {str(error).splitlines()[0]}") from error
+
+
+def split_train_validation(raw, validation_fraction: float, validation_docs: int, seed: int):
+    """(train, validation): the dataset's own validation split if it has one, else a held-out part."""
+    if isinstance(raw, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if "train" not in raw and len(raw) != 1:
+            raise DataError(f"dataset has no 'train' split (splits: {list(raw)})")
+        train = raw["train"] if "train" in raw else next(iter(raw.values()))
+        for name in VALIDATION_SPLITS:
+            if name in raw:
+                return train, raw[name]
+        raw = train
+    if isinstance(raw, datasets.IterableDataset):
+        return raw.skip(validation_docs), raw.take(validation_docs)
+    if len(raw) < 2:
+        raise DataError(f"dataset has {len(raw)} document(s); need at least 2 to hold out validation data")
+    held_out = max(1, round(len(raw) * validation_fraction))
+    parts = raw.train_test_split(test_size=min(held_out, len(raw) - 1), seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def detect_text_column(dataset, requested: str | None) -> str:
+    columns = list(dataset.column_names or [])
+    if not columns and isinstance(dataset, datasets.IterableDataset):
+        columns = list(next(iter(dataset), {}).keys())
+    if requested:
+        if requested not in columns:
+            raise DataError(f"text column {requested!r} not found; columns found: {columns}")
+        return requested
+    for name in TEXT_COLUMNS:
+        if name in columns:
+            return name
+    raise DataError(f"no text column found (looked for {list(TEXT_COLUMNS)}); columns found: {columns}; "
+                    f"name one with --text_column")
+
+
+def check_not_empty(dataset, text_column: str, what: str):
+    if isinstance(dataset, datasets.Dataset):
+        texts = (row for row in dataset[text_column] if row)
+    else:
+        texts = (row[text_column] for row in dataset if row[text_column])
+    if next(texts, None) is None:
+        raise DataError(f"the {what} data is empty (no non-empty {text_column!r} values)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed, resumable block stream
+
+
+def tokenize_documents(tokenizer, texts) -> list:
+    """Token ids of the non-empty documents, each followed by EOS, concatenated."""
+    tokens, eos = [], tokenizer.eos_token_id
+    texts = [t for t in texts if t]
+    if not texts:
+        return tokens
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        tokens.extend(ids)
+        tokens.append(eos)
+    return tokens
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    documents: int = 0  # documents consumed in this epoch by this process
+    leftover: list = None  # tokens read but not yet emitted in a block
+    iterator_state: dict = None  # `datasets` IterableDataset.state_dict() for streamed data
+
+    def to_dict(self):
+        return {"epoch": self.epoch, "documents": self.documents, "leftover": list(self.leftover or []),
+                "iterator_state": self.iterator_state}
+
+
+class PackedBlocks:
+    """Yields (batch_size, seq_length) LongTensors of consecutive tokens: documents tokenised, each followed by EOS,
+    concatenated, cut into blocks; the tokens after the last full block are carried into the next batch.
+
+    Map-style data is visited in a seeded permutation per epoch, process `rank` taking every `world_size`-th
+    document. Streamed data is shuffled with a seeded buffer and split by `datasets.distributed`."""
+
+    def __init__(self, dataset, tokenizer, text_column, seq_length, batch_size, seed, rank=0, world_size=1,
+                 shuffle_buffer=10_000, state: dict | None = None):
+        self.dataset, self.tokenizer, self.text_column = dataset, tokenizer, text_column
+        self.seq_length, self.batch_size, self.seed = seq_length, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.streaming = isinstance(dataset, datasets.IterableDataset)
+        if self.streaming:
+            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+            self.dataset = datasets.distributed.split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.state = StreamState(**state) if state else StreamState()
+        self.buffer = list(self.state.leftover or [])
+        self._documents = None
+
+    def _epoch_documents(self):
+        state = self.state
+        if self.streaming:
+            self.dataset.set_epoch(state.epoch)
+            if state.iterator_state is not None:
+                self.dataset.load_state_dict(state.iterator_state)
+            return (row[self.text_column] for row in self.dataset)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + state.epoch))
+        indices = order[self.rank::self.world_size].tolist()[state.documents:]
+        return (self.dataset[i][self.text_column] for i in indices)
+
+    def _read_documents(self):
+        """Tokenises up to TOKENIZE_CHUNK documents into the buffer; moves to the next epoch at the end."""
+        for _ in range(2):  # the current epoch, then (if it is exhausted) the next one
+            if self._documents is None:
+                self._documents = self._epoch_documents()
+            texts = list(itertools.islice(self._documents, TOKENIZE_CHUNK))
+            if texts:
+                self.state.documents += len(texts)
+                if self.streaming:
+                    self.state.iterator_state = self.dataset.state_dict()
+                self.buffer.extend(tokenize_documents(self.tokenizer, texts))
+                return
+            self.state = StreamState(epoch=self.state.epoch + 1)
+            self._documents = None
+        raise DataError("the training data yields no documents for this process "
+                        f"(rank {self.rank} of {self.world_size}); the dataset is smaller than the process count")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        needed = self.batch_size * self.seq_length
+        while len(self.buffer) < needed:
+            self._read_documents()
+        batch = torch.tensor(self.buffer[:needed], dtype=torch.long).view(self.batch_size, self.seq_length)
+        del self.buffer[:needed]
+        return batch
+
+    def state_dict(self) -> dict:
+        """The position after the last batch returned: resuming from it yields exactly the following batches."""
+        self.state.leftover = list(self.buffer)
+        return self.state.to_dict()
+
+
+def eval_blocks(dataset, tokenizer, text_column, seq_length, max_blocks) -> torch.Tensor:
+    """The first `max_blocks` packed blocks of the validation data, in order: (N, seq_length)."""
+    buffer = []
+    texts = (row[text_column] for row in dataset)
+    while len(buffer) < max_blocks * seq_length:
+        chunk = list(itertools.islice(texts, TOKENIZE_CHUNK))
+        if not chunk:
+            break
+        buffer.extend(tokenize_documents(tokenizer, chunk))
+    blocks = min(max_blocks, len(buffer) // seq_length)
+    if blocks == 0:
+        raise DataError(f"the validation data holds {len(buffer)} tokens, fewer than one block of "
+                        f"seq_length={seq_length}")
+    return torch.tensor(buffer[:blocks * seq_length], dtype=torch.long).view(blocks, seq_length)

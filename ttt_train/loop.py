@@ -1,0 +1,255 @@
+"""The training loop: set-up (everything that can fail on bad input happens first), then the step loop."""
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ttt import TTTConfig, TTTForCausalLM
+from ttt_train import checkpoint as ckpt
+from ttt_train import data
+from ttt_train.metrics import MetricsLog, perplexity, tracker_config, trackers
+
+# Flags that define the architecture: on resume they must agree with the checkpoint's config.
+MODEL_FLAGS = ("ttt_layer_type", "ttt_base_lr", "mini_batch_size", "use_gate", "share_qk", "pre_conv",
+               "conv_kernel", "scan_checkpoint_group_size")
+# Flags whose change on resume is allowed (a curriculum) and reported.
+RESUMABLE_CHANGES = ("seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                     "learning_rate", "lr_end", "lr_warmup_steps", "warmup_ratio", "lr_scheduler_type",
+                     "weight_decay", "max_grad_norm", "mixed_precision")
+SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "polynomial", "constant": "constant_with_warmup"}
+
+
+class StopRequest:
+    """While active, SIGTERM / SIGINT ask the loop to save a checkpoint and exit 0 at the end of the current step;
+    a second signal ends the process at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def build_model_config(args, vocab_size) -> TTTConfig:
+    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    return TTTConfig.from_size(args.model_size, vocab_size=vocab_size, **overrides)
+
+
+def check_model_flags_match(args, config: TTTConfig, checkpoint):
+    for flag in MODEL_FLAGS:
+        value = getattr(args, flag)
+        if value is not None and value != getattr(config, flag):
+            raise ValueError(f"--{flag} {value} conflicts with checkpoint {checkpoint}, trained with "
+                             f"{flag}={getattr(config, flag)}")
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on norms, biases (including the inner model's b1/b2 and the lr-gate bias),
+    embeddings and the per-position tau."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        exempt = (p.ndim < 2 or "norm" in name or "embed_tokens" in name or "bias" in leaf
+                  or leaf in ("b1", "b2", "learnable_token_idx"))
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_steps(args) -> int:
+    if args.lr_warmup_steps is not None:
+        return args.lr_warmup_steps
+    return int(args.max_train_steps * args.warmup_ratio)
+
+
+def build_scheduler(args, optimizer):
+    name = SCHEDULER_NAMES[args.lr_scheduler_type]
+    specific = {"cosine_with_min_lr": {"min_lr": args.lr_end}, "polynomial": {"lr_end": args.lr_end, "power": 1.0},
+                "constant_with_warmup": {}}[name]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(args),
+                         num_training_steps=args.max_train_steps, scheduler_specific_kwargs=specific)
+
+
+@torch.no_grad()
+def evaluate(model, blocks, accelerator, batch_size):
+    """Mean next-token loss over all eval blocks, each process taking every world_size-th block."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # (sum of losses, targets)
+    mine = blocks[accelerator.process_index::accelerator.num_processes]
+    for batch in mine.split(batch_size):
+        batch = batch.to(accelerator.device)
+        targets = batch.shape[0] * (batch.shape[1] - 1)
+        total += torch.tensor([model(input_ids=batch, labels=batch).loss.item() * targets, targets],
+                              device=accelerator.device, dtype=torch.float64)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def resume_data_states(saved: list, world_size: int, accelerator) -> list:
+    """Per-process data positions. With a different process count the global document position is kept
+    (approximately: packing leftovers are dropped)."""
+    if len(saved) == world_size:
+        return saved
+    epoch = saved[0]["epoch"]
+    documents = sum(s["documents"] for s in saved if s["epoch"] == epoch) // world_size
+    accelerator.print(f"resume: process count changed {len(saved)} -> {world_size}; each process restarts at "
+                      f"document {documents} of epoch {epoch} (packing leftovers dropped)")
+    return [{"epoch": epoch, "documents": documents, "leftover": [], "iterator_state": None}] * world_size
+
+
+def describe_changes(args, saved_args: dict) -> str:
+    changes = [f"{k} {saved_args[k]} -> {getattr(args, k)}" for k in RESUMABLE_CHANGES
+               if k in saved_args and saved_args[k] != getattr(args, k)]
+    return ", ".join(changes)
+
+
+def train(args):
+    output_dir = Path(args.output_dir)
+    checkpoint = None
+    if args.resume_from_checkpoint:
+        checkpoint = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        resume_state = ckpt.validate_checkpoint(checkpoint)
+    elif ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists():
+        raise ValueError(f"output_dir {output_dir} already holds a run (checkpoints or final_model); pass "
+                         f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers(args.report_to) or None,
+                              project_dir=str(output_dir))
+    set_seed(args.seed)
+
+    # Everything that reads user input, before any model is built.
+    if args.tokenizer_name is None:  # a resumed run keeps the tokenizer saved with its checkpoint
+        args.tokenizer_name = str(checkpoint) if checkpoint else data.BUILTIN_TOKENIZER
+    tokenizer = data.load_tokenizer(args.tokenizer_name)
+    raw = data.load_raw_dataset(args.dataset_name, args.dataset_config, args.streaming)
+    train_docs, eval_docs = data.split_train_validation(raw, args.validation_split, args.streaming_eval_docs,
+                                                        args.seed)
+    text_column = data.detect_text_column(train_docs, args.text_column)
+    data.check_not_empty(train_docs, text_column, "training")
+    eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
+
+    if checkpoint:
+        config = TTTConfig.from_pretrained(checkpoint)
+        check_model_flags_match(args, config, checkpoint)
+        if config.vocab_size < len(tokenizer):
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but checkpoint {checkpoint} was trained with "
+                             f"vocab_size {config.vocab_size}")
+    else:
+        config = build_model_config(args, len(tokenizer))
+    model = TTTForCausalLM(config)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
+                                  betas=(0.9, 0.95), eps=1e-8, fused=accelerator.device.type == "cuda")
+    # The scheduler is not `prepare`d: Accelerate would step it once per process; ours steps once per optimizer step.
+    scheduler = build_scheduler(args, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, elapsed_before, data_states = 0, 0.0, [None] * accelerator.num_processes
+    if checkpoint:
+        ckpt.load_training_state(accelerator, checkpoint)
+        step, elapsed_before = resume_state["step"], resume_state.get("elapsed", 0.0)
+        data_states = resume_data_states(resume_state["data"], accelerator.num_processes, accelerator)
+        if args.learning_rate != resume_state["args"]["learning_rate"]:
+            scheduler.base_lrs = [args.learning_rate] * len(scheduler.base_lrs)
+        changes = describe_changes(args, resume_state["args"])
+        accelerator.print(f"resumed from {checkpoint} at step {step}" + (f"; changed: {changes}" if changes else ""))
+    if step >= args.max_train_steps:
+        raise ValueError(f"checkpoint {checkpoint} is at step {step}, not before --max_train_steps "
+                         f"{args.max_train_steps}; raise --max_train_steps to train further")
+
+    train_batches = data.PackedBlocks(train_docs, tokenizer, text_column, args.seq_length,
+                                      args.per_device_train_batch_size, args.seed, accelerator.process_index,
+                                      accelerator.num_processes, state=data_states[accelerator.process_index])
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
+    accelerator.init_trackers(args.wandb_project, config=tracker_config(args),
+                              init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
+    log = MetricsLog(accelerator, output_dir)
+
+    def save(folder, with_training_state=True):
+        state = {"step": step, "elapsed": elapsed_before + time.time() - start_time, "args": vars(args),
+                 "world_size": accelerator.num_processes,
+                 "data": gather_object([train_batches.state_dict()])}
+        ckpt.save_checkpoint(accelerator, output_dir / folder, model, tokenizer, state, with_training_state)
+
+    accum = args.gradient_accumulation_steps
+    tokens_per_step = args.per_device_train_batch_size * args.seq_length * accum * accelerator.num_processes
+    params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    accelerator.print(f"model: {params / 1e6:.2f}M parameters ({config.ttt_layer_type}); "
+                      f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
+                      f"device {accelerator.device}, {args.mixed_precision}")
+    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
+    start_time = window_start = time.time()
+    window_loss, window_steps, last_saved = torch.zeros((), device=accelerator.device), 0, None
+    with StopRequest() as stop:
+        model.train()
+        while step < args.max_train_steps:
+            # one optimizer step: forward/backward over the accumulated micro-batches, clip, AdamW, schedule
+            for micro in range(accum):
+                input_ids = next(train_batches).to(accelerator.device)
+                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
+                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    accelerator.backward(loss / accum)
+                window_loss += loss.detach() / accum
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            progress.update(1)
+
+            if step % args.logging_steps == 0 or step == args.max_train_steps:
+                now = time.time()
+                mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
+                record = {"step": step, "loss": mean_loss,
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "tokens_per_sec": tokens_per_step * window_steps / (now - window_start),
+                          "elapsed": elapsed_before + now - start_time}
+                if torch.cuda.is_available():
+                    record["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                log.log(record)
+                window_loss.zero_()
+                window_steps, window_start = 0, time.time()
+            if (args.eval_steps and step % args.eval_steps == 0) or step == args.max_train_steps:
+                eval_loss = evaluate(model, eval_set, accelerator, args.per_device_eval_batch_size)
+                log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+            stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device), "sum") > 0
+            if args.save_milestone_freq and step % args.save_milestone_freq == 0:
+                save(f"milestone-{step}")
+            if (args.save_checkpoint_freq and step % args.save_checkpoint_freq == 0) or stop_now \
+                    or step == args.max_train_steps:
+                save(f"checkpoint-{step}")
+                if accelerator.is_main_process:
+                    ckpt.prune_checkpoints(output_dir, args.save_total_limit)
+                last_saved = step
+            if stop_now:
+                accelerator.print(f"stop requested: saved checkpoint-{last_saved}; resume with "
+                                  f"--resume_from_checkpoint latest")
+                break
+    progress.close()
+    if step == args.max_train_steps:
+        save("final_model", with_training_state=False)
+        accelerator.print(f"done: {output_dir / 'final_model'}")
+    accelerator.end_training()
+    return step
