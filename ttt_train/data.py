@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from datasets.distributed import split_dataset_by_node
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -201,7 +202,7 @@ class PackedBlocks:
         self.streaming = isinstance(dataset, datasets.IterableDataset)
         if self.streaming:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
-            self.dataset = datasets.distributed.split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+            self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         self.state = StreamState(**state) if state else StreamState()
         self.buffer = list(self.state.leftover or [])
         self._documents = None
