@@ -305,3 +305,11 @@ def test_config_file_unknown_key(tmp_path, capsys):
 def test_tensorboard_tracker_writes_events(tmp_path):
     folder = run(tmp_path, "--max_train_steps", "2", "--save_checkpoint_freq", "0", "--report_to", "tensorboard")
     assert list(folder.rglob("events.out.tfevents.*"))
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="W&B is optional and not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    folder = run(tmp_path, "--max_train_steps", "2", "--save_checkpoint_freq", "0", "--report_to", "wandb",
+                 "--wandb_run_name", "smoke")
+    assert list((folder / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -132,8 +133,10 @@ def train(args):
         raise ValueError(f"output_dir {output_dir} already holds a run (checkpoints or final_model); pass "
                          f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
 
+    # Without CUDA, Accelerate joins a multi-process launch (gloo) only when told it runs on the CPU.
+    multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers(args.report_to) or None,
-                              project_dir=str(output_dir))
+                              project_dir=str(output_dir), cpu=multi_process_cpu)
     set_seed(args.seed)
 
     # Everything that reads user input, before any model is built.
@@ -183,7 +186,7 @@ def train(args):
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
     accelerator.init_trackers(args.wandb_project, config=tracker_config(args),
-                              init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
+                              init_kwargs={"wandb": {"name": args.wandb_run_name, "dir": str(output_dir)}})
     log = MetricsLog(accelerator, output_dir)
 
     def save(folder, with_training_state=True):
