@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_eval_samples", type=int, default=64, help="validation blocks of seq_length tokens")
 
     t = p.add_argument_group("optimisation")
-    t.add_argument("--per_device_train_batch_size", type=int, default=8)
+    t.add_argument("--per_device_train_batch_size", type=int, default=4)
     t.add_argument("--per_device_eval_batch_size", type=int, default=8)
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--learning_rate", type=float, default=3e-3)
