@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -145,8 +146,10 @@ class SwiGluMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+        self.act_fn = ACT2FN[config.hidden_act]
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def causal_depthwise_conv(conv: nn.Conv1d, x, state=None):
@@ -631,11 +634,12 @@ class TTTModel(TTTPreTrainedModel):
             all_hidden_states.append(hidden_states)
         if cache is not None:
             cache.seqlen_offset += inputs_embeds.shape[1]
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=cache,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
+        return output if return_dict is not False else output.to_tuple()
 
 
 class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
@@ -659,7 +663,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                 return_dict=None, logits_to_keep: int = 0, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=output_hidden_states)
+                             output_hidden_states=output_hidden_states, return_dict=True)
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
@@ -668,8 +672,9 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if labels is not None:
             # mean cross-entropy of logits[:, :-1] against labels[:, 1:] (ignore_index -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                        hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
 
 
 AutoConfig.register("ttt", TTTConfig, exist_ok=True)

@@ -201,3 +201,14 @@ def test_padding_is_refused():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="padding"):
         model(ids, attention_mask=mask)
+
+
+def test_bfloat16_model_decodes_like_its_prefill():
+    model = small_model(ttt_layer_type="mlp", pre_conv=True, share_qk=True).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 97, (2, 21))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = TTTCache(2)
+        steps = torch.cat([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(21)], 1)
+    assert all(t.dtype == torch.bfloat16 for t in cache.tensors())
+    assert (steps - full).abs().max() < 0.05 * full.abs().max()

@@ -99,14 +99,22 @@ def _load_local(path: Path, streaming: bool):
     return datasets.load_dataset(str(path), streaming=streaming, **kwargs)
 
 
+def as_stream(raw):
+    """An IterableDataset(Dict) view of map-style data (`save_to_disk` folders load map-style whatever is asked)."""
+    if isinstance(raw, datasets.DatasetDict):
+        return datasets.IterableDatasetDict({name: split.to_iterable_dataset() for name, split in raw.items()})
+    return raw.to_iterable_dataset() if isinstance(raw, datasets.Dataset) else raw
+
+
 def load_raw_dataset(name: str, config: str | None, streaming: bool | None):
     """A Dataset(Dict) or IterableDataset(Dict). Local paths load in memory-mapped form unless `streaming`;
     Hub datasets stream unless `streaming` is False."""
     if name == BUILTIN_DATASET:
-        return synthetic_documents()
+        return as_stream(synthetic_documents()) if streaming else synthetic_documents()
     path = Path(name).expanduser()
     if path.exists():
-        return _load_local(path, bool(streaming))
+        raw = _load_local(path, bool(streaming))
+        return as_stream(raw) if streaming else raw
     if name.startswith((".", "/", "~")) or Path(name).suffix.lower() in BUILDER_BY_SUFFIX:
         raise DataError(f"dataset path {name} does not exist")
     try:
@@ -151,11 +159,7 @@ def detect_text_column(dataset, requested: str | None) -> str:
 
 
 def check_not_empty(dataset, text_column: str, what: str):
-    if isinstance(dataset, datasets.Dataset):
-        texts = (row for row in dataset[text_column] if row)
-    else:
-        texts = (row[text_column] for row in dataset if row[text_column])
-    if next(texts, None) is None:
+    if next((row for row in dataset if row[text_column]), None) is None:
         raise DataError(f"the {what} data is empty (no non-empty {text_column!r} values)")
 
 
