@@ -65,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     t.add_argument("--seed", type=int, default=42)
 
+    g = p.add_argument_group("performance (train_gpu_optimized.py turns these on)")
+    g.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the model with torch.compile (inductor)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="TF32 tensor-core matmuls for float32 work on Ampere and newer GPUs")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each block in the backward pass (activation checkpointing)")
+    g.add_argument("--data_prefetch", type=int, default=0,
+                   help="batches prepared ahead in a background thread (0: prepared in the loop)")
+    g.add_argument("--pin_memory", action=argparse.BooleanOptionalAction, default=False,
+                   help="prepare batches in pinned memory for asynchronous copies to the GPU")
+    g.add_argument("--peak_tflops", type=float,
+                   help="the accelerator's peak TFLOP/s for MFU (default: looked up from the GPU name)")
+
     o = p.add_argument_group("checkpoints and logging")
     o.add_argument("--output_dir", default="outputs/ttt-tiny")
     o.add_argument("--save_checkpoint_freq", type=int, default=100, help="steps between checkpoint-<step>/ (0: off)")
@@ -120,8 +134,15 @@ def check_args(args, parser):
         parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     if not 0 < args.validation_split < 1:
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        parser.error("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    for flag, value in (("--mixed_precision fp16", args.mixed_precision == "fp16"), ("--pin_memory", args.pin_memory)):
+        if value and not torch.cuda.is_available():
+            parser.error(f"{flag} needs a CUDA GPU; none is available here")
+    if args.data_prefetch < 0:
+        parser.error(f"--data_prefetch must be >= 0, got {args.data_prefetch}")
+    if args.pin_memory and not args.data_prefetch:
+        parser.error("--pin_memory pins batches prepared ahead: give --data_prefetch > 0 too")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
 
 
 def main(argv=None, parser=None):

@@ -45,9 +45,10 @@ def save_checkpoint(accelerator, folder: Path, model, tokenizer, trainer_state: 
     accelerator.wait_for_everyone()
     if with_training_state:
         accelerator.save_state(str(partial / TRAINING_STATE_DIR))
-    state_dict = accelerator.get_state_dict(model)
+    # torch.compile wraps the model as `_orig_mod`; the saved model must carry the plain parameter names
+    state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict)
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(partial, state_dict=state_dict)
         tokenizer.save_pretrained(partial)
         _write_json(partial / TRAINER_STATE, {**trainer_state, "manifest": _manifest(partial)})
         if folder.exists():

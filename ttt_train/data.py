@@ -5,7 +5,9 @@ for streamed datasets the `datasets` iterator state) is saved with each checkpoi
 """
 
 import itertools
+import queue
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,3 +272,48 @@ def eval_blocks(dataset, tokenizer, text_column, seq_length, max_blocks) -> torc
         raise DataError(f"the validation data holds {len(buffer)} tokens, fewer than one block of "
                         f"seq_length={seq_length}")
     return torch.tensor(buffer[:blocks * seq_length], dtype=torch.long).view(blocks, seq_length)
+
+
+class Prefetcher:
+    """Prepares the next `depth` batches of a PackedBlocks stream in a background thread (the fast tokenizers run
+    in Rust without the GIL), optionally in pinned memory. `state_dict()` is the stream position after the last
+    batch handed out, not after the ones prepared ahead, so checkpoints stay exact."""
+
+    def __init__(self, stream: PackedBlocks, depth: int, pin_memory: bool):
+        self.stream, self.pin_memory = stream, pin_memory
+        self.state = stream.state_dict()
+        self.ready = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, daemon=True)
+        self.thread.start()
+
+    def _produce(self):
+        try:
+            while not self.stopped.is_set():
+                batch = next(self.stream)
+                item = (batch.pin_memory() if self.pin_memory else batch, self.stream.state_dict())
+                while not self.stopped.is_set():
+                    try:
+                        self.ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception as error:  # handed to the training loop, which raises it
+            self.ready.put((error, None))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch, state = self.ready.get()
+        if isinstance(batch, Exception):
+            raise batch
+        self.state = state
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join()

@@ -17,7 +17,8 @@ from transformers import get_scheduler
 from ttt import TTTConfig, TTTForCausalLM
 from ttt_train import checkpoint as ckpt
 from ttt_train import data
-from ttt_train.metrics import MetricsLog, perplexity, tracker_config, trackers
+from ttt_train.metrics import (MetricsLog, gpu_peak_tflops, perplexity, tracker_config, trackers,
+                               training_flops_per_token)
 
 # Flags that define the architecture: on resume they must agree with the checkpoint's config.
 MODEL_FLAGS = ("ttt_layer_type", "ttt_base_lr", "mini_batch_size", "use_gate", "share_qk", "pre_conv",
@@ -136,14 +137,16 @@ def train(args):
     # Without CUDA, Accelerate joins a multi-process launch (gloo) only when told it runs on the CPU.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers(args.report_to) or None,
-                              project_dir=str(output_dir), cpu=multi_process_cpu)
+                              project_dir=str(output_dir), cpu=multi_process_cpu,
+                              dynamo_backend="inductor" if args.torch_compile else "no")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     set_seed(args.seed)
 
     # Everything that reads user input, before any model is built.
     if args.tokenizer_name is None:  # a resumed run keeps the tokenizer saved with its checkpoint
         args.tokenizer_name = str(checkpoint) if checkpoint else data.BUILTIN_TOKENIZER
     tokenizer = data.load_tokenizer(args.tokenizer_name)
-    raw = data.load_raw_dataset(args.dataset_name, args.dataset_config, args.streaming)
+    raw = data.load_raw_dataset(args.dataset_name, args.dataset_config or None, args.streaming)
     train_docs, eval_docs = data.split_train_validation(raw, args.validation_split, args.streaming_eval_docs,
                                                         args.seed)
     text_column = data.detect_text_column(train_docs, args.text_column)
@@ -159,6 +162,8 @@ def train(args):
     else:
         config = build_model_config(args, len(tokenizer))
     model = TTTForCausalLM(config)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(0.9, 0.95), eps=1e-8, fused=accelerator.device.type == "cuda")
     # The scheduler is not `prepare`d: Accelerate would step it once per process; ours steps once per optimizer step.
@@ -182,6 +187,8 @@ def train(args):
     train_batches = data.PackedBlocks(train_docs, tokenizer, text_column, args.seq_length,
                                       args.per_device_train_batch_size, args.seed, accelerator.process_index,
                                       accelerator.num_processes, state=data_states[accelerator.process_index])
+    if args.data_prefetch:
+        train_batches = data.Prefetcher(train_batches, args.data_prefetch, args.pin_memory)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
@@ -198,9 +205,11 @@ def train(args):
     accum = args.gradient_accumulation_steps
     tokens_per_step = args.per_device_train_batch_size * args.seq_length * accum * accelerator.num_processes
     params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    peak_tflops = args.peak_tflops or gpu_peak_tflops()
+    flops_per_token = training_flops_per_token(config, params)
     accelerator.print(f"model: {params / 1e6:.2f}M parameters ({config.ttt_layer_type}); "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
-                      f"device {accelerator.device}, {args.mixed_precision}")
+                      f"device {accelerator.device}, {accelerator.distributed_type.value}, {args.mixed_precision}")
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
     start_time = window_start = time.time()
     window_loss, window_steps, last_saved = torch.zeros((), device=accelerator.device), 0, None
@@ -209,7 +218,7 @@ def train(args):
         while step < args.max_train_steps:
             # one optimizer step: forward/backward over the accumulated micro-batches, clip, AdamW, schedule
             for micro in range(accum):
-                input_ids = next(train_batches).to(accelerator.device)
+                input_ids = next(train_batches).to(accelerator.device, non_blocking=args.pin_memory)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
                     loss = model(input_ids=input_ids, labels=input_ids).loss
                     accelerator.backward(loss / accum)
@@ -229,6 +238,9 @@ def train(args):
                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "tokens_per_sec": tokens_per_step * window_steps / (now - window_start),
                           "elapsed": elapsed_before + now - start_time}
+                if peak_tflops:
+                    per_device = record["tokens_per_sec"] / accelerator.num_processes
+                    record["mfu"] = per_device * flops_per_token / (peak_tflops * 1e12)
                 if torch.cuda.is_available():
                     record["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 log.log(record)
@@ -251,6 +263,8 @@ def train(args):
                                   f"--resume_from_checkpoint latest")
                 break
     progress.close()
+    if args.data_prefetch:
+        train_batches.close()
     if step == args.max_train_steps:
         save("final_model", with_training_state=False)
         accelerator.print(f"done: {output_dir / 'final_model'}")

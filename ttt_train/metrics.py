@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -43,3 +44,27 @@ class MetricsLog:
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by GPU name; --peak_tflops overrides.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
+                    "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def gpu_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def training_flops_per_token(config, num_params: int) -> float:
+    """Model FLOPs of one training token: 6 per parameter used in a matmul (the input embedding is a lookup,
+    so it counts only when tied, as the output head), plus 3x the forward FLOPs of the inner loop's dual form
+    per head (K = mini_batch_size, f = head dim): TTT-Linear 6f^2 + 4Kf (the two f x f products and the
+    gradient sum, and the K x K mixing), TTT-MLP 2 * (6 * 4f^2) + 2 * 4Kf + 8f^2 (both layers, the backward
+    through W2)."""
+    matmul_params = num_params - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    f, K = config.hidden_size // config.num_attention_heads, config.mini_batch_size
+    inner = 6 * f * f + 4 * K * f if config.ttt_layer_type == "linear" else 56 * f * f + 8 * K * f
+    return 6 * matmul_params + 3 * inner * config.num_attention_heads * config.num_hidden_layers

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Interactive launcher: asks for the size, inner model, dataset, GPU count and whether to resume, then runs
+# scripts/train_<size>_c4.sh. Answers can come on standard input, one per line (an empty line takes the default):
+#   printf '125m\nmlp\n\n8\ny\n' | scripts/launch_training.sh --dry-run
+# Arguments to this script (e.g. --dry-run, or trainer flags) are passed on to the launcher.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+
+ask() {  # ask VAR "question" default allowed...
+  local var=$1 question=$2 default=$3 answer
+  shift 3
+  while true; do
+    printf '%s [%s]: ' "$question" "$default" >&2
+    if ! IFS= read -r answer; then
+      answer=""  # no more input: take the default
+    fi
+    answer=${answer:-$default}
+    if [ "$#" -eq 0 ] || [[ " $* " == *" $answer "* ]]; then
+      printf -v "$var" '%s' "$answer"
+      return
+    fi
+    echo "  '$answer' is not one of: $*" >&2
+    [ -t 0 ] || exit 2  # answers from a pipe or file: a wrong one is an error, not a retry
+  done
+}
+
+detected=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
+ask size "Model size (125m, 350m, 760m, 1b)" 125m 125m 350m 760m 1b
+ask layer "Inner model (linear = TTT-Linear, mlp = TTT-MLP)" linear linear mlp
+ask dataset "Dataset (Hub id or local path; empty = allenai/c4 en)" allenai/c4
+ask gpus "Number of GPUs on this node" "${detected:-0}"
+ask resume "Resume from the latest checkpoint? (y/n)" n y n
+
+args=(--layer "$layer" --num_gpus "$gpus")
+if [ "$dataset" != "allenai/c4" ]; then
+  args+=(--dataset_name "$dataset" --dataset_config "")
+fi
+if [ "$resume" = y ]; then
+  args+=(--resume_from_checkpoint latest)
+fi
+exec "$here/train_${size}_c4.sh" "${args[@]}" "$@"

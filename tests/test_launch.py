@@ -1,0 +1,129 @@
+"""Launchers, train_gpu_optimized.py, and the trainer under two processes (gloo on the CPU)."""
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from train_ttt import build_parser
+
+RECIPES = {"125m": (3e-3, 4800), "350m": (1.5e-3, 13500), "760m": (1.25e-3, 29000), "1b": (1e-3, 50000)}
+
+
+def launcher_command(script, *args, stdin=None, **env):
+    result = subprocess.run([str(ROOT / "scripts" / script), *args], input=stdin, capture_output=True, text=True,
+                            env={**os.environ, **env}, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return shlex.split(result.stdout.strip().splitlines()[-1])
+
+
+def trainer_args(command):
+    """The trainer's resolved arguments of a printed command, and the launcher part before the script."""
+    script = next(i for i, part in enumerate(command) if part.endswith("train_gpu_optimized.py"))
+    return command[:script], build_parser().parse_args(command[script + 1:])
+
+
+@pytest.mark.parametrize("size", list(RECIPES))
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_recipe_dry_run(size, gpus):
+    launcher, args = trainer_args(launcher_command(f"train_{size}_c4.sh", "--dry-run", NUM_GPUS=str(gpus)))
+    lr, steps = RECIPES[size]
+    assert (args.learning_rate, args.max_train_steps) == (lr, steps)
+    assert (args.dataset_name, args.dataset_config, args.seq_length) == ("allenai/c4", "en", 2048)
+    assert (args.weight_decay, args.lr_end, args.warmup_ratio, args.lr_scheduler_type) == (0.1, 1e-5, 0.1, "cosine")
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 256
+    assert args.model_size == size and args.ttt_layer_type == "linear"
+    if gpus == 1:
+        assert launcher[-1] == sys.executable or launcher[-1].endswith("python3") or "python" in launcher[-1]
+    else:
+        assert launcher[:2] == ["accelerate", "launch"]
+        assert launcher[launcher.index("--num_processes") + 1] == "8"
+        config = launcher[launcher.index("--config_file") + 1]
+        assert config.endswith("accelerate_fsdp_config.yaml" if size in ("760m", "1b") else "accelerate_config.yaml")
+
+
+def test_recipe_passes_extra_arguments_and_mlp_settings():
+    _, args = trainer_args(launcher_command("train_125m_c4.sh", "--dry-run", "--num_gpus", "4", "--layer", "mlp",
+                                            "--max_train_steps", "100", "--output_dir", "elsewhere"))
+    assert (args.ttt_layer_type, args.ttt_base_lr, args.max_train_steps, args.output_dir) == ("mlp", 0.1, 100,
+                                                                                             "elsewhere")
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 4 == 256
+
+
+def test_recipe_refuses_a_process_count_that_does_not_split_the_batch():
+    result = subprocess.run([str(ROOT / "scripts" / "train_125m_c4.sh"), "--dry-run", "--num_gpus", "3"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode != 0 and "does not split over 3" in result.stderr
+
+
+def test_interactive_launcher_reads_answers_from_stdin():
+    command = launcher_command("launch_training.sh", "--dry-run", stdin="760m\nmlp\nmy/dataset\n2\ny\n")
+    launcher, args = trainer_args(command)
+    assert (args.model_size, args.ttt_layer_type, args.dataset_name) == ("760m", "mlp", "my/dataset")
+    assert args.resume_from_checkpoint == "latest" and args.learning_rate == 1.25e-3
+    assert launcher[launcher.index("--num_processes") + 1] == "2"
+    _, defaults = trainer_args(launcher_command("launch_training.sh", "--dry-run", stdin="\n\n\n1\n\n"))
+    assert (defaults.model_size, defaults.dataset_name, defaults.resume_from_checkpoint) == ("125m", "allenai/c4",
+                                                                                             None)
+
+
+def test_interactive_launcher_rejects_a_bad_answer():
+    result = subprocess.run([str(ROOT / "scripts" / "launch_training.sh"), "--dry-run"], input="2b\n",
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode != 0 and "'2b' is not one of" in result.stderr
+
+
+def test_gpu_trainer_says_it_runs_on_the_cpu(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_gpu_optimized.py"), "--max_train_steps", "2",
+                             "--seq_length", "32", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+                             "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU found; running on the CPU" in result.stderr
+    assert (tmp_path / "run" / "final_model" / "model.safetensors").exists()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def lrs(folder):
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in lines if "lr" in r}
+
+
+def test_two_processes_save_resume_and_match_the_single_process_schedule(tmp_path):
+    flags = ["--seq_length", "32", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+             "--save_checkpoint_freq", "3", "--eval_steps", "0", "--max_eval_samples", "4", "--max_train_steps", "6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(launcher, out, *extra):
+        result = subprocess.run([*launcher, str(ROOT / "train_ttt.py"), *flags, "--output_dir", str(out), *extra],
+                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    def two():  # a fresh rendezvous port per launch: the previous one may still be in TIME_WAIT
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "accelerate_config.yaml"), "--num_processes", "2", "--main_process_port", str(free_port())]
+
+    assert "on 2 process(es)" in train(two(), tmp_path / "ddp")
+    state = json.loads((tmp_path / "ddp" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["data"]) == 2
+    assert state["data"][0]["leftover"] != state["data"][1]["leftover"]  # each rank packed its own documents
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "ddp" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    assert "resumed from" in train(two(), tmp_path / "resumed", "--resume_from_checkpoint", "latest")
+    train([sys.executable], tmp_path / "single")
+    single, multi, resumed = (lrs(tmp_path / name) for name in ("single", "ddp", "resumed"))
+    assert sorted(multi) == sorted(single) == list(range(1, 7)) and sorted(resumed) == [4, 5, 6]
+    assert all(multi[s] == single[s] for s in single) and all(resumed[s] == single[s] for s in resumed)
+    assert (tmp_path / "resumed" / "final_model" / "model.safetensors").exists()
