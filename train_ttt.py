@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of flag values (keys are flag names without --)")
 
     m = p.add_argument_group("model (unset flags take the official defaults; on resume they come from the checkpoint)")
+    m.add_argument("--model_type", choices=["ttt", "transformer"],
+                   help="ttt (default), or the Transformer++ baseline of the same size")
     m.add_argument("--model_size", default="tiny", choices=list(TTT_STANDARD_CONFIGS))
     m.add_argument("--ttt_layer_type", choices=TTT_LAYER_TYPES)
     m.add_argument("--ttt_base_lr", type=float, help="eta_base of the inner learning rate (paper: 1 linear, 0.1 mlp)")
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--conv_kernel", type=int)
     m.add_argument("--scan_checkpoint_group_size", type=int,
                    help="activation checkpointing over groups of this many mini-batches (0: off)")
+    m.add_argument("--sliding_window", type=int, help="transformer only: attend to this many previous tokens")
 
     d = p.add_argument_group("data")
     d.add_argument("--dataset_name", default="builtin:synthetic",

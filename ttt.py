@@ -259,9 +259,9 @@ class TTTBase(nn.Module):
     """A TTT layer: projections to the training view k, test view q and label view v, the per-token inner learning
     rate eta, RoPE inside each mini-batch, the inner model's mini-batch scan, post LayerNorm, optional gate, o_proj.
 
-    Subclasses are the inner models: `initial_params()` gives theta_0 (the learnable initial hidden state) and
-    `mini_batch_step(state, mb)` returns Z_bar, the pre-LayerNorm outputs f_{W_i}(q_i) of every row of one
-    mini-batch in the dual form, and the next InnerState."""
+    Subclasses are the inner models: `initial_params()` gives theta_0 (the learnable initial hidden state),
+    `inner_forward(params, x)` is f_W(x), and `mini_batch_step(state, mb)` returns Z_bar, the pre-LayerNorm
+    outputs f_{W_i}(q_i) of every row of one mini-batch in the dual form, and the next InnerState."""
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__()
@@ -293,6 +293,7 @@ class TTTBase(nn.Module):
         if config.use_gate:
             self.g_proj = nn.Linear(C, C, bias=False)
         self.post_norm = nn.LayerNorm(C, eps=TTT_NORM_EPS)
+        self.statistics = None  # a list while TTTForCausalLM.ttt_statistics records the inner losses
 
     # -- views, learning rate, RoPE
     def views(self, x, cache):
@@ -403,10 +404,22 @@ class TTTBase(nn.Module):
                 state = InnerState(params, None)
                 outputs.extend(outs)
         else:
+            initial = state
             for mb in per_mini_batch:
-                out, state = self.mini_batch_step(state, mb)
+                out, next_state = self.mini_batch_step(state, mb)
+                if self.statistics is not None:
+                    self.statistics.append([self.reconstruction_error(s.params, mb)
+                                            for s in (initial, state, next_state)])
+                state = next_state
                 outputs.append(out)
         return torch.cat(outputs, dim=2), state
+
+    def reconstruction_error(self, params, mb: MiniBatch) -> float:
+        """The inner loss of a mini-batch's last token as the JAX code logs it: mean over the f features of
+        (LN(f(k)) - (v - k))^2 under the inner weights `params`, averaged over batch and heads."""
+        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
+        prediction = ln_fwd(self.inner_forward(params, mb.k[:, :, -1:]), gamma, beta)
+        return (prediction - mb.target[:, :, -1:]).pow(2).mean().item()
 
     def _run_group(self, state, mini_batches):
         outs = []
@@ -427,6 +440,10 @@ class TTTLinear(TTTBase):
 
     def initial_params(self):
         return (self.W1, self.b1)
+
+    def inner_forward(self, params, x):
+        W1, b1 = params
+        return x @ W1 + b1
 
     def mini_batch_step(self, state, mb):
         W1, b1 = state.params
@@ -455,6 +472,10 @@ class TTTMLP(TTTBase):
 
     def initial_params(self):
         return (self.W1, self.b1, self.W2, self.b2)
+
+    def inner_forward(self, params, x):
+        W1, b1, W2, b2 = params
+        return F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2
 
     def mini_batch_step(self, state, mb):
         W1, b1, W2, b2 = state.params
@@ -675,6 +696,23 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                         hidden_states=outputs.hidden_states)
         return output if return_dict is not False else output.to_tuple()
+
+
+    @torch.no_grad()
+    def ttt_statistics(self, input_ids) -> list:
+        """Per layer, the inner reconstruction error of each full mini-batch's last token (the JAX code's "TTT
+        statistics", as in the paper's Fig. 14): under the sequence's initial inner weights W_0 (`initial`), the
+        weights at the start of its mini-batch (`before`), and after that mini-batch's update (`after`).
+        Returns [{"initial": [...], "before": [...], "after": [...]} per layer], one value per mini-batch."""
+        layers = [block.seq_modeling_block for block in self.model.layers]
+        for layer in layers:
+            layer.statistics = []
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+            return [dict(zip(("initial", "before", "after"), map(list, zip(*layer.statistics)))) for layer in layers]
+        finally:
+            for layer in layers:
+                layer.statistics = None
 
 
 AutoConfig.register("ttt", TTTConfig, exist_ok=True)

@@ -14,15 +14,11 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ttt import TTTConfig, TTTForCausalLM
 from ttt_train import checkpoint as ckpt
-from ttt_train import data
+from ttt_train import data, models
 from ttt_train.metrics import (MetricsLog, gpu_peak_tflops, perplexity, tracker_config, trackers,
                                training_flops_per_token)
 
-# Flags that define the architecture: on resume they must agree with the checkpoint's config.
-MODEL_FLAGS = ("ttt_layer_type", "ttt_base_lr", "mini_batch_size", "use_gate", "share_qk", "pre_conv",
-               "conv_kernel", "scan_checkpoint_group_size")
 # Flags whose change on resume is allowed (a curriculum) and reported.
 RESUMABLE_CHANGES = ("seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "learning_rate", "lr_end", "lr_warmup_steps", "warmup_ratio", "lr_scheduler_type",
@@ -49,19 +45,6 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def build_model_config(args, vocab_size) -> TTTConfig:
-    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    return TTTConfig.from_size(args.model_size, vocab_size=vocab_size, **overrides)
-
-
-def check_model_flags_match(args, config: TTTConfig, checkpoint):
-    for flag in MODEL_FLAGS:
-        value = getattr(args, flag)
-        if value is not None and value != getattr(config, flag):
-            raise ValueError(f"--{flag} {value} conflicts with checkpoint {checkpoint}, trained with "
-                             f"{flag}={getattr(config, flag)}")
 
 
 def param_groups(model, weight_decay):
@@ -104,6 +87,15 @@ def evaluate(model, blocks, accelerator, batch_size):
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1]).item()
+
+
+def ttt_statistics(model, blocks, accelerator, args) -> dict:
+    """Per layer, the inner loss of each mini-batch's last token under W_0, before and after the mini-batch's
+    update, averaged over mini-batches, on the first eval batch. Every process runs it (sharded models need all)."""
+    batch = blocks[:args.per_device_eval_batch_size].to(accelerator.device)
+    layers = accelerator.unwrap_model(model, keep_torch_compile=False).ttt_statistics(batch)
+    return {f"ttt/layer{i}/{name}": sum(values) / len(values)
+            for i, layer in enumerate(layers) for name, values in layer.items() if values}
 
 
 def resume_data_states(saved: list, world_size: int, accelerator) -> list:
@@ -154,14 +146,13 @@ def train(args):
     eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
 
     if checkpoint:
-        config = TTTConfig.from_pretrained(checkpoint)
-        check_model_flags_match(args, config, checkpoint)
+        config = models.checkpoint_config(args, checkpoint)
         if config.vocab_size < len(tokenizer):
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but checkpoint {checkpoint} was trained with "
                              f"vocab_size {config.vocab_size}")
     else:
-        config = build_model_config(args, len(tokenizer))
-    model = TTTForCausalLM(config)
+        config = models.build_config(args, len(tokenizer))
+    model = models.build_model(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
@@ -206,8 +197,8 @@ def train(args):
     tokens_per_step = args.per_device_train_batch_size * args.seq_length * accum * accelerator.num_processes
     params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     peak_tflops = args.peak_tflops or gpu_peak_tflops()
-    flops_per_token = training_flops_per_token(config, params)
-    accelerator.print(f"model: {params / 1e6:.2f}M parameters ({config.ttt_layer_type}); "
+    flops_per_token = training_flops_per_token(config, params, args.seq_length)
+    accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters; "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
                       f"device {accelerator.device}, {accelerator.distributed_type.value}, {args.mixed_precision}")
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
@@ -249,6 +240,8 @@ def train(args):
             if (args.eval_steps and step % args.eval_steps == 0) or step == args.max_train_steps:
                 eval_loss = evaluate(model, eval_set, accelerator, args.per_device_eval_batch_size)
                 log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+                if config.model_type == "ttt":
+                    log.log({"step": step, **ttt_statistics(model, eval_set, accelerator, args)})
             stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device), "sum") > 0
             if args.save_milestone_freq and step % args.save_milestone_freq == 0:
                 save(f"milestone-{step}")

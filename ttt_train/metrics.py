@@ -58,13 +58,17 @@ def gpu_peak_tflops() -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def training_flops_per_token(config, num_params: int) -> float:
-    """Model FLOPs of one training token: 6 per parameter used in a matmul (the input embedding is a lookup,
-    so it counts only when tied, as the output head), plus 3x the forward FLOPs of the inner loop's dual form
-    per head (K = mini_batch_size, f = head dim): TTT-Linear 6f^2 + 4Kf (the two f x f products and the
-    gradient sum, and the K x K mixing), TTT-MLP 2 * (6 * 4f^2) + 2 * 4Kf + 8f^2 (both layers, the backward
-    through W2)."""
+def training_flops_per_token(config, num_params: int, seq_length: int) -> float:
+    """Model FLOPs of one training token: 6 per parameter used in a matmul (the input embedding is a lookup, so
+    it counts only when tied, as the output head), plus the sequence mixing, 3x its forward FLOPs:
+    TTT (per head and layer, K = mini_batch_size, f = head dim): the inner loop's dual form, 6f^2 + 4Kf for
+    TTT-Linear (the two f x f products, the gradient sum, the K x K mixing), 56f^2 + 8Kf for TTT-MLP;
+    Transformer: attention scores and values over the T (or window) previous tokens, 4 T C per layer."""
     matmul_params = num_params - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
-    f, K = config.hidden_size // config.num_attention_heads, config.mini_batch_size
-    inner = 6 * f * f + 4 * K * f if config.ttt_layer_type == "linear" else 56 * f * f + 8 * K * f
-    return 6 * matmul_params + 3 * inner * config.num_attention_heads * config.num_hidden_layers
+    if config.model_type == "ttt":
+        f, K = config.hidden_size // config.num_attention_heads, config.mini_batch_size
+        inner = 6 * f * f + 4 * K * f if config.ttt_layer_type == "linear" else 56 * f * f + 8 * K * f
+        mixing = inner * config.num_attention_heads
+    else:
+        mixing = 4 * min(seq_length, getattr(config, "sliding_window", None) or seq_length) * config.hidden_size
+    return 6 * matmul_params + 3 * mixing * config.num_hidden_layers
