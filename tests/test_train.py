@@ -59,15 +59,25 @@ def test_loss_falls_on_tinyshakespeare(tmp_path, shakespeare, llama_tokenizer_di
         if "loss" in record:
             assert set(record) == {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed"}
             assert record["tokens_per_sec"] > 0 and record["grad_norm"] > 0
-        else:
+        elif "eval_loss" in record:
             assert set(record) == {"step", "eval_loss", "eval_perplexity"}
             assert abs(record["eval_perplexity"] - torch.tensor(record["eval_loss"]).exp().item()) < 1e-3
+        else:
+            assert set(record) == {"step"} | {f"ttt/layer{i}/{n}" for i in range(4)
+                                              for n in ("initial", "before", "after")}
+    # TTT statistics of the trained model: each layer's inner update lowers the inner loss of the token it saw
+    last_stats = [r for r in records if "ttt/layer0/after" in r][-1]
+    assert last_stats["step"] == 40
+    for i in range(4):
+        assert last_stats[f"ttt/layer{i}/after"] < last_stats[f"ttt/layer{i}/before"]
     saved = json.loads((folder / "training_args.json").read_text())
     assert saved["seq_length"] == 64 and saved["tokenizer_name"] == str(llama_tokenizer_dir)
 
 
-def test_resume_gives_the_same_losses(tmp_path):
-    common = ["--max_train_steps", "20", "--save_checkpoint_freq", "10", "--gradient_accumulation_steps", "2"]
+@pytest.mark.parametrize("model_type", ["ttt", "transformer"])
+def test_resume_gives_the_same_losses(tmp_path, model_type):
+    common = ["--max_train_steps", "20", "--save_checkpoint_freq", "10", "--gradient_accumulation_steps", "2",
+              "--model_type", model_type]
     full = run(tmp_path, *common, out="full")
     resumed = tmp_path / "resumed"
     resumed.mkdir()

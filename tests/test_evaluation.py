@@ -1,0 +1,109 @@
+"""evaluate.py, generate.py, plot_metrics.py and the Transformer++ baseline."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralForCausalLM
+
+import evaluate
+import generate
+import plot_metrics
+import train_ttt
+
+FAST = ["--seq_length", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "3",
+        "--max_eval_samples", "5", "--logging_steps", "1", "--eval_steps", "0", "--max_train_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A TTT-Linear and a Transformer++ run of 4 steps on the built-in corpus."""
+    root = tmp_path_factory.mktemp("runs")
+    for model_type in ("ttt", "transformer"):
+        train_ttt.main([*FAST, "--model_type", model_type, "--output_dir", str(root / model_type)])
+    return root
+
+
+def eval_losses(run):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in lines if "eval_loss" in r]
+
+
+def test_transformer_baseline_is_a_hugging_face_model_of_equal_size(trained):
+    model = AutoModelForCausalLM.from_pretrained(trained / "transformer" / "final_model")
+    assert isinstance(model, MistralForCausalLM) and model.config._attn_implementation == "sdpa"
+    ttt = AutoModelForCausalLM.from_pretrained(trained / "ttt" / "final_model")
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (model, ttt)]
+    assert abs(sizes[0] - sizes[1]) / sizes[1] < 0.05
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (256, 4)
+
+
+def test_sliding_window_baseline(tmp_path):
+    train_ttt.main([*FAST, "--model_type", "transformer", "--sliding_window", "4", "--output_dir", str(tmp_path)])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final_model").eval()
+    assert model.config.sliding_window == 4
+    ids = torch.randint(3, 200, (1, 48))
+    changed = ids.clone()
+    changed[0, :10] = 5  # beyond the reach of the last position: 4 layers of 4-token windows
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits[0, -1], model(changed).logits[0, -1], atol=1e-5)
+        assert not torch.allclose(model(ids).logits[0, 12], model(changed).logits[0, 12], atol=1e-5)
+
+
+def test_evaluate_matches_the_trainer_and_buckets_positions(trained, tmp_path):
+    models = [str(trained / t / "final_model") for t in ("ttt", "transformer")]
+    results = evaluate.evaluate(evaluate.parse_args(
+        ["--model_name_or_path", *models, "--dataset_name", "builtin:synthetic", "--seq_length", "64",
+         "--max_eval_tokens", str(5 * 64), "--output_dir", str(tmp_path)]))
+    assert [r["model"] for r in results] == models
+    for result, model_type in zip(results, ("ttt", "transformer")):
+        assert abs(result["loss"] - eval_losses(trained / model_type)[-1]) < 1e-5
+        assert result["tokens"] == 5 * 63
+        assert abs(result["perplexity"] - torch.tensor(result["loss"]).exp().item()) < 1e-4
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["loss"] for r in saved] == [r["loss"] for r in results]
+    assert (tmp_path / "ppl_by_position.png").stat().st_size > 10_000
+
+
+def test_by_position_beyond_the_training_context(trained, tmp_path):
+    """At 2x the training context (64), buckets of 16 positions cover predicted positions 1..127."""
+    [result] = evaluate.evaluate(evaluate.parse_args(
+        ["--model_name_or_path", str(trained / "ttt" / "final_model"), "--dataset_name", "builtin:synthetic",
+         "--seq_length", "128", "--bucket_size", "16", "--max_eval_tokens", "512", "--output_dir", str(tmp_path)]))
+    buckets = result["by_position"]
+    assert [(b["start"], b["end"]) for b in buckets] == [(s, min(s + 16, 128)) for s in range(1, 128, 16)]
+    weighted = sum(b["loss"] * (b["end"] - b["start"]) for b in buckets) / 127
+    assert abs(weighted - result["loss"]) < 1e-6 and result["training_context"] == 64
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model_name_or_path", str(tmp_path), "--dataset_name", "builtin:synthetic",
+                       "--seq_length", "64", "--output_dir", str(tmp_path / "o")])
+    assert exit_info.value.code != 0 and "has no config.json" in capsys.readouterr().err
+
+
+def test_generate_greedy_is_the_argmax_of_the_logits(trained):
+    model_dir = trained / "ttt" / "final_model"
+    args = generate.build_parser().parse_args(["--model_name_or_path", str(model_dir), "--prompt", "Alice has",
+                                               "--max_new_tokens", "12", "--greedy"])
+    out = generate.generate(args, stream=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = generate.data.load_tokenizer(str(model_dir))
+    seq = generate.prompt_ids(tokenizer, "Alice has")
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_streams_sampled_text(trained, capsys):
+    generate.main(["--model_name_or_path", str(trained / "transformer" / "final_model"), "--prompt", "Bob",
+                   "--max_new_tokens", "8", "--temperature", "0.7", "--top_p", "0.9", "--seed", "3"])
+    assert capsys.readouterr().out.startswith("Bob")
+
+
+def test_plot_metrics_writes_pngs(trained, tmp_path):
+    plot_metrics.main([str(trained / "ttt"), str(trained / "transformer"), "--output_dir", str(tmp_path)])
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "ttt_statistics_ttt.png").exists() and not (tmp_path / "ttt_statistics_transformer.png").exists()
