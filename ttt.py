@@ -390,11 +390,10 @@ class TTTBase(nn.Module):
     def scan(self, state: InnerState, stacked: MiniBatch):
         """Runs mini_batch_step over n full mini-batches stacked on dim 2; outputs (B, H, n*K, f)."""
         n = stacked.q.shape[2]
-        per_mini_batch = [
-            stacked._replace(**{name: getattr(stacked, name)[:, :, i]
-                                for name in ("q", "k", "target", "lr", "eta", "eta_qk")})
-            for i in range(n)
-        ]
+        # unbind, not indexing: the backward of t[:, :, i] writes a full-size zero gradient per mini-batch, O(n^2)
+        fields = ("q", "k", "target", "lr", "eta", "eta_qk")
+        slices = {name: getattr(stacked, name).unbind(2) for name in fields}
+        per_mini_batch = [stacked._replace(**{name: slices[name][i] for name in fields}) for i in range(n)]
         group = self.config.scan_checkpoint_group_size
         outputs = []
         if group and self.training and torch.is_grad_enabled():

@@ -323,3 +323,18 @@ def test_wandb_offline(tmp_path, monkeypatch):
     folder = run(tmp_path, "--max_train_steps", "2", "--save_checkpoint_freq", "0", "--report_to", "wandb",
                  "--wandb_run_name", "smoke")
     assert list((folder / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_prefetched_batches_and_state_equal_the_plain_stream():
+    from ttt_train.data import PackedBlocks, Prefetcher, byte_tokenizer
+    docs = datasets.Dataset.from_dict({"text": [f"document number {i} " * (i % 5 + 1) for i in range(40)]})
+    tok = byte_tokenizer()
+    plain = PackedBlocks(docs, tok, "text", 16, 2, seed=1)
+    ahead = Prefetcher(PackedBlocks(docs, tok, "text", 16, 2, seed=1), depth=4, pin_memory=False)
+    try:
+        for _ in range(7):
+            assert torch.equal(next(plain), next(ahead))
+        time.sleep(0.2)  # let the thread run ahead: the state must still be the one after batch 7
+        assert ahead.state_dict() == plain.state_dict()
+    finally:
+        ahead.close()
