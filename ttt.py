@@ -678,6 +678,11 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
+    def generate(self, *args, use_cache=True, **kwargs):
+        """GenerationMixin.generate, decoding through the TTTCache unless use_cache=False: config.use_cache (False,
+        the official default, also in configs without a generation_config.json) is about forward()."""
+        return super().generate(*args, use_cache=use_cache, **kwargs)
+
     def forward(self, input_ids=None, attention_mask=None, past_key_values: TTTCache | None = None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 return_dict=None, logits_to_keep: int = 0, **kwargs):

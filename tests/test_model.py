@@ -212,3 +212,22 @@ def test_bfloat16_model_decodes_like_its_prefill():
         steps = torch.cat([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(21)], 1)
     assert all(t.dtype == torch.bfloat16 for t in cache.tensors())
     assert (steps - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_generate_decodes_through_the_cache(tmp_path, monkeypatch):
+    """One token per step after the prompt, also for a checkpoint without generation_config.json (official ones)."""
+    small_model().save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    lengths = []
+    forward = TTTModel.forward
+
+    def recording_forward(self, input_ids=None, **kwargs):
+        lengths.append(input_ids.shape[1])
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(TTTModel, "forward", recording_forward)
+    prompt = torch.randint(0, 97, (1, 19))
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                   pad_token_id=0)
+    assert lengths == [19, 1, 1, 1]

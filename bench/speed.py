@@ -1,0 +1,176 @@
+"""Speed and memory of the TTT model against the Transformer++ baseline of equal size, on the workloads of the
+speed issue. Each measurement runs in its own process so that its peak memory is its own.
+
+    python bench/speed.py                      # every workload, a markdown table on stdout
+    python bench/speed.py --only b c           # some workloads
+    python bench/speed.py --run b --model ttt-linear --seq_length 512 --batch_size 4   # one measurement, JSON
+
+Workloads: (a) the TTT inner loop alone (the scan over mini-batches, 12 heads of 64, B=4, T=2048), forward
+and forward+backward; (b) a training step (forward, backward, AdamW) of the tiny model, T=512, B=4;
+(c) the tiny model at T=2048 and 8192, B=1; (d) the 125m size at T=2048, B=1; (decode) tokens/s of cached
+greedy decoding after a prompt of 128 to 2048 tokens. Vocabulary 8000 for the tiny model, 32000 for 125m.
+Peak memory: the process's peak resident set on the CPU, the peak allocated memory on a GPU.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ttt import InnerState, TTTConfig, TTTForCausalLM, TTTLinear  # noqa: E402
+from ttt_train.models import transformer_config  # noqa: E402
+
+MODELS = ("ttt-linear", "ttt-mlp", "transformer")
+WORKLOADS = {
+    "a": [dict(model="ttt-linear", seq_length=2048, batch_size=4)],
+    "b": [dict(model=m, seq_length=512, batch_size=4, size="tiny") for m in MODELS],
+    "c": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (2048, 8192) for m in MODELS],
+    "d": [dict(model=m, seq_length=2048, batch_size=1, size="125m") for m in MODELS],
+    "decode": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (128, 512, 2048) for m in MODELS],
+}
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_model(name, size):
+    vocab = 32000 if size == "125m" else 8000
+    if name == "transformer":
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_config(transformer_config(size, vocab))
+    return TTTForCausalLM(TTTConfig.from_size(size, vocab_size=vocab, ttt_layer_type=name.split("-")[1]))
+
+
+def run_inner_loop(args):
+    """(a): only the scan of one TTT-Linear layer with 12 heads of 64 over T/16 mini-batches."""
+    layer = TTTLinear(TTTConfig(hidden_size=768, num_attention_heads=12, intermediate_size=8,
+                                num_hidden_layers=1, vocab_size=8), 0).to(device())
+    B, H, n, K, f = args.batch_size, 12, args.seq_length // 16, 16, 64
+    make = lambda *shape: torch.randn(*shape, device=device(), requires_grad=True)  # noqa: E731
+    q, k, target = make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f)
+    lr = torch.full((B, H, n, K, 1), 0.5 / f, device=device(), requires_grad=True)
+
+    def forward():
+        state = InnerState(tuple(p.unsqueeze(0).expand(B, *p.shape) for p in layer.initial_params()), None)
+        c = layer.position_factor(device()).unsqueeze(-1)
+        out, _ = layer.scan(state, layer.make_mini_batch(q, k, target, lr, c, True))
+        return out
+
+    def forward_backward():
+        forward().square().mean().backward()
+
+    with torch.no_grad():
+        forward_s = timed(forward, 1, args.repeats)
+    train_s = timed(forward_backward, 1, args.repeats)
+    tokens = B * args.seq_length
+    return {"forward_tokens_per_sec": tokens / forward_s, "train_tokens_per_sec": tokens / train_s}
+
+
+def run_train_step(args):
+    model = build_model(args.model, args.size).to(device()).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_length), device=device())
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step, 1, args.repeats)
+    return {"train_tokens_per_sec": args.batch_size * args.seq_length / seconds}
+
+
+@torch.no_grad()
+def run_decode(args):
+    """Greedy decoding of 32 tokens through the cache after a prompt of seq_length tokens."""
+    model = build_model(args.model, args.size).to(device()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_length), device=device())
+    new_tokens = 32
+
+    def decode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    prefill_s = timed(lambda: model(input_ids=ids, use_cache=True), 1, args.repeats)
+    total_s = timed(decode, 1, args.repeats)
+    return {"decode_tokens_per_sec": args.batch_size * new_tokens / max(total_s - prefill_s, 1e-9)}
+
+
+def measure(args):
+    torch.manual_seed(0)
+    runner = {"a": run_inner_loop, "decode": run_decode}.get(args.run, run_train_step)
+    result = runner(args)
+    if torch.cuda.is_available():
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({**vars(args), **result}))
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(WORKLOADS), help="workloads to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--run", choices=list(WORKLOADS), help=argparse.SUPPRESS)  # one measurement, in a child
+    parser.add_argument("--model", choices=MODELS, default="ttt-linear")
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--seq_length", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=4)
+    args = parser.parse_args()
+    if args.run:
+        return measure(args)
+
+    print(f"machine: {machine()}\n")
+    print("| workload | model | size | T x B | tokens/s | peak memory (MB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for workload in args.only or list(WORKLOADS):
+        for case in WORKLOADS[workload]:
+            command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats),
+                       "--model", case["model"], "--size", case.get("size", "tiny"),
+                       "--seq_length", str(case["seq_length"]), "--batch_size", str(case["batch_size"])]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"| {workload} | {case['model']} | failed: {done.stderr.strip().splitlines()[-1]} |")
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            speeds = ", ".join(f"{k.replace('_tokens_per_sec', '')} {v:,.0f}" for k, v in result.items()
+                               if k.endswith("tokens_per_sec"))
+            shape = f"{case['seq_length']} x {case['batch_size']}"
+            print(f"| {workload} | {case['model']} | {case.get('size', '-') if workload != 'a' else 'layer'} | "
+                  f"{shape} | {speeds} | {result['peak_memory_mb']:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
