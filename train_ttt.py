@@ -104,9 +104,10 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
             values = yaml.safe_load(open(args.config)) or {}
         except (OSError, yaml.YAMLError) as error:
             parser.error(f"cannot read --config {args.config}: {error}")
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if not isinstance(values, dict) or unknown:
+        if not isinstance(values, dict):
+            parser.error(f"--config {args.config}: expected a mapping of flag names to values")
+        unknown = sorted(set(values) - {a.dest for a in parser._actions})
+        if unknown:
             parser.error(f"--config {args.config}: unknown keys {unknown} (keys are flag names)")
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
