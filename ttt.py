@@ -206,6 +206,21 @@ def ln_reconstruction_grad(z, target, gamma, beta):
     return (f * g - g.sum(-1, keepdim=True) - x_hat * (g * x_hat).sum(-1, keepdim=True)) / (f * std)
 
 
+def ln_reconstruction_grad_vjp(u, x_hat, std, g, grad, gamma):
+    """Vector-Jacobian product of `ln_reconstruction_grad` for an upstream gradient u of its output G, from the
+    forward's x_hat, std, g = (LN(z) - target) * gamma and G. Writing G = (g - mean(g) - x_hat mean(g x_hat)) / std:
+    d_g = (u - mean(u) - x_hat mean(u x_hat)) / std; x_hat's own terms -(u mean(g x_hat) + g mean(u x_hat)) / std
+    plus d_g gamma^2 through g; std's own term -sum(u G) / std; then the LayerNorm backward to z.
+    Returns dz and d_g (from which the target, gamma and beta gradients follow)."""
+    mean = lambda t: t.mean(-1, keepdim=True)  # noqa: E731
+    u_xhat = mean(u * x_hat)
+    d_g = (u - mean(u) - x_hat * u_xhat) / std
+    d_xhat = d_g * gamma * gamma - (u * mean(g * x_hat) + g * u_xhat) / std
+    d_std = -(u * grad).sum(-1, keepdim=True) / std
+    dz = (d_xhat - mean(d_xhat) - x_hat * mean(d_xhat * x_hat)) / std + d_std * x_hat / x_hat.shape[-1]
+    return dz, d_g
+
+
 def gelu_tanh_grad(x):
     """Derivative of the tanh-approximated GELU 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     tanh_out = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
@@ -428,6 +443,71 @@ class TTTBase(nn.Module):
         return state.params, outs
 
 
+class TTTLinearScan(torch.autograd.Function):
+    """The TTT-Linear scan over n full mini-batches with a hand-written backward. The forward keeps no autograd
+    graph, only the inner weights at the start of every mini-batch (n x (f^2 + f) per head); the backward
+    recomputes the mini-batches' forward quantities in one batched pass from them, then walks the mini-batches
+    backwards carrying the gradient of the inner weights. Runs in float32 whatever the autocast setting.
+
+    Inputs (stacked on dim 2): q, k, target (B, H, n, K, f); eta_qk (B, H, n, K, K); e (B, H, n, K, 1), the last
+    row of eta (c_{K-1} lr_j), which moves the weights; W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta (H, 1, f).
+    Outputs: Z_bar (B, H, n, K, f) and the final W, b."""
+
+    @staticmethod
+    def forward(ctx, q, k, target, eta_qk, e, W0, b0, gamma, beta):
+        W, b = W0, b0
+        W_starts, b_starts, outputs = [], [], []
+        for q_i, k_i, t_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta_qk, e))):
+            grad = ln_reconstruction_grad(k_i @ W + b, t_i, gamma, beta)
+            outputs.append(q_i @ W + b - p_i @ grad)
+            W_starts.append(W)
+            b_starts.append(b)
+            e_grad = e_i * grad
+            W, b = W - k_i.transpose(-1, -2) @ e_grad, b - e_grad.sum(-2, keepdim=True)
+        W_starts, b_starts = torch.stack(W_starts, 2), torch.stack(b_starts, 2)
+        ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts)
+        return torch.stack(outputs, 2), W, b
+
+    @staticmethod
+    def backward(ctx, d_out, d_W, d_b):
+        q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts = ctx.saved_tensors
+        # every mini-batch's forward quantities at once, from the saved starting weights
+        z = k @ W_starts + b_starts
+        f = z.shape[-1]
+        std = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + TTT_NORM_EPS)
+        x_hat = (z - z.mean(-1, keepdim=True)) / std
+        g = (gamma.unsqueeze(1) * x_hat + beta.unsqueeze(1) - target) * gamma.unsqueeze(1)
+        grad = (f * g - g.sum(-1, keepdim=True) - x_hat * (g * x_hat).sum(-1, keepdim=True)) / (f * std)
+
+        d_W = torch.zeros_like(W_starts[:, :, 0]) if d_W is None else d_W
+        d_b = torch.zeros_like(b_starts[:, :, 0]) if d_b is None else d_b
+        d_out = torch.zeros_like(q) if d_out is None else d_out
+        n = q.shape[2]
+        d_grads, d_zs, d_gs, d_W_afters, d_b_afters = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+        for i in reversed(range(n)):
+            # W_after = W_i - k^T (e * G), b_after = b_i - sum(e * G); Z_bar = q W_i + b_i - P G; z = k W_i + b_i
+            d_W_afters[i], d_b_afters[i] = d_W, d_b
+            d_grad = -e[:, :, i] * (k[:, :, i] @ d_W + d_b) - eta_qk[:, :, i].transpose(-1, -2) @ d_out[:, :, i]
+            d_z, d_gs[i] = ln_reconstruction_grad_vjp(d_grad, x_hat[:, :, i], std[:, :, i], g[:, :, i],
+                                                      grad[:, :, i], gamma)
+            d_W = d_W + q[:, :, i].transpose(-1, -2) @ d_out[:, :, i] + k[:, :, i].transpose(-1, -2) @ d_z
+            d_b = d_b + d_out[:, :, i].sum(-2, keepdim=True) + d_z.sum(-2, keepdim=True)
+            d_grads[i], d_zs[i] = d_grad, d_z
+        d_grad, d_z, d_g = torch.stack(d_grads, 2), torch.stack(d_zs, 2), torch.stack(d_gs, 2)
+        d_W_after, d_b_after = torch.stack(d_W_afters, 2), torch.stack(d_b_afters, 2)
+
+        d_q = d_out @ W_starts.transpose(-1, -2)
+        d_eta_qk = -d_out @ grad.transpose(-1, -2)
+        d_e_grad = -(k @ d_W_after + d_b_after)  # gradient of e * G
+        d_e = (d_e_grad * grad).sum(-1, keepdim=True)
+        d_k = d_z @ W_starts.transpose(-1, -2) - (e * grad) @ d_W_after.transpose(-1, -2)
+        gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)
+        d_target = -d_g * gamma_
+        d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
+        d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
+        return d_q, d_k, d_target, d_eta_qk, d_e, d_W, d_b, d_gamma, d_beta
+
+
 class TTTLinear(TTTBase):
     """Inner model f(x) = x W1 + b1, per head."""
 
@@ -437,8 +517,21 @@ class TTTLinear(TTTBase):
         self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, f)))
         self.b1 = nn.Parameter(torch.zeros(H, 1, f))
 
+    fast_scan = True  # TTTLinearScan for full mini-batches; False: the straightforward autograd loop (tests)
+
     def initial_params(self):
         return (self.W1, self.b1)
+
+    def scan(self, state, stacked):
+        if not self.fast_scan or self.statistics is not None:
+            return super().scan(state, stacked)
+        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
+        e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights
+        with torch.autocast(stacked.q.device.type, enabled=False):  # the inner state stays float32
+            inputs = (stacked.q, stacked.k, stacked.target, stacked.eta_qk, e, *state.params, gamma, beta)
+            out, W1, b1 = TTTLinearScan.apply(*(t.float() for t in inputs))
+        dtype = state.params[0].dtype
+        return out.flatten(2, 3).to(stacked.q.dtype), InnerState((W1.to(dtype), b1.to(dtype)), None)
 
     def inner_forward(self, params, x):
         W1, b1 = params

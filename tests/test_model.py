@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from conftest import SHARED
-from ttt import TTT_STANDARD_CONFIGS, TTTCache, TTTConfig, TTTForCausalLM, TTTModel
+from ttt import TTT_STANDARD_CONFIGS, TTTCache, TTTConfig, TTTForCausalLM, TTTLinear, TTTLinearScan, TTTModel
 
 REFERENCE = SHARED / "reference"
 CASES = sorted(p.name for p in REFERENCE.iterdir() if p.is_dir()) if REFERENCE.exists() else []
@@ -231,3 +231,48 @@ def test_generate_decodes_through_the_cache(tmp_path, monkeypatch):
     model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
                    pad_token_id=0)
     assert lengths == [19, 1, 1, 1]
+
+
+@pytest.mark.parametrize("length", [37, 48, 100])
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2]], ids=["transformer-backbone", "mamba-backbone"])
+def test_fast_linear_scan_equals_the_straightforward_loop(monkeypatch, length, variant):
+    model = small_model(**variant)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.seq_modeling_block.learnable_token_idx.normal_(0, 0.01)
+    ids = torch.randint(0, 97, (2, length))
+    results = []
+    for fast in (False, True):
+        monkeypatch.setattr(TTTLinear, "fast_scan", fast)
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (slow_logits, slow_grads), (fast_logits, fast_grads) = results
+    assert (slow_logits - fast_logits).abs().max() < 1e-5
+    # float32 sums over many mini-batches in another order: within 1e-5 of each gradient's largest entry, plus 1e-7
+    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(slow_grads, fast_grads))
+
+
+def test_fast_linear_scan_gradcheck():
+    torch.manual_seed(0)
+    B, H, n, K, f = 1, 2, 3, 4, 5
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_()  # noqa: E731
+    inputs = (make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, K),
+              (torch.rand(B, H, n, K, 1, dtype=torch.float64) * 0.1).requires_grad_(), make(B, H, f, f, scale=0.1),
+              make(B, H, 1, f), (torch.rand(H, 1, f, dtype=torch.float64) + 0.5).requires_grad_(), make(H, 1, f))
+    assert torch.autograd.gradcheck(TTTLinearScan.apply, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_fast_scan_through_the_cache_matches_the_straightforward_loop(monkeypatch):
+    model = small_model(pre_conv=True, share_qk=True).eval()
+    ids = torch.randint(0, 97, (2, 45))
+    logits = []
+    for fast in (False, True):
+        monkeypatch.setattr(TTTLinear, "fast_scan", fast)
+        cache = TTTCache(2)
+        with torch.no_grad():
+            chunks = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
+                      for a, b in [(0, 5), (5, 30), (30, 31), (31, 45)]]
+        logits.append(torch.cat(chunks, 1))
+    assert (logits[0] - logits[1]).abs().max() < 1e-5
