@@ -402,8 +402,17 @@ class TTTBase(nn.Module):
             out = out * F.gelu(self.g_proj(x), approximate="tanh")
         return self.o_proj(out)
 
+    fast_scan = True  # a scan that saves only the inner weights per mini-batch; False: the autograd loop (tests)
+
     def scan(self, state: InnerState, stacked: MiniBatch):
         """Runs mini_batch_step over n full mini-batches stacked on dim 2; outputs (B, H, n*K, f)."""
+        if self.fast_scan and self.statistics is None and torch.is_grad_enabled():
+            out, *params = RecomputedScan.apply(self, len(state.params), *stacked[:7], *state.params,
+                                                self.ttt_norm_weight, self.ttt_norm_bias)
+            return out.flatten(2, 3), InnerState(tuple(params), None)
+        return self.straightforward_scan(state, stacked)
+
+    def straightforward_scan(self, state: InnerState, stacked: MiniBatch):
         n = stacked.q.shape[2]
         # unbind, not indexing: the backward of t[:, :, i] writes a full-size zero gradient per mini-batch, O(n^2)
         fields = ("q", "k", "target", "lr", "eta", "eta_qk")
@@ -441,6 +450,63 @@ class TTTBase(nn.Module):
             out, state = self.mini_batch_step(state, mb)
             outs.append(out)
         return state.params, outs
+
+
+class RecomputedScan(torch.autograd.Function):
+    """The scan over n full mini-batches for any inner model, keeping only the inner weights at the start of every
+    mini-batch: the forward runs without an autograd graph, the backward re-runs one mini-batch at a time under
+    autograd, from its saved starting weights, walking backwards and carrying the weights' gradient. Memory grows
+    with n only through those weights, not through every mini-batch's activations.
+
+    apply(layer, number of inner params, q, k, target, lr, c, eta, eta_qk, *params, ttt_norm_weight,
+    ttt_norm_bias) -> (Z_bar (B, H, n, K, f), *final params); the stacked fields as in MiniBatch."""
+
+    @staticmethod
+    def forward(ctx, layer, num_params, q, k, target, lr, c, eta, eta_qk, *rest):
+        params = rest[:num_params]
+        state, starts, outputs = InnerState(params, None), [], []
+        for fields in zip(*(t.unbind(2) for t in (q, k, target, lr, eta, eta_qk))):
+            starts.append(state.params)
+            out, state = layer.mini_batch_step(state, mini_batch_of(fields, c))
+            outputs.append(out)
+        ctx.layer, ctx.num_params = layer, num_params
+        ctx.save_for_backward(q, k, target, lr, c, eta, eta_qk, *rest[num_params:],
+                              *(torch.stack(p, 2) for p in zip(*starts)))
+        return (torch.stack(outputs, 2), *state.params)
+
+    @staticmethod
+    def backward(ctx, d_out, *d_params):
+        q, k, target, lr, c, eta, eta_qk, norm_weight, norm_bias, *starts = ctx.saved_tensors
+        n = q.shape[2]
+        d_params = [torch.zeros_like(s[:, :, 0]) if d is None else d for d, s in zip(d_params, starts)]
+        d_fields = [[None] * n for _ in range(6)]
+        d_c, d_norm_weight, d_norm_bias = torch.zeros_like(c), torch.zeros_like(norm_weight), torch.zeros_like(
+            norm_bias)
+        layer = ctx.layer
+        for i in reversed(range(n)):
+            with torch.enable_grad():
+                fields = [t[:, :, i].detach().requires_grad_() for t in (q, k, target, lr, eta, eta_qk)]
+                c_i = c.detach().requires_grad_()
+                params = [s[:, :, i].detach().requires_grad_() for s in starts]
+                out, state = layer.mini_batch_step(InnerState(tuple(params), None), mini_batch_of(fields, c_i))
+                grads = torch.autograd.grad(
+                    (out, *state.params), (*fields, c_i, *params, layer.ttt_norm_weight, layer.ttt_norm_bias),
+                    (d_out[:, :, i] if d_out is not None else torch.zeros_like(out), *d_params), allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g
+                     for g, x in zip(grads, (*fields, c_i, *params, norm_weight, norm_bias))]
+            for j in range(6):
+                d_fields[j][i] = grads[j]
+            d_c += grads[6]
+            d_params = grads[7:7 + ctx.num_params]
+            d_norm_weight += grads[-2]
+            d_norm_bias += grads[-1]
+        d_q, d_k, d_target, d_lr, d_eta, d_eta_qk = (torch.stack(d, 2) for d in d_fields)
+        return (None, None, d_q, d_k, d_target, d_lr, d_c, d_eta, d_eta_qk, *d_params, d_norm_weight, d_norm_bias)
+
+
+def mini_batch_of(fields, c):
+    q, k, target, lr, eta, eta_qk = fields
+    return MiniBatch(q, k, target, lr, c, eta, eta_qk, True)
 
 
 class TTTLinearScan(torch.autograd.Function):
@@ -517,14 +583,12 @@ class TTTLinear(TTTBase):
         self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, f)))
         self.b1 = nn.Parameter(torch.zeros(H, 1, f))
 
-    fast_scan = True  # TTTLinearScan for full mini-batches; False: the straightforward autograd loop (tests)
-
     def initial_params(self):
         return (self.W1, self.b1)
 
     def scan(self, state, stacked):
         if not self.fast_scan or self.statistics is not None:
-            return super().scan(state, stacked)
+            return self.straightforward_scan(state, stacked)
         gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
         e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights
         with torch.autocast(stacked.q.device.type, enabled=False):  # the inner state stays float32

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ttt import InnerState, TTTConfig, TTTForCausalLM, TTTLinear  # noqa: E402
+from ttt import InnerState, TTTBase, TTTConfig, TTTForCausalLM, TTTLinear  # noqa: E402
 from ttt_train.models import transformer_config  # noqa: E402
 
-# "-straightforward": the autograd loop over mini-batches instead of the fast scan (TTT-Linear has one so far)
-MODELS = ("ttt-linear-straightforward", "ttt-linear", "ttt-mlp", "transformer")
+# "-straightforward": the autograd loop over mini-batches instead of the fast scan
+MODELS = ("ttt-linear-straightforward", "ttt-linear", "ttt-mlp-straightforward", "ttt-mlp", "transformer")
 WORKLOADS = {
     "a": [dict(model=m, seq_length=2048, batch_size=4) for m in ("ttt-linear-straightforward", "ttt-linear")],
     "b": [dict(model=m, seq_length=512, batch_size=4, size="tiny") for m in MODELS],
@@ -65,13 +65,13 @@ def build_model(name, size):
     if name == "transformer":
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_config(transformer_config(size, vocab))
-    TTTLinear.fast_scan = not name.endswith("-straightforward")
+    TTTBase.fast_scan = not name.endswith("-straightforward")
     return TTTForCausalLM(TTTConfig.from_size(size, vocab_size=vocab, ttt_layer_type=name.split("-")[1]))
 
 
 def run_inner_loop(args):
     """(a): only the scan of one TTT-Linear layer with 12 heads of 64 over T/16 mini-batches."""
-    TTTLinear.fast_scan = not args.model.endswith("-straightforward")
+    TTTBase.fast_scan = not args.model.endswith("-straightforward")
     layer = TTTLinear(TTTConfig(hidden_size=768, num_attention_heads=12, intermediate_size=8,
                                 num_hidden_layers=1, vocab_size=8), 0).to(device())
     B, H, n, K, f = args.batch_size, 12, args.seq_length // 16, 16, 64

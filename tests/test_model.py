@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from conftest import SHARED
-from ttt import TTT_STANDARD_CONFIGS, TTTCache, TTTConfig, TTTForCausalLM, TTTLinear, TTTLinearScan, TTTModel
+from ttt import TTT_STANDARD_CONFIGS, TTTBase, TTTCache, TTTConfig, TTTForCausalLM, TTTLinearScan, TTTModel
 
 REFERENCE = SHARED / "reference"
 CASES = sorted(p.name for p in REFERENCE.iterdir() if p.is_dir()) if REFERENCE.exists() else []
@@ -156,7 +156,8 @@ def test_gradient_reaches_every_parameter(variant):
     assert missing == []
 
 
-def test_scan_checkpointing_keeps_gradients():
+def test_scan_checkpointing_keeps_gradients(monkeypatch):
+    monkeypatch.setattr(TTTBase, "fast_scan", False)  # the option applies to the straightforward loop
     ids = torch.randint(0, 97, (2, 43))
     grads = []
     for group in (0, 2):
@@ -234,8 +235,8 @@ def test_generate_decodes_through_the_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("length", [37, 48, 100])
-@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2]], ids=["transformer-backbone", "mamba-backbone"])
-def test_fast_linear_scan_equals_the_straightforward_loop(monkeypatch, length, variant):
+@pytest.mark.parametrize("variant", VARIANTS, ids=["linear", "mlp", "linear-mamba", "mlp-mamba"])
+def test_fast_scan_equals_the_straightforward_loop(monkeypatch, length, variant):
     model = small_model(**variant)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -243,7 +244,7 @@ def test_fast_linear_scan_equals_the_straightforward_loop(monkeypatch, length, v
     ids = torch.randint(0, 97, (2, length))
     results = []
     for fast in (False, True):
-        monkeypatch.setattr(TTTLinear, "fast_scan", fast)
+        monkeypatch.setattr(TTTBase, "fast_scan", fast)
         model.zero_grad()
         out = model(ids, labels=ids)
         out.loss.backward()
@@ -264,12 +265,13 @@ def test_fast_linear_scan_gradcheck():
     assert torch.autograd.gradcheck(TTTLinearScan.apply, inputs, eps=1e-6, atol=1e-5)
 
 
-def test_fast_scan_through_the_cache_matches_the_straightforward_loop(monkeypatch):
-    model = small_model(pre_conv=True, share_qk=True).eval()
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_fast_scan_through_the_cache_matches_the_straightforward_loop(monkeypatch, layer_type):
+    model = small_model(ttt_layer_type=layer_type, pre_conv=True, share_qk=True).eval()
     ids = torch.randint(0, 97, (2, 45))
     logits = []
     for fast in (False, True):
-        monkeypatch.setattr(TTTLinear, "fast_scan", fast)
+        monkeypatch.setattr(TTTBase, "fast_scan", fast)
         cache = TTTCache(2)
         with torch.no_grad():
             chunks = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
