@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pre_conv", action=argparse.BooleanOptionalAction, help="causal conv before each TTT layer")
     m.add_argument("--conv_kernel", type=int)
     m.add_argument("--scan_checkpoint_group_size", type=int,
-                   help="activation checkpointing over groups of this many mini-batches (0: off)")
+                   help="use the straightforward inner-loop scan with activation checkpointing over groups of "
+                        "this many mini-batches instead of the default recomputing scan (0: off)")
     m.add_argument("--sliding_window", type=int, help="transformer only: attend to this many previous tokens")
 
     d = p.add_argument_group("data")

@@ -55,9 +55,10 @@ class TTTConfig(PreTrainedConfig):
     mini_batch_size: K, the number of tokens whose gradients are taken at the same inner weights.
     pre_conv / conv_kernel / share_qk / use_gate: the Mamba-backbone options of the paper (all three on =
         the paper's "Mamba backbone"; all off = its "Transformer backbone").
-    scan_checkpoint_group_size: when > 0 and training, the scan over mini-batches is run under activation
-        checkpointing in groups of this many mini-batches (as JAX's `remat_mini_batch_group_size`; the
-        official PyTorch file reads it as a number of groups instead). Gradients are unchanged.
+    scan_checkpoint_group_size: when > 0, training uses the straightforward scan over mini-batches under
+        activation checkpointing in groups of this many mini-batches (as JAX's `remat_mini_batch_group_size`; the
+        official PyTorch file reads it as a number of groups) instead of the default recomputing scan, which
+        already keeps only the inner weights per mini-batch. Gradients are unchanged.
     """
 
     model_type = "ttt"
@@ -402,11 +403,15 @@ class TTTBase(nn.Module):
             out = out * F.gelu(self.g_proj(x), approximate="tanh")
         return self.o_proj(out)
 
-    fast_scan = True  # a scan that saves only the inner weights per mini-batch; False: the autograd loop (tests)
+    # The scan keeps only the inner weights at each mini-batch start and recomputes the rest in the backward
+    # (TTTLinearScan for TTT-Linear: faster and leaner; RecomputedScan otherwise: about half the memory, slower).
+    # False (or a scan_checkpoint_group_size): the straightforward autograd loop, kept for tests.
+    recomputing_scan = True
 
     def scan(self, state: InnerState, stacked: MiniBatch):
         """Runs mini_batch_step over n full mini-batches stacked on dim 2; outputs (B, H, n*K, f)."""
-        if self.fast_scan and self.statistics is None and torch.is_grad_enabled():
+        if (self.recomputing_scan and not self.config.scan_checkpoint_group_size and self.statistics is None
+                and torch.is_grad_enabled()):
             out, *params = RecomputedScan.apply(self, len(state.params), *stacked[:7], *state.params,
                                                 self.ttt_norm_weight, self.ttt_norm_bias)
             return out.flatten(2, 3), InnerState(tuple(params), None)
@@ -587,7 +592,7 @@ class TTTLinear(TTTBase):
         return (self.W1, self.b1)
 
     def scan(self, state, stacked):
-        if not self.fast_scan or self.statistics is not None:
+        if not self.recomputing_scan or self.config.scan_checkpoint_group_size or self.statistics is not None:
             return self.straightforward_scan(state, stacked)
         gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
         e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights

@@ -65,13 +65,13 @@ def build_model(name, size):
     if name == "transformer":
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_config(transformer_config(size, vocab))
-    TTTBase.fast_scan = not name.endswith("-straightforward")
+    TTTBase.recomputing_scan = not name.endswith("-straightforward")
     return TTTForCausalLM(TTTConfig.from_size(size, vocab_size=vocab, ttt_layer_type=name.split("-")[1]))
 
 
 def run_inner_loop(args):
     """(a): only the scan of one TTT-Linear layer with 12 heads of 64 over T/16 mini-batches."""
-    TTTBase.fast_scan = not args.model.endswith("-straightforward")
+    TTTBase.recomputing_scan = not args.model.endswith("-straightforward")
     layer = TTTLinear(TTTConfig(hidden_size=768, num_attention_heads=12, intermediate_size=8,
                                 num_hidden_layers=1, vocab_size=8), 0).to(device())
     B, H, n, K, f = args.batch_size, 12, args.seq_length // 16, 16, 64

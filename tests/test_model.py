@@ -156,8 +156,7 @@ def test_gradient_reaches_every_parameter(variant):
     assert missing == []
 
 
-def test_scan_checkpointing_keeps_gradients(monkeypatch):
-    monkeypatch.setattr(TTTBase, "fast_scan", False)  # the option applies to the straightforward loop
+def test_scan_checkpointing_keeps_gradients():
     ids = torch.randint(0, 97, (2, 43))
     grads = []
     for group in (0, 2):
@@ -236,7 +235,7 @@ def test_generate_decodes_through_the_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("length", [37, 48, 100])
 @pytest.mark.parametrize("variant", VARIANTS, ids=["linear", "mlp", "linear-mamba", "mlp-mamba"])
-def test_fast_scan_equals_the_straightforward_loop(monkeypatch, length, variant):
+def test_recomputing_scan_equals_the_straightforward_loop(monkeypatch, length, variant):
     model = small_model(**variant)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -244,7 +243,7 @@ def test_fast_scan_equals_the_straightforward_loop(monkeypatch, length, variant)
     ids = torch.randint(0, 97, (2, length))
     results = []
     for fast in (False, True):
-        monkeypatch.setattr(TTTBase, "fast_scan", fast)
+        monkeypatch.setattr(TTTBase, "recomputing_scan", fast)
         model.zero_grad()
         out = model(ids, labels=ids)
         out.loss.backward()
@@ -266,12 +265,12 @@ def test_fast_linear_scan_gradcheck():
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
-def test_fast_scan_through_the_cache_matches_the_straightforward_loop(monkeypatch, layer_type):
+def test_recomputing_scan_through_the_cache_matches_the_straightforward_loop(monkeypatch, layer_type):
     model = small_model(ttt_layer_type=layer_type, pre_conv=True, share_qk=True).eval()
     ids = torch.randint(0, 97, (2, 45))
     logits = []
     for fast in (False, True):
-        monkeypatch.setattr(TTTBase, "fast_scan", fast)
+        monkeypatch.setattr(TTTBase, "recomputing_scan", fast)
         cache = TTTCache(2)
         with torch.no_grad():
             chunks = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
