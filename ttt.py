@@ -195,16 +195,20 @@ def ln_fwd(z, gamma, beta):
     return gamma * (z - mu) / torch.sqrt(var + TTT_NORM_EPS) + beta
 
 
-def ln_reconstruction_grad(z, target, gamma, beta):
+def ln_reconstruction_parts(z, target, gamma, beta):
     """d l / d z for the inner loss l = 1/2 ||LN(z) - target||^2, the LayerNorm backward written out:
     with x_hat = (z - mu) / std and g = (LN(z) - target) * gamma,
-    dl/dz = (f g - sum(g) - x_hat sum(g x_hat)) / (f std)."""
+    dl/dz = (f g - sum(g) - x_hat sum(g x_hat)) / (f std). Returns x_hat, std, g and dl/dz."""
     f = z.shape[-1]
-    mu = z.mean(-1, keepdim=True)
     std = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + TTT_NORM_EPS)
-    x_hat = (z - mu) / std
+    x_hat = (z - z.mean(-1, keepdim=True)) / std
     g = (gamma * x_hat + beta - target) * gamma
-    return (f * g - g.sum(-1, keepdim=True) - x_hat * (g * x_hat).sum(-1, keepdim=True)) / (f * std)
+    return x_hat, std, g, (f * g - g.sum(-1, keepdim=True) - x_hat * (g * x_hat).sum(-1, keepdim=True)) / (f * std)
+
+
+def ln_reconstruction_grad(z, target, gamma, beta):
+    """d l / d z of the inner loss (see ln_reconstruction_parts)."""
+    return ln_reconstruction_parts(z, target, gamma, beta)[-1]
 
 
 def ln_reconstruction_grad_vjp(u, x_hat, std, g, grad, gamma):
@@ -543,12 +547,8 @@ class TTTLinearScan(torch.autograd.Function):
     def backward(ctx, d_out, d_W, d_b):
         q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts = ctx.saved_tensors
         # every mini-batch's forward quantities at once, from the saved starting weights
-        z = k @ W_starts + b_starts
-        f = z.shape[-1]
-        std = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + TTT_NORM_EPS)
-        x_hat = (z - z.mean(-1, keepdim=True)) / std
-        g = (gamma.unsqueeze(1) * x_hat + beta.unsqueeze(1) - target) * gamma.unsqueeze(1)
-        grad = (f * g - g.sum(-1, keepdim=True) - x_hat * (g * x_hat).sum(-1, keepdim=True)) / (f * std)
+        gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, n, K, f)
+        x_hat, std, g, grad = ln_reconstruction_parts(k @ W_starts + b_starts, target, gamma_, beta_)
 
         d_W = torch.zeros_like(W_starts[:, :, 0]) if d_W is None else d_W
         d_b = torch.zeros_like(b_starts[:, :, 0]) if d_b is None else d_b
@@ -572,7 +572,6 @@ class TTTLinearScan(torch.autograd.Function):
         d_e_grad = -(k @ d_W_after + d_b_after)  # gradient of e * G
         d_e = (d_e_grad * grad).sum(-1, keepdim=True)
         d_k = d_z @ W_starts.transpose(-1, -2) - (e * grad) @ d_W_after.transpose(-1, -2)
-        gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)
         d_target = -d_g * gamma_
         d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
         d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)

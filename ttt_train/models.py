@@ -55,5 +55,5 @@ def build_model(config):
 
 def describe(config) -> str:
     if config.model_type == "ttt":
-        return f"TTT-{config.ttt_layer_type.upper() if config.ttt_layer_type == 'mlp' else 'Linear'}"
+        return {"linear": "TTT-Linear", "mlp": "TTT-MLP"}[config.ttt_layer_type]
     return "Transformer++" + (f" (sliding window {config.sliding_window})" if config.sliding_window else "")
