@@ -31,6 +31,13 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+try:  # Triton kernels for the TTT-Linear scan, used on CUDA tensors
+    import ttt_kernels
+except ModuleNotFoundError as error:  # no Triton (CPU-only installs), or ttt.py copied alone: PyTorch serves
+    if error.name not in ("triton", "ttt_kernels"):
+        raise
+    ttt_kernels = None
+
 TTT_LAYER_TYPES = ("linear", "mlp")
 
 # The paper's sizes (Table 3 / the official TTT_STANDARD_CONFIGS) plus `tiny`, which trains on a laptop CPU.
@@ -590,14 +597,21 @@ class TTTLinear(TTTBase):
     def initial_params(self):
         return (self.W1, self.b1)
 
+    # Whether the scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps TTTLinearScan.
+    triton_scan = True
+
     def scan(self, state, stacked):
         if not self.recomputing_scan or self.config.scan_checkpoint_group_size or self.statistics is not None:
             return self.straightforward_scan(state, stacked)
         gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
         e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights
         with torch.autocast(stacked.q.device.type, enabled=False):  # the inner state stays float32
-            inputs = (stacked.q, stacked.k, stacked.target, stacked.eta_qk, e, *state.params, gamma, beta)
-            out, W1, b1 = TTTLinearScan.apply(*(t.float() for t in inputs))
+            inputs = [t.float() for t in (stacked.q, stacked.k, stacked.target, stacked.eta_qk, e, *state.params,
+                                          gamma, beta)]
+            if self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(stacked.q):
+                out, W1, b1 = ttt_kernels.TTTLinearTritonScan.apply(*inputs, TTT_NORM_EPS)
+            else:
+                out, W1, b1 = TTTLinearScan.apply(*inputs)
         dtype = state.params[0].dtype
         return out.flatten(2, 3).to(stacked.q.dtype), InnerState((W1.to(dtype), b1.to(dtype)), None)
 

@@ -7,9 +7,11 @@ speed issue. Each measurement runs in its own process so that its peak memory is
 
 Workloads: (a) the TTT inner loop alone (the scan over mini-batches, 12 heads of 64, B=4, T=2048), forward
 and forward+backward; (b) a training step (forward, backward, AdamW) of the tiny model, T=512, B=4;
-(c) the tiny model at T=2048 and 8192, B=1; (d) the 125m size at T=2048, B=1; (decode) tokens/s of cached
-greedy decoding after a prompt of 128 to 2048 tokens. Vocabulary 8000 for the tiny model, 32000 for 125m.
-Peak memory: the process's peak resident set on the CPU, the peak allocated memory on a GPU.
+(c) the tiny model at T=2048 and 8192, B=1; (d) the 125m size at T=2048, B=1; (e) the 125m size at T=8192
+and 32768, B=1 (run by default only on a GPU); (decode) tokens/s of cached greedy decoding after a prompt of 128
+to 2048 tokens. Vocabulary 8000 for the tiny model, 32000 for 125m. On a GPU: bf16 autocast and TF32 (as
+train_gpu_optimized.py), and MFU as the trainer reports it. Peak memory: the process's peak resident set on the
+CPU, the peak allocated memory on a GPU.
 """
 
 import argparse
@@ -25,16 +27,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ttt import InnerState, TTTBase, TTTConfig, TTTForCausalLM, TTTLinear  # noqa: E402
+from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token  # noqa: E402
 from ttt_train.models import transformer_config  # noqa: E402
 
-# "-straightforward": the autograd loop over mini-batches instead of the fast scan
-MODELS = ("ttt-linear-straightforward", "ttt-linear", "ttt-mlp-straightforward", "ttt-mlp", "transformer")
+# "-straightforward": the autograd loop over mini-batches instead of the recomputing scan; "ttt-linear-pytorch":
+# TTT-Linear's recomputing scan in PyTorch even where the Triton kernels run ("ttt-linear" uses them on a GPU)
+MODELS = ("ttt-linear-straightforward", "ttt-linear-pytorch", "ttt-linear", "ttt-mlp-straightforward", "ttt-mlp",
+          "transformer")
+LINEAR = ("ttt-linear-straightforward", "ttt-linear-pytorch", "ttt-linear")
 WORKLOADS = {
-    "a": [dict(model=m, seq_length=2048, batch_size=4) for m in ("ttt-linear-straightforward", "ttt-linear")],
+    "a": [dict(model=m, seq_length=2048, batch_size=4) for m in LINEAR],
     "b": [dict(model=m, seq_length=512, batch_size=4, size="tiny") for m in MODELS],
     "c": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (2048, 8192) for m in MODELS],
     "d": [dict(model=m, seq_length=2048, batch_size=1, size="125m") for m in MODELS],
-    "decode": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (128, 512, 2048) for m in MODELS],
+    "e": [dict(model=m, seq_length=t, batch_size=1, size="125m") for t in (8192, 32768)
+          for m in ("ttt-linear-pytorch", "ttt-linear", "transformer")],
+    "decode": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (128, 512, 2048)
+               for m in MODELS if "-straightforward" not in m],
 }
 
 
@@ -45,6 +54,11 @@ def device():
 def synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def autocast(args):
+    """bf16 autocast (the GPU trainer's default) or none; the TTT-Linear scan keeps float32 inside either way."""
+    return torch.autocast(device(), dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
 def timed(fn, warmup, repeats):
@@ -60,18 +74,23 @@ def timed(fn, warmup, repeats):
     return statistics.median(times)
 
 
+def select_scan(name):
+    TTTBase.recomputing_scan = not name.endswith("-straightforward")
+    TTTLinear.triton_scan = name == "ttt-linear"
+
+
 def build_model(name, size):
     vocab = 32000 if size == "125m" else 8000
     if name == "transformer":
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_config(transformer_config(size, vocab))
-    TTTBase.recomputing_scan = not name.endswith("-straightforward")
+    select_scan(name)
     return TTTForCausalLM(TTTConfig.from_size(size, vocab_size=vocab, ttt_layer_type=name.split("-")[1]))
 
 
 def run_inner_loop(args):
     """(a): only the scan of one TTT-Linear layer with 12 heads of 64 over T/16 mini-batches."""
-    TTTBase.recomputing_scan = not args.model.endswith("-straightforward")
+    select_scan(args.model)
     layer = TTTLinear(TTTConfig(hidden_size=768, num_attention_heads=12, intermediate_size=8,
                                 num_hidden_layers=1, vocab_size=8), 0).to(device())
     B, H, n, K, f = args.batch_size, 12, args.seq_length // 16, 16, 64
@@ -82,7 +101,8 @@ def run_inner_loop(args):
     def forward():
         state = InnerState(tuple(p.unsqueeze(0).expand(B, *p.shape) for p in layer.initial_params()), None)
         c = layer.position_factor(device()).unsqueeze(-1)
-        out, _ = layer.scan(state, layer.make_mini_batch(q, k, target, lr, c, True))
+        with autocast(args):
+            out, _ = layer.scan(state, layer.make_mini_batch(q, k, target, lr, c, True))
         return out
 
     def forward_backward():
@@ -101,12 +121,19 @@ def run_train_step(args):
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_length), device=device())
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        with autocast(args):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed(step, 1, args.repeats)
-    return {"train_tokens_per_sec": args.batch_size * args.seq_length / seconds}
+    tokens_per_sec = args.batch_size * args.seq_length / timed(step, 1, args.repeats)
+    result = {"train_tokens_per_sec": tokens_per_sec}
+    if gpu_peak_tflops():
+        num_params = sum(p.numel() for p in model.parameters())
+        flops = training_flops_per_token(model.config, num_params, args.seq_length) * tokens_per_sec
+        result["mfu"] = flops / (gpu_peak_tflops() * 1e12)
+    return result
 
 
 @torch.no_grad()
@@ -117,12 +144,13 @@ def run_decode(args):
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_length), device=device())
     new_tokens, times = 32, []
     for _ in range(args.repeats + 1):
-        out = model(input_ids=ids, use_cache=True)
-        synchronize()
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            token = out.logits[:, -1:].argmax(-1)
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        with autocast(args):
+            out = model(input_ids=ids, use_cache=True)
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                token = out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
         synchronize()
         times.append(time.perf_counter() - start)
     return {"decode_tokens_per_sec": args.batch_size * new_tokens / statistics.median(times[1:])}
@@ -130,6 +158,8 @@ def run_decode(args):
 
 def measure(args):
     torch.manual_seed(0)
+    if args.precision == "bf16":
+        torch.set_float32_matmul_precision("high")  # TF32 for what stays float32, as the GPU trainer's --tf32
     runner = {"a": run_inner_loop, "decode": run_decode}.get(args.run, run_train_step)
     result = runner(args)
     if torch.cuda.is_available():
@@ -154,28 +184,42 @@ def main():
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--seq_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--precision", choices=["fp32", "bf16"],
+                        help="float32, or bf16 autocast with TF32 (default: bf16 on a GPU, fp32 on the CPU)")
     args = parser.parse_args()
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.run:
         return measure(args)
 
-    print(f"machine: {machine()}\n")
-    print("| workload | model | size | T x B | tokens/s | peak memory (MB) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for workload in args.only or list(WORKLOADS):
+    print(f"machine: {machine()}, precision {args.precision}\n")
+    print("| workload | model | size | T x B | tokens/s | x straightforward | MFU | peak memory (MB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    default = [w for w in WORKLOADS if w != "e" or torch.cuda.is_available()]
+    for workload in args.only or default:
+        straightforward = {}  # (inner model, T, B) -> tokens/s of the straightforward path
         for case in WORKLOADS[workload]:
+            if case["model"] == "ttt-linear-pytorch" and not torch.cuda.is_available():
+                continue  # the same path as "ttt-linear" without a GPU
             command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats),
-                       "--model", case["model"], "--size", case.get("size", "tiny"),
+                       "--model", case["model"], "--size", case.get("size", "tiny"), "--precision", args.precision,
                        "--seq_length", str(case["seq_length"]), "--batch_size", str(case["batch_size"])]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"| {workload} | {case['model']} | failed: {done.stderr.strip().splitlines()[-1]} |")
                 continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            speeds = ", ".join(f"{k.replace('_tokens_per_sec', '')} {v:,.0f}" for k, v in result.items()
-                               if k.endswith("tokens_per_sec"))
+            speeds = {k.replace("_tokens_per_sec", ""): v for k, v in result.items() if k.endswith("tokens_per_sec")}
+            key = (case["model"].split("-")[1] if case["model"] != "transformer" else None,
+                   case["seq_length"], case["batch_size"])
+            if case["model"].endswith("-straightforward"):
+                straightforward[key] = speeds
+            base = straightforward.get(key)
+            ratio = ", ".join(f"{v / base[k]:.2f}x" for k, v in speeds.items()) if base else ""
+            mfu = f"{result['mfu']:.1%}" if "mfu" in result else ""
             shape = f"{case['seq_length']} x {case['batch_size']}"
             print(f"| {workload} | {case['model']} | {case.get('size', '-') if workload != 'a' else 'layer'} | "
-                  f"{shape} | {speeds} | {result['peak_memory_mb']:,.0f} |", flush=True)
+                  f"{shape} | {', '.join(f'{k} {v:,.0f}' for k, v in speeds.items())} | {ratio} | {mfu} | "
+                  f"{result['peak_memory_mb']:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton's interpreter runs the kernels of ttt_kernels.py on CPU tensors (test_triton_kernels.py).
+# It must be chosen before Triton is first imported; the model still dispatches to the kernels only on CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
