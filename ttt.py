@@ -486,6 +486,9 @@ class RecomputedScan(torch.autograd.Function):
             out, state = layer.mini_batch_step(state, mini_batch_of(fields, c))
             outputs.append(out)
         ctx.layer, ctx.num_params = layer, num_params
+        device = q.device.type  # the backward re-runs the forward under the forward's autocast setting
+        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
+                            enabled=torch.is_autocast_enabled(device))
         ctx.save_for_backward(q, k, target, lr, c, eta, eta_qk, *rest[num_params:],
                               *(torch.stack(p, 2) for p in zip(*starts)))
         return (torch.stack(outputs, 2), *state.params)
@@ -500,7 +503,7 @@ class RecomputedScan(torch.autograd.Function):
             norm_bias)
         layer = ctx.layer
         for i in reversed(range(n)):
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 fields = [t[:, :, i].detach().requires_grad_() for t in (q, k, target, lr, eta, eta_qk)]
                 c_i = c.detach().requires_grad_()
                 params = [s[:, :, i].detach().requires_grad_() for s in starts]
@@ -609,7 +612,7 @@ class TTTLinear(TTTBase):
             inputs = [t.float() for t in (stacked.q, stacked.k, stacked.target, stacked.eta_qk, e, *state.params,
                                           gamma, beta)]
             if self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(stacked.q):
-                out, W1, b1 = ttt_kernels.TTTLinearTritonScan.apply(*inputs, TTT_NORM_EPS)
+                out, W1, b1 = ttt_kernels.ttt_linear_scan(*inputs, TTT_NORM_EPS)
             else:
                 out, W1, b1 = TTTLinearScan.apply(*inputs)
         dtype = state.params[0].dtype

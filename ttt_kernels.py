@@ -1,8 +1,9 @@
 """Triton kernels for the TTT-Linear scan (optional: `ttt.py` uses them on CUDA tensors when Triton imports).
 
 One program per (batch, head) walks the mini-batches in order and keeps the inner weights W (f x f) and b in
-registers, so a whole layer's scan is one launch forward and one backward instead of a dozen kernels per
-mini-batch. The arithmetic is TTTLinearScan's in `ttt.py`, written per mini-batch:
+registers, so a whole layer's scan is one launch forward instead of a dozen kernels per mini-batch. The backward
+is two launches: the sequential walk back carrying the weights' gradient (the least work per mini-batch that
+the carry needs), then every mini-batch's input gradients in parallel. The arithmetic is TTTLinearScan's in `ttt.py`, written per mini-batch:
 
     forward   z = k W + b,  G = dl/dz of l = 1/2 ||LN(z) - target||^2,  Z_bar = q W + b - eta_qk G,
               W <- W - k^T (e * G),  b <- b - sum_rows(e * G)
@@ -17,6 +18,9 @@ through Triton's interpreter (the tests do this).
 import torch
 import triton
 import triton.language as tl
+
+
+NUM_WARPS = 4  # per program; a program holds W and, backward, dW (f x f float32 each) in registers
 
 
 def block_shapes_fit(q: torch.Tensor) -> bool:
@@ -80,10 +84,31 @@ def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, g
 
 
 @triton.jit
-def _scan_backward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr, beta_ptr, w_starts_ptr, b_starts_ptr,
-                   d_out_ptr, d_w_last_ptr, d_b_last_ptr,
-                   d_q_ptr, d_k_ptr, d_target_ptr, d_eta_qk_ptr, d_e_ptr, d_w0_ptr, d_b0_ptr, d_gamma_ptr, d_beta_ptr,
-                   n, H, eps, K: tl.constexpr, F: tl.constexpr, PRECISION: tl.constexpr):
+def _mini_batch_backward(q, k, target, eta_qk, e, W, b, d_out, dW, db, gamma, beta, eps,
+                         F: tl.constexpr, PRECISION: tl.constexpr):
+    """One mini-batch's backward up to z, given the gradient dW, db of the weights after it: returns x_hat, G,
+    the gradient d_e_grad of e * G, d_g (of g = (LN(z) - target) * gamma) and d_z."""
+    z = tl.dot(k, W, input_precision=PRECISION) + b
+    x_hat, std, g, grad = _ln_reconstruction(z, target, gamma, beta, eps, F)
+    # through W_after = W - k^T (e G), b_after = b - sum(e G), and Z_bar = q W + b - eta_qk G
+    d_e_grad = -(tl.dot(k, dW, input_precision=PRECISION) + db)
+    d_grad = e * d_e_grad - tl.dot(tl.trans(eta_qk), d_out, input_precision=PRECISION)
+    # through G = LN-reconstruction gradient of z (ln_reconstruction_grad_vjp in ttt.py)
+    u_xhat = tl.sum(d_grad * x_hat, 1)[:, None] / F
+    d_g = (d_grad - tl.sum(d_grad, 1)[:, None] / F - x_hat * u_xhat) / std
+    d_xhat = d_g * gamma * gamma - (d_grad * (tl.sum(g * x_hat, 1)[:, None] / F) + g * u_xhat) / std
+    d_std = -tl.sum(d_grad * grad, 1)[:, None] / std
+    d_z = ((d_xhat - tl.sum(d_xhat, 1)[:, None] / F - x_hat * (tl.sum(d_xhat * x_hat, 1)[:, None] / F)) / std
+           + d_std * x_hat / F)
+    return x_hat, grad, d_e_grad, d_g, d_z
+
+
+@triton.jit
+def _scan_backward_carry(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr, beta_ptr, w_starts_ptr,
+                         b_starts_ptr, d_out_ptr, d_w_last_ptr, d_b_last_ptr, d_w_afters_ptr, d_b_afters_ptr,
+                         d_w0_ptr, d_b0_ptr, n, H, eps, K: tl.constexpr, F: tl.constexpr, PRECISION: tl.constexpr):
+    """The sequential part of the backward, one program per (batch, head): walks the mini-batches in reverse
+    carrying dW, db, and saves them as each mini-batch's d W_after, d b_after for _scan_backward_inputs."""
     bh = tl.program_id(0).to(tl.int64)
     rows, cols = tl.arange(0, K), tl.arange(0, F)
     kf = rows[:, None] * F + cols[None, :]
@@ -91,51 +116,66 @@ def _scan_backward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr, beta_
     ff = cols[:, None] * F + cols[None, :]
     gamma = tl.load(gamma_ptr + (bh % H) * F + cols)[None, :]
     beta = tl.load(beta_ptr + (bh % H) * F + cols)[None, :]
-    dW = tl.load(d_w_last_ptr + bh * F * F + ff)  # gradient of the weights after the mini-batch being undone
+    dW = tl.load(d_w_last_ptr + bh * F * F + ff)
     db = tl.load(d_b_last_ptr + bh * F + cols)[None, :]
-    d_gamma = tl.zeros((1, F), tl.float32)
-    d_beta = tl.zeros((1, F), tl.float32)
     for j in range(n):
         mb = bh * n + (n - 1 - j)
         q = tl.load(q_ptr + mb * K * F + kf)
         k = tl.load(k_ptr + mb * K * F + kf)
-        target = tl.load(target_ptr + mb * K * F + kf)
-        eta_qk = tl.load(eta_qk_ptr + mb * K * K + kk)
-        e = tl.load(e_ptr + mb * K + rows)[:, None]
-        W = tl.load(w_starts_ptr + mb * F * F + ff)
-        b = tl.load(b_starts_ptr + mb * F + cols)[None, :]
         d_out = tl.load(d_out_ptr + mb * K * F + kf)
-
-        z = tl.dot(k, W, input_precision=PRECISION) + b
-        x_hat, std, g, grad = _ln_reconstruction(z, target, gamma, beta, eps, F)
-        # through W_after = W - k^T (e G), b_after = b - sum(e G), and Z_bar = q W + b - eta_qk G
-        d_e_grad = -(tl.dot(k, dW, input_precision=PRECISION) + db)
-        d_grad = e * d_e_grad - tl.dot(tl.trans(eta_qk), d_out, input_precision=PRECISION)
-        # through G = LN-reconstruction gradient of z (ln_reconstruction_grad_vjp in ttt.py)
-        u_xhat = tl.sum(d_grad * x_hat, 1)[:, None] / F
-        d_g = (d_grad - tl.sum(d_grad, 1)[:, None] / F - x_hat * u_xhat) / std
-        d_xhat = d_g * gamma * gamma - (d_grad * (tl.sum(g * x_hat, 1)[:, None] / F) + g * u_xhat) / std
-        d_std = -tl.sum(d_grad * grad, 1)[:, None] / std
-        d_z = ((d_xhat - tl.sum(d_xhat, 1)[:, None] / F - x_hat * (tl.sum(d_xhat * x_hat, 1)[:, None] / F)) / std
-               + d_std * x_hat / F)
-
-        tl.store(d_q_ptr + mb * K * F + kf, tl.dot(d_out, tl.trans(W), input_precision=PRECISION))
-        tl.store(d_eta_qk_ptr + mb * K * K + kk, -tl.dot(d_out, tl.trans(grad), input_precision=PRECISION))
-        tl.store(d_e_ptr + mb * K + rows, tl.sum(d_e_grad * grad, 1))
-        d_k = (tl.dot(d_z, tl.trans(W), input_precision=PRECISION)
-               - tl.dot(e * grad, tl.trans(dW), input_precision=PRECISION))
-        tl.store(d_k_ptr + mb * K * F + kf, d_k)
-        tl.store(d_target_ptr + mb * K * F + kf, -d_g * gamma)
-        d_gamma += tl.sum(d_g * (2 * gamma * x_hat + beta - target), 0)[None, :]
-        d_beta += tl.sum(d_g * gamma, 0)[None, :]
-
+        _, _, _, _, d_z = _mini_batch_backward(
+            q, k, tl.load(target_ptr + mb * K * F + kf), tl.load(eta_qk_ptr + mb * K * K + kk),
+            tl.load(e_ptr + mb * K + rows)[:, None], tl.load(w_starts_ptr + mb * F * F + ff),
+            tl.load(b_starts_ptr + mb * F + cols)[None, :], d_out, dW, db, gamma, beta, eps, F, PRECISION)
+        tl.store(d_w_afters_ptr + mb * F * F + ff, dW)
+        tl.store(d_b_afters_ptr + mb * F + cols[None, :], db)
         dW += tl.dot(tl.trans(q), d_out, input_precision=PRECISION) + tl.dot(tl.trans(k), d_z,
                                                                                 input_precision=PRECISION)
         db += tl.sum(d_out, 0)[None, :] + tl.sum(d_z, 0)[None, :]
     tl.store(d_w0_ptr + bh * F * F + ff, dW)
     tl.store(d_b0_ptr + bh * F + cols[None, :], db)
-    tl.store(d_gamma_ptr + bh * F + cols[None, :], d_gamma)
-    tl.store(d_beta_ptr + bh * F + cols[None, :], d_beta)
+
+
+@triton.jit
+def _scan_backward_inputs(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr, beta_ptr, w_starts_ptr,
+                          b_starts_ptr, d_out_ptr, d_w_afters_ptr, d_b_afters_ptr,
+                          d_q_ptr, d_k_ptr, d_target_ptr, d_eta_qk_ptr, d_e_ptr, d_gamma_ptr, d_beta_ptr,
+                          n, H, eps, K: tl.constexpr, F: tl.constexpr, PRECISION: tl.constexpr):
+    """The gradients of every mini-batch's inputs, one program per (batch, head, mini-batch), all in parallel
+    once _scan_backward_carry has saved the weights' gradient after each mini-batch."""
+    mb = tl.program_id(0).to(tl.int64)
+    h = (mb // n) % H
+    rows, cols = tl.arange(0, K), tl.arange(0, F)
+    kf = rows[:, None] * F + cols[None, :]
+    kk = rows[:, None] * K + rows[None, :]
+    ff = cols[:, None] * F + cols[None, :]
+    gamma = tl.load(gamma_ptr + h * F + cols)[None, :]
+    beta = tl.load(beta_ptr + h * F + cols)[None, :]
+    k = tl.load(k_ptr + mb * K * F + kf)
+    target = tl.load(target_ptr + mb * K * F + kf)
+    e = tl.load(e_ptr + mb * K + rows)[:, None]
+    W = tl.load(w_starts_ptr + mb * F * F + ff)
+    d_out = tl.load(d_out_ptr + mb * K * F + kf)
+    dW = tl.load(d_w_afters_ptr + mb * F * F + ff)
+    x_hat, grad, d_e_grad, d_g, d_z = _mini_batch_backward(
+        tl.load(q_ptr + mb * K * F + kf), k, target, tl.load(eta_qk_ptr + mb * K * K + kk), e, W,
+        tl.load(b_starts_ptr + mb * F + cols)[None, :], d_out, dW, tl.load(d_b_afters_ptr + mb * F + cols)[None, :],
+        gamma, beta, eps, F, PRECISION)
+    tl.store(d_q_ptr + mb * K * F + kf, tl.dot(d_out, tl.trans(W), input_precision=PRECISION))
+    tl.store(d_eta_qk_ptr + mb * K * K + kk, -tl.dot(d_out, tl.trans(grad), input_precision=PRECISION))
+    tl.store(d_e_ptr + mb * K + rows, tl.sum(d_e_grad * grad, 1))
+    d_k = tl.dot(d_z, tl.trans(W), input_precision=PRECISION) - tl.dot(e * grad, tl.trans(dW),
+                                                                        input_precision=PRECISION)
+    tl.store(d_k_ptr + mb * K * F + kf, d_k)
+    tl.store(d_target_ptr + mb * K * F + kf, -d_g * gamma)
+    tl.store(d_gamma_ptr + mb * F + cols, tl.sum(d_g * (2 * gamma * x_hat + beta - target), 0))
+    tl.store(d_beta_ptr + mb * F + cols, tl.sum(d_g * gamma, 0))
+
+
+@torch.compiler.disable  # torch.compile compiles the model around the scan, not into these kernels
+def ttt_linear_scan(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps):
+    """TTTLinearTritonScan.apply; arguments and results as there."""
+    return TTTLinearTritonScan.apply(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps)
 
 
 def _precision() -> str:
@@ -143,7 +183,7 @@ def _precision() -> str:
 
 
 class TTTLinearTritonScan(torch.autograd.Function):
-    """TTTLinearScan of `ttt.py` (same inputs, outputs and saved tensors) as two Triton kernels.
+    """TTTLinearScan of `ttt.py` (same inputs, outputs and saved tensors) in Triton kernels.
 
     Inputs (float32, stacked on dim 2): q, k, target (B, H, n, K, f); eta_qk (B, H, n, K, K); e (B, H, n, K, 1);
     W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta (H, 1, f). Outputs: Z_bar (B, H, n, K, f), the final W, b."""
@@ -158,7 +198,8 @@ class TTTLinearTritonScan(torch.autograd.Function):
         W_starts, b_starts = (q.new_empty(B, H, n, f, f), q.new_empty(B, H, n, 1, f)) if save_starts else (q, q)
         W, b = torch.empty_like(W0), torch.empty_like(b0)
         _scan_forward[(B * H,)](q, k, target, eta_qk, e, W0, b0, gamma, beta, out, W_starts, b_starts, W, b,
-                                n, H, eps, K=K, F=f, PRECISION=_precision(), SAVE_STARTS=save_starts)
+                                n, H, eps, K=K, F=f, PRECISION=_precision(), SAVE_STARTS=save_starts,
+                                num_warps=NUM_WARPS)
         ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts)
         ctx.eps = eps
         return out, W, b
@@ -170,11 +211,17 @@ class TTTLinearTritonScan(torch.autograd.Function):
         d_out = torch.zeros_like(q) if d_out is None else d_out.contiguous()
         d_W = W_starts.new_zeros(B, H, f, f) if d_W is None else d_W.contiguous()
         d_b = b_starts.new_zeros(B, H, 1, f) if d_b is None else d_b.contiguous()
+        d_W_afters, d_b_afters = torch.empty_like(W_starts), torch.empty_like(b_starts)
+        d_W0, d_b0 = torch.empty_like(d_W), torch.empty_like(d_b)
+        _scan_backward_carry[(B * H,)](q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b,
+                                       d_W_afters, d_b_afters, d_W0, d_b0, n, H, ctx.eps, K=K, F=f,
+                                       PRECISION=_precision(), num_warps=NUM_WARPS)
         d_q, d_k, d_target = torch.empty_like(q), torch.empty_like(k), torch.empty_like(target)
         d_eta_qk, d_e = torch.empty_like(eta_qk), torch.empty_like(e)
-        d_W0, d_b0 = torch.empty_like(d_W), torch.empty_like(d_b)
-        d_gamma, d_beta = q.new_empty(B, H, 1, f), q.new_empty(B, H, 1, f)
-        _scan_backward[(B * H,)](q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b,
-                                 d_q, d_k, d_target, d_eta_qk, d_e, d_W0, d_b0, d_gamma, d_beta,
-                                 n, H, ctx.eps, K=K, F=f, PRECISION=_precision())
-        return d_q, d_k, d_target, d_eta_qk, d_e, d_W0, d_b0, d_gamma.sum(0), d_beta.sum(0), None
+        d_gamma, d_beta = q.new_empty(B, H, n, f), q.new_empty(B, H, n, f)
+        _scan_backward_inputs[(B * H * n,)](q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out,
+                                            d_W_afters, d_b_afters, d_q, d_k, d_target, d_eta_qk, d_e, d_gamma,
+                                            d_beta, n, H, ctx.eps, K=K, F=f, PRECISION=_precision(),
+                                            num_warps=NUM_WARPS)
+        d_gamma, d_beta = (d.sum((0, 2)).unsqueeze(1) for d in (d_gamma, d_beta))
+        return d_q, d_k, d_target, d_eta_qk, d_e, d_W0, d_b0, d_gamma, d_beta, None

@@ -41,7 +41,7 @@ WORKLOADS = {
     "c": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (2048, 8192) for m in MODELS],
     "d": [dict(model=m, seq_length=2048, batch_size=1, size="125m") for m in MODELS],
     "e": [dict(model=m, seq_length=t, batch_size=1, size="125m") for t in (8192, 32768)
-          for m in ("ttt-linear-pytorch", "ttt-linear", "transformer")],
+          for m in ("ttt-linear", "transformer")],
     "decode": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (128, 512, 2048)
                for m in MODELS if "-straightforward" not in m],
 }
@@ -61,11 +61,13 @@ def autocast(args):
     return torch.autocast(device(), dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
-def timed(fn, warmup, repeats):
+def timed(fn, warmup, repeats, budget_s=15.0):
+    """Median seconds of `repeats` calls after `warmup` (a GPU needs a few to compile kernels and raise its
+    clocks); slow cases stop early once past `budget_s`, after at least 3 calls."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
         synchronize()
         start = time.perf_counter()
         fn()
@@ -109,8 +111,8 @@ def run_inner_loop(args):
         forward().square().mean().backward()
 
     with torch.no_grad():
-        forward_s = timed(forward, 1, args.repeats)
-    train_s = timed(forward_backward, 1, args.repeats)
+        forward_s = timed(forward, args.warmup, args.repeats)
+    train_s = timed(forward_backward, args.warmup, args.repeats)
     tokens = B * args.seq_length
     return {"forward_tokens_per_sec": tokens / forward_s, "train_tokens_per_sec": tokens / train_s}
 
@@ -127,7 +129,7 @@ def run_train_step(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    tokens_per_sec = args.batch_size * args.seq_length / timed(step, 1, args.repeats)
+    tokens_per_sec = args.batch_size * args.seq_length / timed(step, args.warmup, args.repeats)
     result = {"train_tokens_per_sec": tokens_per_sec}
     if gpu_peak_tflops():
         num_params = sum(p.numel() for p in model.parameters())
@@ -178,7 +180,8 @@ def machine() -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(WORKLOADS), help="workloads to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--repeats", type=int, help="timed repetitions, median reported (default: 10 on a GPU, 3)")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (default: 3 on a GPU, 1)")
     parser.add_argument("--run", choices=list(WORKLOADS), help=argparse.SUPPRESS)  # one measurement, in a child
     parser.add_argument("--model", choices=MODELS, default="ttt-linear")
     parser.add_argument("--size", default="tiny")
@@ -187,7 +190,10 @@ def main():
     parser.add_argument("--precision", choices=["fp32", "bf16"],
                         help="float32, or bf16 autocast with TF32 (default: bf16 on a GPU, fp32 on the CPU)")
     args = parser.parse_args()
-    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    gpu = torch.cuda.is_available()
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    args.repeats = args.repeats or (10 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     if args.run:
         return measure(args)
 
@@ -200,7 +206,7 @@ def main():
         for case in WORKLOADS[workload]:
             if case["model"] == "ttt-linear-pytorch" and not torch.cuda.is_available():
                 continue  # the same path as "ttt-linear" without a GPU
-            command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats),
+            command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                        "--model", case["model"], "--size", case.get("size", "tiny"), "--precision", args.precision,
                        "--seq_length", str(case["seq_length"]), "--batch_size", str(case["batch_size"])]
             done = subprocess.run(command, capture_output=True, text=True)
