@@ -206,8 +206,9 @@ def main():
         for case in WORKLOADS[workload]:
             if case["model"] == "ttt-linear-pytorch" and not torch.cuda.is_available():
                 continue  # the same path as "ttt-linear" without a GPU
-            command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-                       "--model", case["model"], "--size", case.get("size", "tiny"), "--precision", args.precision,
+            command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats),
+                       "--warmup", str(args.warmup), "--precision", args.precision,
+                       "--model", case["model"], "--size", case.get("size", "tiny"),
                        "--seq_length", str(case["seq_length"]), "--batch_size", str(case["batch_size"])]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:

@@ -233,6 +233,29 @@ def test_generate_decodes_through_the_cache(tmp_path, monkeypatch):
     assert lengths == [19, 1, 1, 1]
 
 
+def straightforward_then_recomputing(monkeypatch, run):
+    """[run() with the straightforward scan, run() with the recomputing scans]."""
+    results = []
+    for recomputing in (False, True):
+        monkeypatch.setattr(TTTBase, "recomputing_scan", recomputing)
+        results.append(run())
+    return results
+
+
+def logits_and_gradients(model, ids):
+    model.zero_grad()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@torch.no_grad()
+def chunked_prefill_logits(model, ids, bounds):
+    """Logits of ids read through one TTTCache in the chunks ids[:, a:b] for (a, b) in bounds."""
+    cache = TTTCache(model.config.num_hidden_layers)
+    return torch.cat([model(ids[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in bounds], 1)
+
+
 @pytest.mark.parametrize("length", [37, 48, 100])
 @pytest.mark.parametrize("variant", VARIANTS, ids=["linear", "mlp", "linear-mamba", "mlp-mamba"])
 def test_recomputing_scan_equals_the_straightforward_loop(monkeypatch, length, variant):
@@ -241,14 +264,8 @@ def test_recomputing_scan_equals_the_straightforward_loop(monkeypatch, length, v
         for layer in model.model.layers:
             layer.seq_modeling_block.learnable_token_idx.normal_(0, 0.01)
     ids = torch.randint(0, 97, (2, length))
-    results = []
-    for fast in (False, True):
-        monkeypatch.setattr(TTTBase, "recomputing_scan", fast)
-        model.zero_grad()
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
-    (slow_logits, slow_grads), (fast_logits, fast_grads) = results
+    (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
+        monkeypatch, lambda: logits_and_gradients(model, ids))
     assert (slow_logits - fast_logits).abs().max() < 1e-5
     # float32 sums over many mini-batches in another order: within 1e-5 of each gradient's largest entry, plus 1e-7
     assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(slow_grads, fast_grads))
@@ -268,14 +285,8 @@ def test_fast_linear_scan_gradcheck():
 def test_recomputing_scan_through_the_cache_matches_the_straightforward_loop(monkeypatch, layer_type):
     model = small_model(ttt_layer_type=layer_type, pre_conv=True, share_qk=True).eval()
     ids = torch.randint(0, 97, (2, 45))
-    logits = []
-    for fast in (False, True):
-        monkeypatch.setattr(TTTBase, "recomputing_scan", fast)
-        cache = TTTCache(2)
-        with torch.no_grad():
-            chunks = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
-                      for a, b in [(0, 5), (5, 30), (30, 31), (31, 45)]]
-        logits.append(torch.cat(chunks, 1))
+    logits = straightforward_then_recomputing(
+        monkeypatch, lambda: chunked_prefill_logits(model, ids, [(0, 5), (5, 30), (30, 31), (31, 45)]))
     assert (logits[0] - logits[1]).abs().max() < 1e-5
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import ttt
-from ttt import TTT_NORM_EPS, TTTBase, TTTCache, TTTConfig, TTTForCausalLM, TTTLinear, TTTLinearScan
+from test_model import chunked_prefill_logits, logits_and_gradients, straightforward_then_recomputing
+from ttt import TTT_NORM_EPS, TTTConfig, TTTForCausalLM, TTTLinear, TTTLinearScan
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (optional; .ci/run installs it)")
@@ -86,15 +87,9 @@ def linear_model(**overrides):
 def test_model_with_the_triton_scan_equals_the_straightforward_loop(kernels, monkeypatch, length, overrides):
     model = linear_model(**overrides)
     ids = torch.randint(0, 97, (2, length), device=DEVICE)
-    results = []
-    for fast in (False, True):
-        monkeypatch.setattr(TTTBase, "recomputing_scan", fast)
-        model.zero_grad()
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
+        monkeypatch, lambda: logits_and_gradients(model, ids))
     assert len(kernels.calls) == 2  # one scan per layer, in the fast pass only
-    (slow_logits, slow_grads), (fast_logits, fast_grads) = results
     assert (slow_logits - fast_logits).abs().max() < 1e-5
     # float32 sums in another order; tau's gradient (learnable_token_idx), a sum over every mini-batch with
     # cancellation, differs by about 1.5e-5 of its largest entry here, the PyTorch recomputing scan's too
@@ -104,14 +99,8 @@ def test_model_with_the_triton_scan_equals_the_straightforward_loop(kernels, mon
 def test_triton_scan_through_the_cache_matches_the_straightforward_loop(kernels, monkeypatch):
     model = linear_model(pre_conv=True, share_qk=True).eval()
     ids = torch.randint(0, 97, (2, 70), device=DEVICE)
-    logits = []
-    for fast in (False, True):
-        monkeypatch.setattr(TTTBase, "recomputing_scan", fast)
-        cache = TTTCache(2)
-        with torch.no_grad():
-            chunks = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
-                      for a, b in [(0, 5), (5, 50), (50, 51), (51, 70)]]
-        logits.append(torch.cat(chunks, 1))
+    logits = straightforward_then_recomputing(
+        monkeypatch, lambda: chunked_prefill_logits(model, ids, [(0, 5), (5, 50), (50, 51), (51, 70)]))
     assert kernels.calls  # the 5..50 chunk holds full mini-batches
     assert (logits[0] - logits[1]).abs().max() < 1e-5
 
