@@ -3,6 +3,7 @@ speed issue. Each measurement runs in its own process so that its peak memory is
 
     python bench/speed.py                      # every workload, a markdown table on stdout
     python bench/speed.py --only b c           # some workloads
+    python bench/speed.py --only d e --compile # training steps under torch.compile, as the GPU trainer runs
     python bench/speed.py --run b --model ttt-linear --seq_length 512 --batch_size 4   # one measurement, JSON
 
 Workloads: (a) the TTT inner loop alone (the scan over mini-batches, 12 heads of 64, B=4, T=2048), forward
@@ -120,6 +121,8 @@ def run_inner_loop(args):
 def run_train_step(args):
     model = build_model(args.model, args.size).to(device()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if args.compile:
+        model = torch.compile(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_length), device=device())
 
     def step():
@@ -187,6 +190,8 @@ def main():
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--seq_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for the training-step workloads, as train_gpu_optimized.py does")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
                         help="float32, or bf16 autocast with TF32 (default: bf16 on a GPU, fp32 on the CPU)")
     args = parser.parse_args()
@@ -197,7 +202,7 @@ def main():
     if args.run:
         return measure(args)
 
-    print(f"machine: {machine()}, precision {args.precision}\n")
+    print(f"machine: {machine()}, precision {args.precision}{', torch.compile' if args.compile else ''}\n")
     print("| workload | model | size | T x B | tokens/s | x straightforward | MFU | peak memory (MB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     default = [w for w in WORKLOADS if w != "e" or torch.cuda.is_available()]
@@ -207,7 +212,7 @@ def main():
             if case["model"] == "ttt-linear-pytorch" and not torch.cuda.is_available():
                 continue  # the same path as "ttt-linear" without a GPU
             command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats),
-                       "--warmup", str(args.warmup), "--precision", args.precision,
+                       "--warmup", str(args.warmup), "--precision", args.precision, *(["--compile"] * args.compile),
                        "--model", case["model"], "--size", case.get("size", "tiny"),
                        "--seq_length", str(case["seq_length"]), "--batch_size", str(case["batch_size"])]
             done = subprocess.run(command, capture_output=True, text=True)
