@@ -205,6 +205,7 @@ class TTTLinearTritonScan(torch.autograd.Function):
         return out, W, b
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative through the kernels raises, not drops
     def backward(ctx, d_out, d_W, d_b):
         q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts = ctx.saved_tensors
         B, H, n, K, f = q.shape
