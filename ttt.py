@@ -419,10 +419,14 @@ class TTTBase(nn.Module):
     # False (or a scan_checkpoint_group_size): the straightforward autograd loop, kept for tests.
     recomputing_scan = True
 
+    def recomputes(self) -> bool:
+        """Whether scan() may take a recomputing scan: the statistics and scan_checkpoint_group_size need the
+        straightforward loop."""
+        return self.recomputing_scan and not self.config.scan_checkpoint_group_size and self.statistics is None
+
     def scan(self, state: InnerState, stacked: MiniBatch):
         """Runs mini_batch_step over n full mini-batches stacked on dim 2; outputs (B, H, n*K, f)."""
-        if (self.recomputing_scan and not self.config.scan_checkpoint_group_size and self.statistics is None
-                and torch.is_grad_enabled()):
+        if self.recomputes() and torch.is_grad_enabled():
             out, *params = RecomputedScan.apply(self, len(state.params), *stacked[:7], *state.params,
                                                 self.ttt_norm_weight, self.ttt_norm_bias)
             return out.flatten(2, 3), InnerState(tuple(params), None)
@@ -536,21 +540,24 @@ class TTTLinearScan(torch.autograd.Function):
 
     Inputs (stacked on dim 2): q, k, target (B, H, n, K, f); eta_qk (B, H, n, K, K); e (B, H, n, K, 1), the last
     row of eta (c_{K-1} lr_j), which moves the weights; W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta (H, 1, f).
-    Outputs: Z_bar (B, H, n, K, f) and the final W, b."""
+    Outputs: Z_bar (B, H, n, K, f) and the final W, b. keep_starts=False (no backward will run) skips saving the
+    weights at each mini-batch start."""
 
     @staticmethod
-    def forward(ctx, q, k, target, eta_qk, e, W0, b0, gamma, beta):
+    def forward(ctx, q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts=True):
         W, b = W0, b0
         W_starts, b_starts, outputs = [], [], []
         for q_i, k_i, t_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta_qk, e))):
             grad = ln_reconstruction_grad(k_i @ W + b, t_i, gamma, beta)
             outputs.append(q_i @ W + b - p_i @ grad)
-            W_starts.append(W)
-            b_starts.append(b)
+            if keep_starts:
+                W_starts.append(W)
+                b_starts.append(b)
             e_grad = e_i * grad
             W, b = W - k_i.transpose(-1, -2) @ e_grad, b - e_grad.sum(-2, keepdim=True)
-        W_starts, b_starts = torch.stack(W_starts, 2), torch.stack(b_starts, 2)
-        ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts)
+        if keep_starts:
+            ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, torch.stack(W_starts, 2),
+                                  torch.stack(b_starts, 2))
         return torch.stack(outputs, 2), W, b
 
     @staticmethod
@@ -585,7 +592,7 @@ class TTTLinearScan(torch.autograd.Function):
         d_target = -d_g * gamma_
         d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
         d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
-        return d_q, d_k, d_target, d_eta_qk, d_e, d_W, d_b, d_gamma, d_beta
+        return d_q, d_k, d_target, d_eta_qk, d_e, d_W, d_b, d_gamma, d_beta, None
 
 
 class TTTLinear(TTTBase):
@@ -604,17 +611,19 @@ class TTTLinear(TTTBase):
     triton_scan = True
 
     def scan(self, state, stacked):
-        if not self.recomputing_scan or self.config.scan_checkpoint_group_size or self.statistics is not None:
+        if not self.recomputes():
             return self.straightforward_scan(state, stacked)
         gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
         e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights
         with torch.autocast(stacked.q.device.type, enabled=False):  # the inner state stays float32
             inputs = [t.float() for t in (stacked.q, stacked.k, stacked.target, stacked.eta_qk, e, *state.params,
                                           gamma, beta)]
+            # only a backward reads the weights at each mini-batch start (needs_input_grad ignores no_grad)
+            keep_starts = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
             if self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(stacked.q):
-                out, W1, b1 = ttt_kernels.ttt_linear_scan(*inputs, TTT_NORM_EPS)
+                out, W1, b1 = ttt_kernels.ttt_linear_scan(*inputs, TTT_NORM_EPS, keep_starts)
             else:
-                out, W1, b1 = TTTLinearScan.apply(*inputs)
+                out, W1, b1 = TTTLinearScan.apply(*inputs, keep_starts)
         dtype = state.params[0].dtype
         return out.flatten(2, 3).to(stacked.q.dtype), InnerState((W1.to(dtype), b1.to(dtype)), None)
 
@@ -878,7 +887,6 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                         hidden_states=outputs.hidden_states)
         return output if return_dict is not False else output.to_tuple()
-
 
     @torch.no_grad()
     def ttt_statistics(self, input_ids) -> list:

@@ -61,7 +61,7 @@ def _ln_reconstruction(z, target, gamma, beta, eps, F: tl.constexpr):
 @triton.jit
 def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, gamma_ptr, beta_ptr,
                   out_ptr, w_starts_ptr, b_starts_ptr, w_last_ptr, b_last_ptr, n, H, eps,
-                  K: tl.constexpr, F: tl.constexpr, PRECISION: tl.constexpr, SAVE_STARTS: tl.constexpr):
+                  K: tl.constexpr, F: tl.constexpr, PRECISION: tl.constexpr, KEEP_STARTS: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     rows, cols, kf, kk, ff = _tile_offsets(K, F)
     gamma, beta = tl.load(gamma_ptr + (bh % H) * F + cols)[None, :], tl.load(beta_ptr + (bh % H) * F + cols)[None, :]
@@ -74,7 +74,7 @@ def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, g
         target = tl.load(target_ptr + mb * K * F + kf)
         eta_qk = tl.load(eta_qk_ptr + mb * K * K + kk)
         e = tl.load(e_ptr + mb * K + rows)[:, None]
-        if SAVE_STARTS:  # for the backward
+        if KEEP_STARTS:  # for the backward
             tl.store(w_starts_ptr + mb * F * F + ff, W)
             tl.store(b_starts_ptr + mb * F + cols[None, :], b)
 
@@ -173,9 +173,9 @@ def _scan_backward_inputs(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr
 
 
 @torch.compiler.disable  # torch.compile compiles the model around the scan, not into these kernels
-def ttt_linear_scan(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps):
+def ttt_linear_scan(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts=True):
     """TTTLinearTritonScan.apply; arguments and results as there."""
-    return TTTLinearTritonScan.apply(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps)
+    return TTTLinearTritonScan.apply(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts)
 
 
 def _precision() -> str:
@@ -186,19 +186,19 @@ class TTTLinearTritonScan(torch.autograd.Function):
     """TTTLinearScan of `ttt.py` (same inputs, outputs and saved tensors) in Triton kernels.
 
     Inputs (float32, stacked on dim 2): q, k, target (B, H, n, K, f); eta_qk (B, H, n, K, K); e (B, H, n, K, 1);
-    W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta (H, 1, f). Outputs: Z_bar (B, H, n, K, f), the final W, b."""
+    W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta (H, 1, f); the LayerNorm eps. Outputs: Z_bar (B, H, n, K, f),
+    the final W, b. keep_starts=False (no backward will run) skips saving the weights at each mini-batch start."""
 
     @staticmethod
-    def forward(ctx, q, k, target, eta_qk, e, W0, b0, gamma, beta, eps):
+    def forward(ctx, q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts=True):
         q, k, target, eta_qk, e, W0, b0, gamma, beta = (
             t.contiguous() for t in (q, k, target, eta_qk, e, W0, b0, gamma, beta))
         B, H, n, K, f = q.shape
         out = torch.empty_like(q)
-        save_starts = any(ctx.needs_input_grad)
-        W_starts, b_starts = (q.new_empty(B, H, n, f, f), q.new_empty(B, H, n, 1, f)) if save_starts else (q, q)
+        W_starts, b_starts = (q.new_empty(B, H, n, f, f), q.new_empty(B, H, n, 1, f)) if keep_starts else (q, q)
         W, b = torch.empty_like(W0), torch.empty_like(b0)
         _scan_forward[(B * H,)](q, k, target, eta_qk, e, W0, b0, gamma, beta, out, W_starts, b_starts, W, b,
-                                n, H, eps, K=K, F=f, PRECISION=_precision(), SAVE_STARTS=save_starts,
+                                n, H, eps, K=K, F=f, PRECISION=_precision(), KEEP_STARTS=keep_starts,
                                 num_warps=NUM_WARPS)
         ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts)
         ctx.eps = eps
@@ -225,4 +225,4 @@ class TTTLinearTritonScan(torch.autograd.Function):
                                             d_beta, n, H, ctx.eps, K=K, F=f, PRECISION=_precision(),
                                             num_warps=NUM_WARPS)
         d_gamma, d_beta = (d.sum((0, 2)).unsqueeze(1) for d in (d_gamma, d_beta))
-        return d_q, d_k, d_target, d_eta_qk, d_e, d_W0, d_b0, d_gamma, d_beta, None
+        return d_q, d_k, d_target, d_eta_qk, d_e, d_W0, d_b0, d_gamma, d_beta, None, None
