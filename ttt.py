@@ -239,6 +239,13 @@ def gelu_tanh_grad(x):
     return 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
 
 
+def gelu_tanh_second_derivative(x):
+    """With t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3): (1 - t^2) (u' - x t u'^2 + 3 sqrt(2/pi) 0.044715 x^2)."""
+    du = 0.79788456 + 0.1070322243 * x * x
+    tanh_out = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+    return (1 - tanh_out * tanh_out) * (du - x * tanh_out * du * du + 0.1070322243 * x * x)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Mini-batch TTT
 
@@ -414,8 +421,8 @@ class TTTBase(nn.Module):
             out = out * F.gelu(self.g_proj(x), approximate="tanh")
         return self.o_proj(out)
 
-    # The scan keeps only the inner weights at each mini-batch start and recomputes the rest in the backward
-    # (TTTLinearScan for TTT-Linear: faster and leaner; RecomputedScan otherwise: about half the memory, slower).
+    # The scan keeps only the inner weights at each mini-batch start and recomputes the rest in a hand-written
+    # backward (TTTLinearScan or the Triton kernels, TTTMLPScan), in float32 under any autocast setting.
     # False (or a scan_checkpoint_group_size): the straightforward autograd loop, kept for tests.
     recomputing_scan = True
 
@@ -426,11 +433,18 @@ class TTTBase(nn.Module):
 
     def scan(self, state: InnerState, stacked: MiniBatch):
         """Runs mini_batch_step over n full mini-batches stacked on dim 2; outputs (B, H, n*K, f)."""
-        if self.recomputes() and torch.is_grad_enabled():
-            out, *params = RecomputedScan.apply(self, len(state.params), *stacked[:7], *state.params,
-                                                self.ttt_norm_weight, self.ttt_norm_bias)
-            return out.flatten(2, 3), InnerState(tuple(params), None)
-        return self.straightforward_scan(state, stacked)
+        if not self.recomputes():
+            return self.straightforward_scan(state, stacked)
+        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
+        e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights
+        with torch.autocast(stacked.q.device.type, enabled=False):  # the inner state stays float32
+            inputs = [t.float() for t in (stacked.q, stacked.k, stacked.target, stacked.eta, stacked.eta_qk, e,
+                                          *state.params, gamma, beta)]
+            # only a backward reads the weights at each mini-batch start (needs_input_grad ignores no_grad)
+            keep_starts = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+            out, *params = self.recomputing_scan_of(*inputs, keep_starts=keep_starts)
+        dtype = state.params[0].dtype
+        return out.flatten(2, 3).to(stacked.q.dtype), InnerState(tuple(p.to(dtype) for p in params), None)
 
     def straightforward_scan(self, state: InnerState, stacked: MiniBatch):
         n = stacked.q.shape[2]
@@ -470,66 +484,6 @@ class TTTBase(nn.Module):
             out, state = self.mini_batch_step(state, mb)
             outs.append(out)
         return state.params, outs
-
-
-class RecomputedScan(torch.autograd.Function):
-    """The scan over n full mini-batches for any inner model, keeping only the inner weights at the start of every
-    mini-batch: the forward runs without an autograd graph, the backward re-runs one mini-batch at a time under
-    autograd, from its saved starting weights, walking backwards and carrying the weights' gradient. Memory grows
-    with n only through those weights, not through every mini-batch's activations.
-
-    apply(layer, number of inner params, q, k, target, lr, c, eta, eta_qk, *params, ttt_norm_weight,
-    ttt_norm_bias) -> (Z_bar (B, H, n, K, f), *final params); the stacked fields as in MiniBatch."""
-
-    @staticmethod
-    def forward(ctx, layer, num_params, q, k, target, lr, c, eta, eta_qk, *rest):
-        params = rest[:num_params]
-        state, starts, outputs = InnerState(params, None), [], []
-        for fields in zip(*(t.unbind(2) for t in (q, k, target, lr, eta, eta_qk))):
-            starts.append(state.params)
-            out, state = layer.mini_batch_step(state, mini_batch_of(fields, c))
-            outputs.append(out)
-        ctx.layer, ctx.num_params = layer, num_params
-        device = q.device.type  # the backward re-runs the forward under the forward's autocast setting
-        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
-                            enabled=torch.is_autocast_enabled(device))
-        ctx.save_for_backward(q, k, target, lr, c, eta, eta_qk, *rest[num_params:],
-                              *(torch.stack(p, 2) for p in zip(*starts)))
-        return (torch.stack(outputs, 2), *state.params)
-
-    @staticmethod
-    def backward(ctx, d_out, *d_params):
-        q, k, target, lr, c, eta, eta_qk, norm_weight, norm_bias, *starts = ctx.saved_tensors
-        n = q.shape[2]
-        d_params = [torch.zeros_like(s[:, :, 0]) if d is None else d for d, s in zip(d_params, starts)]
-        d_fields = [[None] * n for _ in range(6)]
-        d_c, d_norm_weight, d_norm_bias = torch.zeros_like(c), torch.zeros_like(norm_weight), torch.zeros_like(
-            norm_bias)
-        layer = ctx.layer
-        for i in reversed(range(n)):
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                fields = [t[:, :, i].detach().requires_grad_() for t in (q, k, target, lr, eta, eta_qk)]
-                c_i = c.detach().requires_grad_()
-                params = [s[:, :, i].detach().requires_grad_() for s in starts]
-                out, state = layer.mini_batch_step(InnerState(tuple(params), None), mini_batch_of(fields, c_i))
-                grads = torch.autograd.grad(
-                    (out, *state.params), (*fields, c_i, *params, layer.ttt_norm_weight, layer.ttt_norm_bias),
-                    (d_out[:, :, i] if d_out is not None else torch.zeros_like(out), *d_params), allow_unused=True)
-            grads = [torch.zeros_like(x) if g is None else g
-                     for g, x in zip(grads, (*fields, c_i, *params, norm_weight, norm_bias))]
-            for j in range(6):
-                d_fields[j][i] = grads[j]
-            d_c += grads[6]
-            d_params = grads[7:7 + ctx.num_params]
-            d_norm_weight += grads[-2]
-            d_norm_bias += grads[-1]
-        d_q, d_k, d_target, d_lr, d_eta, d_eta_qk = (torch.stack(d, 2) for d in d_fields)
-        return (None, None, d_q, d_k, d_target, d_lr, d_c, d_eta, d_eta_qk, *d_params, d_norm_weight, d_norm_bias)
-
-
-def mini_batch_of(fields, c):
-    q, k, target, lr, eta, eta_qk = fields
-    return MiniBatch(q, k, target, lr, c, eta, eta_qk, True)
 
 
 class TTTLinearScan(torch.autograd.Function):
@@ -610,22 +564,11 @@ class TTTLinear(TTTBase):
     # Whether the scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps TTTLinearScan.
     triton_scan = True
 
-    def scan(self, state, stacked):
-        if not self.recomputes():
-            return self.straightforward_scan(state, stacked)
-        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
-        e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights
-        with torch.autocast(stacked.q.device.type, enabled=False):  # the inner state stays float32
-            inputs = [t.float() for t in (stacked.q, stacked.k, stacked.target, stacked.eta_qk, e, *state.params,
-                                          gamma, beta)]
-            # only a backward reads the weights at each mini-batch start (needs_input_grad ignores no_grad)
-            keep_starts = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-            if self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(stacked.q):
-                out, W1, b1 = ttt_kernels.ttt_linear_scan(*inputs, TTT_NORM_EPS, keep_starts)
-            else:
-                out, W1, b1 = TTTLinearScan.apply(*inputs, keep_starts)
-        dtype = state.params[0].dtype
-        return out.flatten(2, 3).to(stacked.q.dtype), InnerState((W1.to(dtype), b1.to(dtype)), None)
+    def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, keep_starts):
+        if self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q):
+            return ttt_kernels.ttt_linear_scan(q, k, target, eta_qk, e, W1, b1, gamma, beta, TTT_NORM_EPS,
+                                               keep_starts)
+        return TTTLinearScan.apply(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts)
 
     def inner_forward(self, params, x):
         W1, b1 = params
@@ -645,6 +588,123 @@ class TTTLinear(TTTBase):
         return z_bar, state.advance(grad_sums, mb)
 
 
+class TTTMLPScan(torch.autograd.Function):
+    """The TTT-MLP scan over n full mini-batches with a hand-written backward, as TTTLinearScan: the forward keeps
+    only the inner weights at every mini-batch start (n x (8 f^2 + 5 f) per head); the backward recomputes every
+    mini-batch's forward quantities and the gradients that do not depend on later mini-batches in one batched
+    pass, walks the mini-batches backwards carrying the inner weights' gradient, then finishes the input gradients
+    in one batched pass. Float32 whatever the autocast setting.
+
+    Inputs (stacked on dim 2): q, k, target (B, H, n, K, f); eta, eta_qk (B, H, n, K, K); e (B, H, n, K, 1), the
+    last row of eta; W1 (B, H, f, 4f), b1 (B, H, 1, 4f), W2 (B, H, 4f, f), b2 (B, H, 1, f); gamma, beta (H, 1, f).
+    Outputs: Z_bar (B, H, n, K, f) and the final W1, b1, W2, b2."""
+
+    # mini-batches whose forward quantities the backward recomputes at once: fewer, larger operations, with memory
+    # bounded by the span rather than by n
+    backward_span = 16
+
+    @staticmethod
+    def forward(ctx, q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts=True):
+        params, starts, outputs = (W1, b1, W2, b2), [], []
+        for q_i, k_i, t_i, eta_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta, eta_qk, e))):
+            W1, b1, W2, b2 = params
+            z1 = k_i @ W1 + b1
+            x2 = F.gelu(z1, approximate="tanh")
+            grad_z2 = ln_reconstruction_grad(x2 @ W2 + b2, t_i, gamma, beta)
+            grad_z1 = (grad_z2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
+            x2_bar = F.gelu(q_i @ W1 + b1 - p_i @ grad_z1, approximate="tanh")
+            outputs.append(x2_bar @ W2 + b2 - (eta_i * (x2_bar @ x2.transpose(-1, -2) + 1)) @ grad_z2)
+            if keep_starts:
+                starts.append(params)
+            e_grad_z1, e_grad_z2 = e_i * grad_z1, e_i * grad_z2
+            params = (W1 - k_i.transpose(-1, -2) @ e_grad_z1, b1 - e_grad_z1.sum(-2, keepdim=True),
+                      W2 - x2.transpose(-1, -2) @ e_grad_z2, b2 - e_grad_z2.sum(-2, keepdim=True))
+        if keep_starts:  # stacked per backward span, so that the backward reads each span's weights contiguously
+            ctx.span = span = TTTMLPScan.backward_span
+            ctx.save_for_backward(q, k, target, eta, eta_qk, e, gamma, beta, *(
+                torch.stack(p, 2) for i in range(0, len(starts), span) for p in zip(*starts[i:i + span])))
+        return (torch.stack(outputs, 2), *params)
+
+    @staticmethod
+    def backward(ctx, d_out, *d_params):
+        q, k, target, eta, eta_qk, e, gamma, beta, *starts = ctx.saved_tensors
+        d_out = torch.zeros_like(q) if d_out is None else d_out
+        d_params = [torch.zeros_like(s[:, :, 0]) if d is None else d for d, s in zip(d_params, starts)]
+        d_inputs, d_gamma, d_beta = [], 0, 0
+        for span_start in reversed(range(0, q.shape[2], ctx.span)):
+            span = slice(span_start, span_start + ctx.span)
+            span_starts = starts[4 * (span_start // ctx.span):][:4]
+            d_span, d_params, (d_gamma_span, d_beta_span) = TTTMLPScan.backward_through(
+                *(t[:, :, span] for t in (q, k, target, eta, eta_qk, e)), *span_starts, d_out[:, :, span],
+                gamma, beta, d_params)
+            d_inputs.append(d_span)
+            d_gamma, d_beta = d_gamma + d_gamma_span, d_beta + d_beta_span
+        d_inputs = [torch.cat(d[::-1], 2) for d in zip(*d_inputs)]
+        return (*d_inputs, *d_params, d_gamma, d_beta, None)
+
+    @staticmethod
+    def backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, gamma, beta, d_params):
+        """The backward over m consecutive mini-batches (inputs stacked on dim 2, W1 etc. the saved starting
+        weights (B, H, m, ., .)), given the gradient of the weights after the last: the gradients of q, k,
+        target, eta, eta_qk and e, of the weights before the first, and of gamma and beta."""
+        T = lambda t: t.transpose(-1, -2)  # noqa: E731
+        # the forward quantities of every mini-batch at once
+        gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
+        z1 = k @ W1 + b1
+        x2 = F.gelu(z1, approximate="tanh")
+        x_hat, std, g, grad_z2 = ln_reconstruction_parts(x2 @ W2 + b2, target, gamma_, beta_)
+        gelu_z1 = gelu_tanh_grad(z1)
+        back_z2 = grad_z2 @ T(W2)
+        grad_z1 = back_z2 * gelu_z1
+        z1_bar = q @ W1 + b1 - eta_qk @ grad_z1
+        x2_bar = F.gelu(z1_bar, approximate="tanh")
+        mix = x2_bar @ T(x2) + 1  # Z_bar = x2_bar W2 + b2 - (eta * mix) G2
+        e_grad_z1, e_grad_z2 = e * grad_z1, e * grad_z2
+
+        # the output's own gradients, which do not depend on later mini-batches
+        d_eta_mix = -(d_out @ T(grad_z2))
+        d_mix = d_eta_mix * eta
+        d_z1_bar = (d_out @ T(W2) + d_mix @ x2) * gelu_tanh_grad(z1_bar)
+        out_d_grad_z1 = -T(eta_qk) @ d_z1_bar
+        out_d_grad_z2 = -T(eta * mix) @ d_out
+        out_d_x2 = T(d_mix) @ x2_bar
+        curvature_z1 = back_z2 * gelu_tanh_second_derivative(z1)
+
+        # backwards through the updates theta_after = theta - (k or x2)^T (e G), carrying d theta_after
+        m = q.shape[2]
+        d_e_grads_z1, d_e_grads_z2, d_zs1, d_zs2, d_gs, d_ks = ([None] * m for _ in range(6))
+        for i in reversed(range(m)):
+            d_W1, d_b1, d_W2, d_b2 = d_params
+            d_e_grads_z1[i] = d_e_grad_z1 = -(k[:, :, i] @ d_W1 + d_b1)
+            d_e_grads_z2[i] = d_e_grad_z2 = -(x2[:, :, i] @ d_W2 + d_b2)
+            d_grad_z1 = out_d_grad_z1[:, :, i] + e[:, :, i] * d_e_grad_z1
+            d_back_z2 = d_grad_z1 * gelu_z1[:, :, i]
+            d_grad_z2 = out_d_grad_z2[:, :, i] + e[:, :, i] * d_e_grad_z2 + d_back_z2 @ W2[:, :, i]
+            d_zs2[i], d_gs[i] = d_z2, _ = ln_reconstruction_grad_vjp(
+                d_grad_z2, x_hat[:, :, i], std[:, :, i], g[:, :, i], grad_z2[:, :, i], gamma)
+            d_x2 = out_d_x2[:, :, i] - e_grad_z2[:, :, i] @ T(d_W2) + d_z2 @ T(W2[:, :, i])
+            d_zs1[i] = d_z1 = d_grad_z1 * curvature_z1[:, :, i] + d_x2 * gelu_z1[:, :, i]
+            d_ks[i] = e_grad_z1[:, :, i] @ T(d_W1)
+            # one product per weight over the rows of its three uses (W1: z1_bar, z1; W2: Z_bar, back_z2, z2)
+            d_params = (d_W1 + T(torch.cat([q[:, :, i], k[:, :, i]], -2)) @ torch.cat([d_z1_bar[:, :, i], d_z1], -2),
+                        d_b1 + (d_z1_bar[:, :, i] + d_z1).sum(-2, keepdim=True),
+                        d_W2 + T(torch.cat([x2_bar[:, :, i], d_back_z2, x2[:, :, i]], -2))
+                        @ torch.cat([d_out[:, :, i], grad_z2[:, :, i], d_z2], -2),
+                        d_b2 + (d_out[:, :, i] + d_z2).sum(-2, keepdim=True))
+        d_e_grad_z1, d_e_grad_z2, d_z1, d_z2, d_g, d_k_update = (
+            torch.stack(d, 2) for d in (d_e_grads_z1, d_e_grads_z2, d_zs1, d_zs2, d_gs, d_ks))
+
+        d_q = d_z1_bar @ T(W1)
+        d_k = d_z1 @ T(W1) - d_k_update
+        d_e = (d_e_grad_z1 * grad_z1).sum(-1, keepdim=True) + (d_e_grad_z2 * grad_z2).sum(-1, keepdim=True)
+        d_target = -d_g * gamma_
+        d_eta = d_eta_mix * mix
+        d_eta_qk = -d_z1_bar @ T(grad_z1)
+        d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
+        d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
+        return (d_q, d_k, d_target, d_eta, d_eta_qk, d_e), d_params, (d_gamma, d_beta)
+
+
 class TTTMLP(TTTBase):
     """Inner model f(x) = GELU(x W1 + b1) W2 + b2 with hidden width 4f, per head."""
 
@@ -658,6 +718,9 @@ class TTTMLP(TTTBase):
 
     def initial_params(self):
         return (self.W1, self.b1, self.W2, self.b2)
+
+    def recomputing_scan_of(self, *inputs, keep_starts):
+        return TTTMLPScan.apply(*inputs, keep_starts)
 
     def inner_forward(self, params, x):
         W1, b1, W2, b2 = params

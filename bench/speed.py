@@ -6,7 +6,7 @@ speed issue. Each measurement runs in its own process so that its peak memory is
     python bench/speed.py --only d e --compile # training steps under torch.compile, as the GPU trainer runs
     python bench/speed.py --run b --model ttt-linear --seq_length 512 --batch_size 4   # one measurement, JSON
 
-Workloads: (a) the TTT inner loop alone (the scan over mini-batches, 12 heads of 64, B=4, T=2048), forward
+Workloads: (a) the TTT inner loop alone (the scan over mini-batches of one layer, 12 heads of 64, B=4, T=2048), forward
 and forward+backward; (b) a training step (forward, backward, AdamW) of the tiny model, T=512, B=4;
 (c) the tiny model at T=2048 and 8192, B=1; (d) the 125m size at T=2048, B=1; (e) the 125m size at T=8192
 and 32768, B=1 (run by default only on a GPU); (decode) tokens/s of cached greedy decoding after a prompt of 128
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ttt import InnerState, TTTBase, TTTConfig, TTTForCausalLM, TTTLinear  # noqa: E402
+from ttt import TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM, TTTLinear  # noqa: E402
 from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token  # noqa: E402
 from ttt_train.models import transformer_config  # noqa: E402
 
@@ -35,9 +35,8 @@ from ttt_train.models import transformer_config  # noqa: E402
 # TTT-Linear's recomputing scan in PyTorch even where the Triton kernels run ("ttt-linear" uses them on a GPU)
 MODELS = ("ttt-linear-straightforward", "ttt-linear-pytorch", "ttt-linear", "ttt-mlp-straightforward", "ttt-mlp",
           "transformer")
-LINEAR = ("ttt-linear-straightforward", "ttt-linear-pytorch", "ttt-linear")
 WORKLOADS = {
-    "a": [dict(model=m, seq_length=2048, batch_size=4) for m in LINEAR],
+    "a": [dict(model=m, seq_length=2048, batch_size=4) for m in MODELS if m != "transformer"],
     "b": [dict(model=m, seq_length=512, batch_size=4, size="tiny") for m in MODELS],
     "c": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (2048, 8192) for m in MODELS],
     "d": [dict(model=m, seq_length=2048, batch_size=1, size="125m") for m in MODELS],
@@ -92,10 +91,11 @@ def build_model(name, size):
 
 
 def run_inner_loop(args):
-    """(a): only the scan of one TTT-Linear layer with 12 heads of 64 over T/16 mini-batches."""
+    """(a): only the scan of one TTT layer with 12 heads of 64 over T/16 mini-batches."""
     select_scan(args.model)
-    layer = TTTLinear(TTTConfig(hidden_size=768, num_attention_heads=12, intermediate_size=8,
-                                num_hidden_layers=1, vocab_size=8), 0).to(device())
+    layer_class = TTT_LAYER_CLASSES[args.model.split("-")[1]]
+    layer = layer_class(TTTConfig(hidden_size=768, num_attention_heads=12, intermediate_size=8,
+                                  num_hidden_layers=1, vocab_size=8), 0).to(device())
     B, H, n, K, f = args.batch_size, 12, args.seq_length // 16, 16, 64
     make = lambda *shape: torch.randn(*shape, device=device(), requires_grad=True)  # noqa: E731
     q, k, target = make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f)

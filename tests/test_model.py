@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from conftest import SHARED
-from ttt import TTT_STANDARD_CONFIGS, TTTBase, TTTCache, TTTConfig, TTTForCausalLM, TTTLinearScan, TTTModel
+from ttt import (TTT_STANDARD_CONFIGS, TTTBase, TTTCache, TTTConfig, TTTForCausalLM, TTTLinearScan, TTTMLPScan, TTTModel,
+                 gelu_tanh_grad, gelu_tanh_second_derivative)
 
 REFERENCE = SHARED / "reference"
 CASES = sorted(p.name for p in REFERENCE.iterdir() if p.is_dir()) if REFERENCE.exists() else []
@@ -271,14 +272,39 @@ def test_recomputing_scan_equals_the_straightforward_loop(monkeypatch, length, v
     assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(slow_grads, fast_grads))
 
 
+def scan_inputs(B, H, n, K, f, hidden):
+    """float64 inputs of a recomputing scan: q, k, target, eta (causal), eta_qk, e, the inner weights (hidden
+    widths `hidden`, [] for TTT-Linear), gamma, beta."""
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_()  # noqa: E731
+    eta = (torch.rand(B, H, n, K, K, dtype=torch.float64) * 0.2).tril().requires_grad_()
+    widths = [f, *hidden, f]
+    weights = [w for a, b in zip(widths, widths[1:]) for w in (make(B, H, a, b, scale=0.3), make(B, H, 1, b))]
+    return (make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f), eta, make(B, H, n, K, K, scale=0.2),
+            (torch.rand(B, H, n, K, 1, dtype=torch.float64) * 0.1).requires_grad_(), *weights,
+            (torch.rand(H, 1, f, dtype=torch.float64) + 0.5).requires_grad_(), make(H, 1, f))
+
+
 def test_fast_linear_scan_gradcheck():
     torch.manual_seed(0)
-    B, H, n, K, f = 1, 2, 3, 4, 5
-    make = lambda *shape, scale=1.0: (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_()  # noqa: E731
-    inputs = (make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, K),
-              (torch.rand(B, H, n, K, 1, dtype=torch.float64) * 0.1).requires_grad_(), make(B, H, f, f, scale=0.1),
-              make(B, H, 1, f), (torch.rand(H, 1, f, dtype=torch.float64) + 0.5).requires_grad_(), make(H, 1, f))
-    assert torch.autograd.gradcheck(TTTLinearScan.apply, inputs, eps=1e-6, atol=1e-5)
+    q, k, target, _, eta_qk, e, W1, b1, gamma, beta = scan_inputs(1, 2, 3, 4, 5, hidden=[])
+    assert torch.autograd.gradcheck(TTTLinearScan.apply, (q, k, target, eta_qk, e, W1, b1, gamma, beta),
+                                    eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("span", [2, 16])  # 5 mini-batches: backward spans of 2, 2, 1, or one of 5
+def test_fast_mlp_scan_gradcheck(monkeypatch, span):
+    torch.manual_seed(0)
+    monkeypatch.setattr(TTTMLPScan, "backward_span", span)
+    inputs = scan_inputs(1, 2, 5, 4, 3, hidden=[12])
+    assert torch.autograd.gradcheck(TTTMLPScan.apply, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_gelu_tanh_derivatives():
+    x = torch.linspace(-6, 6, 241, dtype=torch.float64, requires_grad=True)
+    first, = torch.autograd.grad(torch.nn.functional.gelu(x, approximate="tanh").sum(), x, create_graph=True)
+    second, = torch.autograd.grad(first.sum(), x)
+    assert torch.allclose(gelu_tanh_grad(x), first, atol=1e-7)
+    assert torch.allclose(gelu_tanh_second_derivative(x), second, atol=1e-7)
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
@@ -291,8 +317,7 @@ def test_recomputing_scan_through_the_cache_matches_the_straightforward_loop(mon
 
 
 def test_recomputing_scan_under_bf16_autocast_matches_the_straightforward_loop(monkeypatch):
-    # the backward re-runs mini-batches under the forward's autocast setting (it once ran them in float32 and
-    # failed on bf16 activations)
+    # the recomputing scan runs in float32 inside bf16 autocast (an earlier scan failed there on bf16 activations)
     model = small_model(ttt_layer_type="mlp")
     ids = torch.randint(0, 97, (2, 40))
     grads = []
