@@ -422,7 +422,8 @@ class TTTBase(nn.Module):
         return self.o_proj(out)
 
     # The scan keeps only the inner weights at each mini-batch start and recomputes the rest in a hand-written
-    # backward (TTTLinearScan or the Triton kernels, TTTMLPScan), in float32 under any autocast setting.
+    # backward (the operators ttt::linear_scan, on Triton kernels where they run, and ttt::mlp_scan), in float32
+    # under any autocast setting.
     # False (or a scan_checkpoint_group_size): the straightforward autograd loop, kept for tests.
     recomputing_scan = True
 
@@ -486,67 +487,60 @@ class TTTBase(nn.Module):
         return state.params, outs
 
 
-class TTTLinearScan(torch.autograd.Function):
-    """The TTT-Linear scan over n full mini-batches with a hand-written backward. The forward keeps no autograd
-    graph, only the inner weights at the start of every mini-batch (n x (f^2 + f) per head); the backward
-    recomputes the mini-batches' forward quantities in one batched pass from them, then walks the mini-batches
-    backwards carrying the gradient of the inner weights. Runs in float32 whatever the autocast setting.
+def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts):
+    """The TTT-Linear scan over n full mini-batches, in PyTorch (the body of the operator ttt::linear_scan).
 
     Inputs (stacked on dim 2): q, k, target (B, H, n, K, f); eta_qk (B, H, n, K, K); e (B, H, n, K, 1), the last
-    row of eta (c_{K-1} lr_j), which moves the weights; W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta (H, 1, f).
-    Outputs: Z_bar (B, H, n, K, f) and the final W, b. keep_starts=False (no backward will run) skips saving the
-    weights at each mini-batch start."""
-
-    @staticmethod
-    def forward(ctx, q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts=True):
-        W, b = W0, b0
-        W_starts, b_starts, outputs = [], [], []
-        for q_i, k_i, t_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta_qk, e))):
-            grad = ln_reconstruction_grad(k_i @ W + b, t_i, gamma, beta)
-            outputs.append(q_i @ W + b - p_i @ grad)
-            if keep_starts:
-                W_starts.append(W)
-                b_starts.append(b)
-            e_grad = e_i * grad
-            W, b = W - k_i.transpose(-1, -2) @ e_grad, b - e_grad.sum(-2, keepdim=True)
+    row of eta (c_{K-1} lr_j), which moves the inner weights; W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta
+    (H, 1, f). Returns Z_bar (B, H, n, K, f), the final W and b, and what the backward reads: the weights at
+    every mini-batch start, W_starts (B, H, n, f, f) and b_starts (B, H, n, 1, f), or empty tensors when
+    keep_starts is False (no backward will run)."""
+    W, b = W0, b0
+    W_starts, b_starts, outputs = [], [], []
+    for q_i, k_i, t_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta_qk, e))):
+        grad = ln_reconstruction_grad(k_i @ W + b, t_i, gamma, beta)
+        outputs.append(q_i @ W + b - p_i @ grad)
         if keep_starts:
-            ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, torch.stack(W_starts, 2),
-                                  torch.stack(b_starts, 2))
-        return torch.stack(outputs, 2), W, b
+            W_starts.append(W)
+            b_starts.append(b)
+        e_grad = e_i * grad
+        W, b = W - k_i.transpose(-1, -2) @ e_grad, b - e_grad.sum(-2, keepdim=True)
+    if not keep_starts:
+        return torch.stack(outputs, 2), W, b, q.new_empty(0), q.new_empty(0)
+    return torch.stack(outputs, 2), W, b, torch.stack(W_starts, 2), torch.stack(b_starts, 2)
 
-    @staticmethod
-    def backward(ctx, d_out, d_W, d_b):
-        q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts = ctx.saved_tensors
-        # every mini-batch's forward quantities at once, from the saved starting weights
-        gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, n, K, f)
-        x_hat, std, g, grad = ln_reconstruction_parts(k @ W_starts + b_starts, target, gamma_, beta_)
 
-        d_W = torch.zeros_like(W_starts[:, :, 0]) if d_W is None else d_W
-        d_b = torch.zeros_like(b_starts[:, :, 0]) if d_b is None else d_b
-        d_out = torch.zeros_like(q) if d_out is None else d_out
-        n = q.shape[2]
-        d_grads, d_zs, d_gs, d_W_afters, d_b_afters = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
-        for i in reversed(range(n)):
-            # W_after = W_i - k^T (e * G), b_after = b_i - sum(e * G); Z_bar = q W_i + b_i - P G; z = k W_i + b_i
-            d_W_afters[i], d_b_afters[i] = d_W, d_b
-            d_grad = -e[:, :, i] * (k[:, :, i] @ d_W + d_b) - eta_qk[:, :, i].transpose(-1, -2) @ d_out[:, :, i]
-            d_z, d_gs[i] = ln_reconstruction_grad_vjp(d_grad, x_hat[:, :, i], std[:, :, i], g[:, :, i],
-                                                      grad[:, :, i], gamma)
-            d_W = d_W + q[:, :, i].transpose(-1, -2) @ d_out[:, :, i] + k[:, :, i].transpose(-1, -2) @ d_z
-            d_b = d_b + d_out[:, :, i].sum(-2, keepdim=True) + d_z.sum(-2, keepdim=True)
-            d_grads[i], d_zs[i] = d_grad, d_z
-        d_grad, d_z, d_g = torch.stack(d_grads, 2), torch.stack(d_zs, 2), torch.stack(d_gs, 2)
-        d_W_after, d_b_after = torch.stack(d_W_afters, 2), torch.stack(d_b_afters, 2)
+def linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b):
+    """The backward of linear_scan_forward given the gradients of Z_bar and of the final W and b: recomputes
+    every mini-batch's forward quantities in one batched pass from the saved starting weights, then walks the
+    mini-batches backwards carrying the gradient of the inner weights. Returns the gradients of q, k, target,
+    eta_qk, e, W0, b0, gamma and beta."""
+    gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, n, K, f)
+    x_hat, std, g, grad = ln_reconstruction_parts(k @ W_starts + b_starts, target, gamma_, beta_)
 
-        d_q = d_out @ W_starts.transpose(-1, -2)
-        d_eta_qk = -d_out @ grad.transpose(-1, -2)
-        d_e_grad = -(k @ d_W_after + d_b_after)  # gradient of e * G
-        d_e = (d_e_grad * grad).sum(-1, keepdim=True)
-        d_k = d_z @ W_starts.transpose(-1, -2) - (e * grad) @ d_W_after.transpose(-1, -2)
-        d_target = -d_g * gamma_
-        d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
-        d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
-        return d_q, d_k, d_target, d_eta_qk, d_e, d_W, d_b, d_gamma, d_beta, None
+    n = q.shape[2]
+    d_grads, d_zs, d_gs, d_W_afters, d_b_afters = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+    for i in reversed(range(n)):
+        # W_after = W_i - k^T (e * G), b_after = b_i - sum(e * G); Z_bar = q W_i + b_i - P G; z = k W_i + b_i
+        d_W_afters[i], d_b_afters[i] = d_W, d_b
+        d_grad = -e[:, :, i] * (k[:, :, i] @ d_W + d_b) - eta_qk[:, :, i].transpose(-1, -2) @ d_out[:, :, i]
+        d_z, d_gs[i] = ln_reconstruction_grad_vjp(d_grad, x_hat[:, :, i], std[:, :, i], g[:, :, i],
+                                                  grad[:, :, i], gamma)
+        d_W = d_W + q[:, :, i].transpose(-1, -2) @ d_out[:, :, i] + k[:, :, i].transpose(-1, -2) @ d_z
+        d_b = d_b + d_out[:, :, i].sum(-2, keepdim=True) + d_z.sum(-2, keepdim=True)
+        d_grads[i], d_zs[i] = d_grad, d_z
+    d_grad, d_z, d_g = torch.stack(d_grads, 2), torch.stack(d_zs, 2), torch.stack(d_gs, 2)
+    d_W_after, d_b_after = torch.stack(d_W_afters, 2), torch.stack(d_b_afters, 2)
+
+    d_q = d_out @ W_starts.transpose(-1, -2)
+    d_eta_qk = -d_out @ grad.transpose(-1, -2)
+    d_e_grad = -(k @ d_W_after + d_b_after)  # gradient of e * G
+    d_e = (d_e_grad * grad).sum(-1, keepdim=True)
+    d_k = d_z @ W_starts.transpose(-1, -2) - (e * grad) @ d_W_after.transpose(-1, -2)
+    d_target = -d_g * gamma_
+    d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
+    d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
+    return d_q, d_k, d_target, d_eta_qk, d_e, d_W, d_b, d_gamma, d_beta
 
 
 class TTTLinear(TTTBase):
@@ -561,14 +555,12 @@ class TTTLinear(TTTBase):
     def initial_params(self):
         return (self.W1, self.b1)
 
-    # Whether the scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps TTTLinearScan.
+    # Whether the scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps it in PyTorch.
     triton_scan = True
 
     def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, keep_starts):
-        if self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q):
-            return ttt_kernels.ttt_linear_scan(q, k, target, eta_qk, e, W1, b1, gamma, beta, TTT_NORM_EPS,
-                                               keep_starts)
-        return TTTLinearScan.apply(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts)
+        triton = self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q)
+        return linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
 
     def inner_forward(self, params, x):
         W1, b1 = params
@@ -588,121 +580,239 @@ class TTTLinear(TTTBase):
         return z_bar, state.advance(grad_sums, mb)
 
 
-class TTTMLPScan(torch.autograd.Function):
-    """The TTT-MLP scan over n full mini-batches with a hand-written backward, as TTTLinearScan: the forward keeps
-    only the inner weights at every mini-batch start (n x (8 f^2 + 5 f) per head); the backward recomputes every
-    mini-batch's forward quantities and the gradients that do not depend on later mini-batches in one batched
-    pass, walks the mini-batches backwards carrying the inner weights' gradient, then finishes the input gradients
-    in one batched pass. Float32 whatever the autocast setting.
+# mini-batches whose forward quantities the TTT-MLP backward recomputes at once: fewer, larger operations, with
+# memory bounded by the span rather than by n
+MLP_BACKWARD_SPAN = 16
+
+
+def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts):
+    """The TTT-MLP scan over n full mini-batches, in PyTorch (the body of the operator ttt::mlp_scan).
 
     Inputs (stacked on dim 2): q, k, target (B, H, n, K, f); eta, eta_qk (B, H, n, K, K); e (B, H, n, K, 1), the
-    last row of eta; W1 (B, H, f, 4f), b1 (B, H, 1, 4f), W2 (B, H, 4f, f), b2 (B, H, 1, f); gamma, beta (H, 1, f).
-    Outputs: Z_bar (B, H, n, K, f) and the final W1, b1, W2, b2."""
-
-    # mini-batches whose forward quantities the backward recomputes at once: fewer, larger operations, with memory
-    # bounded by the span rather than by n
-    backward_span = 16
-
-    @staticmethod
-    def forward(ctx, q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts=True):
-        params, starts, outputs = (W1, b1, W2, b2), [], []
-        for q_i, k_i, t_i, eta_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta, eta_qk, e))):
-            W1, b1, W2, b2 = params
-            z1 = k_i @ W1 + b1
-            x2 = F.gelu(z1, approximate="tanh")
-            grad_z2 = ln_reconstruction_grad(x2 @ W2 + b2, t_i, gamma, beta)
-            grad_z1 = (grad_z2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
-            x2_bar = F.gelu(q_i @ W1 + b1 - p_i @ grad_z1, approximate="tanh")
-            outputs.append(x2_bar @ W2 + b2 - (eta_i * (x2_bar @ x2.transpose(-1, -2) + 1)) @ grad_z2)
-            if keep_starts:
-                starts.append(params)
-            e_grad_z1, e_grad_z2 = e_i * grad_z1, e_i * grad_z2
-            params = (W1 - k_i.transpose(-1, -2) @ e_grad_z1, b1 - e_grad_z1.sum(-2, keepdim=True),
-                      W2 - x2.transpose(-1, -2) @ e_grad_z2, b2 - e_grad_z2.sum(-2, keepdim=True))
-        if keep_starts:  # stacked per backward span, so that the backward reads each span's weights contiguously
-            ctx.span = span = TTTMLPScan.backward_span
-            ctx.save_for_backward(q, k, target, eta, eta_qk, e, gamma, beta, *(
-                torch.stack(p, 2) for i in range(0, len(starts), span) for p in zip(*starts[i:i + span])))
-        return (torch.stack(outputs, 2), *params)
-
-    @staticmethod
-    def backward(ctx, d_out, *d_params):
-        q, k, target, eta, eta_qk, e, gamma, beta, *starts = ctx.saved_tensors
-        d_out = torch.zeros_like(q) if d_out is None else d_out
-        d_params = [torch.zeros_like(s[:, :, 0]) if d is None else d for d, s in zip(d_params, starts)]
-        d_inputs, d_gamma, d_beta = [], 0, 0
-        for span_start in reversed(range(0, q.shape[2], ctx.span)):
-            span = slice(span_start, span_start + ctx.span)
-            span_starts = starts[4 * (span_start // ctx.span):][:4]
-            d_span, d_params, (d_gamma_span, d_beta_span) = TTTMLPScan.backward_through(
-                *(t[:, :, span] for t in (q, k, target, eta, eta_qk, e)), *span_starts, d_out[:, :, span],
-                gamma, beta, d_params)
-            d_inputs.append(d_span)
-            d_gamma, d_beta = d_gamma + d_gamma_span, d_beta + d_beta_span
-        d_inputs = [torch.cat(d[::-1], 2) for d in zip(*d_inputs)]
-        return (*d_inputs, *d_params, d_gamma, d_beta, None)
-
-    @staticmethod
-    def backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, gamma, beta, d_params):
-        """The backward over m consecutive mini-batches (inputs stacked on dim 2, W1 etc. the saved starting
-        weights (B, H, m, ., .)), given the gradient of the weights after the last: the gradients of q, k,
-        target, eta, eta_qk and e, of the weights before the first, and of gamma and beta."""
-        T = lambda t: t.transpose(-1, -2)  # noqa: E731
-        # the forward quantities of every mini-batch at once
-        gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
-        z1 = k @ W1 + b1
+    last row of eta; W1 (B, H, f, 4f), b1 (B, H, 1, 4f), W2 (B, H, 4f, f), b2 (B, H, 1, f); gamma, beta
+    (H, 1, f). Returns Z_bar (B, H, n, K, f), the final W1, b1, W2, b2, and what the backward reads: the weights
+    at every mini-batch start (n x (8 f^2 + 5 f) per head), stacked per MLP_BACKWARD_SPAN mini-batches so that
+    the backward reads each span's weights contiguously ([W1, b1, W2, b2 of the first span, ...]; empty when
+    keep_starts is False)."""
+    params, starts, outputs = (W1, b1, W2, b2), [], []
+    for q_i, k_i, t_i, eta_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta, eta_qk, e))):
+        W1, b1, W2, b2 = params
+        z1 = k_i @ W1 + b1
         x2 = F.gelu(z1, approximate="tanh")
-        x_hat, std, g, grad_z2 = ln_reconstruction_parts(x2 @ W2 + b2, target, gamma_, beta_)
-        gelu_z1 = gelu_tanh_grad(z1)
-        back_z2 = grad_z2 @ T(W2)
-        grad_z1 = back_z2 * gelu_z1
-        z1_bar = q @ W1 + b1 - eta_qk @ grad_z1
-        x2_bar = F.gelu(z1_bar, approximate="tanh")
-        mix = x2_bar @ T(x2) + 1  # Z_bar = x2_bar W2 + b2 - (eta * mix) G2
-        e_grad_z1, e_grad_z2 = e * grad_z1, e * grad_z2
+        grad_z2 = ln_reconstruction_grad(x2 @ W2 + b2, t_i, gamma, beta)
+        grad_z1 = (grad_z2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
+        x2_bar = F.gelu(q_i @ W1 + b1 - p_i @ grad_z1, approximate="tanh")
+        outputs.append(x2_bar @ W2 + b2 - (eta_i * (x2_bar @ x2.transpose(-1, -2) + 1)) @ grad_z2)
+        if keep_starts:
+            starts.append(params)
+        e_grad_z1, e_grad_z2 = e_i * grad_z1, e_i * grad_z2
+        params = (W1 - k_i.transpose(-1, -2) @ e_grad_z1, b1 - e_grad_z1.sum(-2, keepdim=True),
+                  W2 - x2.transpose(-1, -2) @ e_grad_z2, b2 - e_grad_z2.sum(-2, keepdim=True))
+    starts = [torch.stack(p, 2) for i in range(0, len(starts), MLP_BACKWARD_SPAN)
+              for p in zip(*starts[i:i + MLP_BACKWARD_SPAN])]
+    return torch.stack(outputs, 2), *params, starts
 
-        # the output's own gradients, which do not depend on later mini-batches
-        d_eta_mix = -(d_out @ T(grad_z2))
-        d_mix = d_eta_mix * eta
-        d_z1_bar = (d_out @ T(W2) + d_mix @ x2) * gelu_tanh_grad(z1_bar)
-        out_d_grad_z1 = -T(eta_qk) @ d_z1_bar
-        out_d_grad_z2 = -T(eta * mix) @ d_out
-        out_d_x2 = T(d_mix) @ x2_bar
-        curvature_z1 = back_z2 * gelu_tanh_second_derivative(z1)
 
-        # backwards through the updates theta_after = theta - (k or x2)^T (e G), carrying d theta_after
-        m = q.shape[2]
-        d_e_grads_z1, d_e_grads_z2, d_zs1, d_zs2, d_gs, d_ks = ([None] * m for _ in range(6))
-        for i in reversed(range(m)):
-            d_W1, d_b1, d_W2, d_b2 = d_params
-            d_e_grads_z1[i] = d_e_grad_z1 = -(k[:, :, i] @ d_W1 + d_b1)
-            d_e_grads_z2[i] = d_e_grad_z2 = -(x2[:, :, i] @ d_W2 + d_b2)
-            d_grad_z1 = out_d_grad_z1[:, :, i] + e[:, :, i] * d_e_grad_z1
-            d_back_z2 = d_grad_z1 * gelu_z1[:, :, i]
-            d_grad_z2 = out_d_grad_z2[:, :, i] + e[:, :, i] * d_e_grad_z2 + d_back_z2 @ W2[:, :, i]
-            d_zs2[i], d_gs[i] = d_z2, _ = ln_reconstruction_grad_vjp(
-                d_grad_z2, x_hat[:, :, i], std[:, :, i], g[:, :, i], grad_z2[:, :, i], gamma)
-            d_x2 = out_d_x2[:, :, i] - e_grad_z2[:, :, i] @ T(d_W2) + d_z2 @ T(W2[:, :, i])
-            d_zs1[i] = d_z1 = d_grad_z1 * curvature_z1[:, :, i] + d_x2 * gelu_z1[:, :, i]
-            d_ks[i] = e_grad_z1[:, :, i] @ T(d_W1)
-            # one product per weight over the rows of its three uses (W1: z1_bar, z1; W2: Z_bar, back_z2, z2)
-            d_params = (d_W1 + T(torch.cat([q[:, :, i], k[:, :, i]], -2)) @ torch.cat([d_z1_bar[:, :, i], d_z1], -2),
-                        d_b1 + (d_z1_bar[:, :, i] + d_z1).sum(-2, keepdim=True),
-                        d_W2 + T(torch.cat([x2_bar[:, :, i], d_back_z2, x2[:, :, i]], -2))
-                        @ torch.cat([d_out[:, :, i], grad_z2[:, :, i], d_z2], -2),
-                        d_b2 + (d_out[:, :, i] + d_z2).sum(-2, keepdim=True))
-        d_e_grad_z1, d_e_grad_z2, d_z1, d_z2, d_g, d_k_update = (
-            torch.stack(d, 2) for d in (d_e_grads_z1, d_e_grads_z2, d_zs1, d_zs2, d_gs, d_ks))
+def mlp_scan_backward(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, d_W1, d_b1, d_W2, d_b2):
+    """The backward of mlp_scan_forward, one span of mini-batches at a time from the last (mlp_backward_through).
+    Returns the gradients of q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma and beta."""
+    d_params, d_inputs, d_gamma, d_beta = (d_W1, d_b1, d_W2, d_b2), [], 0, 0
+    for span_start in reversed(range(0, q.shape[2], MLP_BACKWARD_SPAN)):
+        span = slice(span_start, span_start + MLP_BACKWARD_SPAN)
+        span_starts = starts[4 * (span_start // MLP_BACKWARD_SPAN):][:4]
+        d_span, d_params, (d_gamma_span, d_beta_span) = mlp_backward_through(
+            *(t[:, :, span] for t in (q, k, target, eta, eta_qk, e)), *span_starts, d_out[:, :, span],
+            gamma, beta, d_params)
+        d_inputs.append(d_span)
+        d_gamma, d_beta = d_gamma + d_gamma_span, d_beta + d_beta_span
+    return (*(torch.cat(d[::-1], 2) for d in zip(*d_inputs)), *d_params, d_gamma, d_beta)
 
-        d_q = d_z1_bar @ T(W1)
-        d_k = d_z1 @ T(W1) - d_k_update
-        d_e = (d_e_grad_z1 * grad_z1).sum(-1, keepdim=True) + (d_e_grad_z2 * grad_z2).sum(-1, keepdim=True)
-        d_target = -d_g * gamma_
-        d_eta = d_eta_mix * mix
-        d_eta_qk = -d_z1_bar @ T(grad_z1)
-        d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
-        d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
-        return (d_q, d_k, d_target, d_eta, d_eta_qk, d_e), d_params, (d_gamma, d_beta)
+
+def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, gamma, beta, d_params):
+    """The backward over m consecutive mini-batches (inputs stacked on dim 2, W1 etc. the saved starting
+    weights (B, H, m, ., .)), given the gradient of the weights after the last: recomputes their forward
+    quantities and the gradients that do not depend on later mini-batches at once, walks them backwards carrying
+    the inner weights' gradient, then finishes the input gradients at once. Returns the gradients of q, k,
+    target, eta, eta_qk and e, of the weights before the first mini-batch, and of gamma and beta."""
+    T = lambda t: t.transpose(-1, -2)  # noqa: E731
+    # the forward quantities of every mini-batch at once
+    gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
+    z1 = k @ W1 + b1
+    x2 = F.gelu(z1, approximate="tanh")
+    x_hat, std, g, grad_z2 = ln_reconstruction_parts(x2 @ W2 + b2, target, gamma_, beta_)
+    gelu_z1 = gelu_tanh_grad(z1)
+    back_z2 = grad_z2 @ T(W2)
+    grad_z1 = back_z2 * gelu_z1
+    z1_bar = q @ W1 + b1 - eta_qk @ grad_z1
+    x2_bar = F.gelu(z1_bar, approximate="tanh")
+    mix = x2_bar @ T(x2) + 1  # Z_bar = x2_bar W2 + b2 - (eta * mix) G2
+    e_grad_z1, e_grad_z2 = e * grad_z1, e * grad_z2
+
+    # the output's own gradients, which do not depend on later mini-batches
+    d_eta_mix = -(d_out @ T(grad_z2))
+    d_mix = d_eta_mix * eta
+    d_z1_bar = (d_out @ T(W2) + d_mix @ x2) * gelu_tanh_grad(z1_bar)
+    out_d_grad_z1 = -T(eta_qk) @ d_z1_bar
+    out_d_grad_z2 = -T(eta * mix) @ d_out
+    out_d_x2 = T(d_mix) @ x2_bar
+    curvature_z1 = back_z2 * gelu_tanh_second_derivative(z1)
+
+    # backwards through the updates theta_after = theta - (k or x2)^T (e G), carrying d theta_after
+    m = q.shape[2]
+    d_e_grads_z1, d_e_grads_z2, d_zs1, d_zs2, d_gs, d_ks = ([None] * m for _ in range(6))
+    for i in reversed(range(m)):
+        d_W1, d_b1, d_W2, d_b2 = d_params
+        d_e_grads_z1[i] = d_e_grad_z1 = -(k[:, :, i] @ d_W1 + d_b1)
+        d_e_grads_z2[i] = d_e_grad_z2 = -(x2[:, :, i] @ d_W2 + d_b2)
+        d_grad_z1 = out_d_grad_z1[:, :, i] + e[:, :, i] * d_e_grad_z1
+        d_back_z2 = d_grad_z1 * gelu_z1[:, :, i]
+        d_grad_z2 = out_d_grad_z2[:, :, i] + e[:, :, i] * d_e_grad_z2 + d_back_z2 @ W2[:, :, i]
+        d_zs2[i], d_gs[i] = d_z2, _ = ln_reconstruction_grad_vjp(
+            d_grad_z2, x_hat[:, :, i], std[:, :, i], g[:, :, i], grad_z2[:, :, i], gamma)
+        d_x2 = out_d_x2[:, :, i] - e_grad_z2[:, :, i] @ T(d_W2) + d_z2 @ T(W2[:, :, i])
+        d_zs1[i] = d_z1 = d_grad_z1 * curvature_z1[:, :, i] + d_x2 * gelu_z1[:, :, i]
+        d_ks[i] = e_grad_z1[:, :, i] @ T(d_W1)
+        # one product per weight over the rows of its three uses (W1: z1_bar, z1; W2: Z_bar, back_z2, z2)
+        d_params = (d_W1 + T(torch.cat([q[:, :, i], k[:, :, i]], -2)) @ torch.cat([d_z1_bar[:, :, i], d_z1], -2),
+                    d_b1 + (d_z1_bar[:, :, i] + d_z1).sum(-2, keepdim=True),
+                    d_W2 + T(torch.cat([x2_bar[:, :, i], d_back_z2, x2[:, :, i]], -2))
+                    @ torch.cat([d_out[:, :, i], grad_z2[:, :, i], d_z2], -2),
+                    d_b2 + (d_out[:, :, i] + d_z2).sum(-2, keepdim=True))
+    d_e_grad_z1, d_e_grad_z2, d_z1, d_z2, d_g, d_k_update = (
+        torch.stack(d, 2) for d in (d_e_grads_z1, d_e_grads_z2, d_zs1, d_zs2, d_gs, d_ks))
+
+    d_q = d_z1_bar @ T(W1)
+    d_k = d_z1 @ T(W1) - d_k_update
+    d_e = (d_e_grad_z1 * grad_z1).sum(-1, keepdim=True) + (d_e_grad_z2 * grad_z2).sum(-1, keepdim=True)
+    d_target = -d_g * gamma_
+    d_eta = d_eta_mix * mix
+    d_eta_qk = -d_z1_bar @ T(grad_z1)
+    d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
+    d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
+    return (d_q, d_k, d_target, d_eta, d_eta_qk, d_e), d_params, (d_gamma, d_beta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recomputing scans as PyTorch operators (torch.library): torch.compile keeps each as one node of its graph,
+# with its hand-written backward, instead of unrolling the loop over mini-batches or breaking the graph there.
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("ttt::linear_scan", mutates_args=())
+def linear_scan_op(q: Tensor, k: Tensor, target: Tensor, eta_qk: Tensor, e: Tensor, W0: Tensor, b0: Tensor,
+                   gamma: Tensor, beta: Tensor, keep_starts: bool, triton: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """linear_scan_forward, or its Triton kernels (ttt_kernels.py) when `triton`."""
+    if triton:
+        return ttt_kernels.linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, TTT_NORM_EPS,
+                                               keep_starts)
+    return linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts)
+
+
+@linear_scan_op.register_fake
+def _(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts, triton):
+    B, H, n, K, f = q.shape
+    starts = [q.new_empty(B, H, n, *shape) if keep_starts else q.new_empty(0) for shape in ((f, f), (1, f))]
+    return q.new_empty(q.shape), q.new_empty(B, H, f, f), q.new_empty(B, H, 1, f), *starts
+
+
+@torch.library.custom_op("ttt::linear_scan_backward", mutates_args=())
+def linear_scan_backward_op(q: Tensor, k: Tensor, target: Tensor, eta_qk: Tensor, e: Tensor, gamma: Tensor,
+                            beta: Tensor, W_starts: Tensor, b_starts: Tensor, d_out: Tensor, d_W: Tensor,
+                            d_b: Tensor, triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                Tensor, Tensor, Tensor]:
+    """linear_scan_backward, or its Triton kernels when `triton`."""
+    inputs = (q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b)
+    if triton:
+        return ttt_kernels.linear_scan_backward(*inputs, TTT_NORM_EPS)
+    return linear_scan_backward(*inputs)
+
+
+@linear_scan_backward_op.register_fake
+def _(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b, triton):
+    return tuple(t.new_empty(t.shape) for t in (q, k, target, eta_qk, e, d_W, d_b, gamma, beta))
+
+
+def _linear_scan_setup_context(ctx, inputs, output):
+    q, k, target, eta_qk, e, _, _, gamma, beta, _, triton = inputs
+    W_starts, b_starts = output[3:]
+    ctx.mark_non_differentiable(W_starts, b_starts)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts)
+    ctx.triton = triton
+
+
+def _linear_scan_backward(ctx, d_out, d_W, d_b, _, __):
+    q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts = ctx.saved_tensors
+    _check_starts_kept([W_starts])
+    B, H, _, _, f = q.shape
+    d_out = torch.zeros_like(q) if d_out is None else d_out
+    d_W = q.new_zeros(B, H, f, f) if d_W is None else d_W
+    d_b = q.new_zeros(B, H, 1, f) if d_b is None else d_b
+    grads = linear_scan_backward_op(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b,
+                                    ctx.triton)
+    return (*grads, None, None)
+
+
+linear_scan_op.register_autograd(_linear_scan_backward, setup_context=_linear_scan_setup_context)
+
+
+@torch.library.custom_op("ttt::mlp_scan", mutates_args=())
+def mlp_scan_op(q: Tensor, k: Tensor, target: Tensor, eta: Tensor, eta_qk: Tensor, e: Tensor, W1: Tensor,
+                b1: Tensor, W2: Tensor, b2: Tensor, gamma: Tensor, beta: Tensor, keep_starts: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """mlp_scan_forward."""
+    return mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts)
+
+
+@mlp_scan_op.register_fake
+def _(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts):
+    B, H, n, K, f = q.shape
+    spans = [min(MLP_BACKWARD_SPAN, n - i) for i in range(0, n, MLP_BACKWARD_SPAN)] if keep_starts else []
+    starts = [q.new_empty(B, H, m, *p.shape[-2:]) for m in spans for p in (W1, b1, W2, b2)]
+    return q.new_empty(q.shape), *(q.new_empty(B, H, *p.shape[-2:]) for p in (W1, b1, W2, b2)), starts
+
+
+@torch.library.custom_op("ttt::mlp_scan_backward", mutates_args=())
+def mlp_scan_backward_op(q: Tensor, k: Tensor, target: Tensor, eta: Tensor, eta_qk: Tensor, e: Tensor,
+                         gamma: Tensor, beta: Tensor, starts: list[Tensor], d_out: Tensor, d_W1: Tensor,
+                         d_b1: Tensor, d_W2: Tensor, d_b2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                            Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                            Tensor, Tensor]:
+    """mlp_scan_backward."""
+    return mlp_scan_backward(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, d_W1, d_b1, d_W2, d_b2)
+
+
+@mlp_scan_backward_op.register_fake
+def _(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, d_W1, d_b1, d_W2, d_b2):
+    return tuple(t.new_empty(t.shape) for t in (q, k, target, eta, eta_qk, e, d_W1, d_b1, d_W2, d_b2, gamma, beta))
+
+
+def _mlp_scan_setup_context(ctx, inputs, output):
+    q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, _ = inputs
+    starts = output[5]
+    ctx.mark_non_differentiable(*starts)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, target, eta, eta_qk, e, gamma, beta, *starts)
+    ctx.param_shapes = [(*q.shape[:2], *p.shape[-2:]) for p in (W1, b1, W2, b2)]
+
+
+def _mlp_scan_backward(ctx, d_out, d_W1, d_b1, d_W2, d_b2, _):
+    q, k, target, eta, eta_qk, e, gamma, beta, *starts = ctx.saved_tensors
+    _check_starts_kept(starts)
+    d_out = torch.zeros_like(q) if d_out is None else d_out
+    d_params = [q.new_zeros(shape) if d is None else d for d, shape in zip((d_W1, d_b1, d_W2, d_b2),
+                                                                          ctx.param_shapes)]
+    return (*mlp_scan_backward_op(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, *d_params), None)
+
+
+mlp_scan_op.register_autograd(_mlp_scan_backward, setup_context=_mlp_scan_setup_context)
+
+
+def _check_starts_kept(starts):
+    if not starts or starts[0].numel() == 0:
+        raise RuntimeError("a backward through a TTT scan that ran with keep_starts=False (without gradients)")
 
 
 class TTTMLP(TTTBase):
@@ -720,7 +830,7 @@ class TTTMLP(TTTBase):
         return (self.W1, self.b1, self.W2, self.b2)
 
     def recomputing_scan_of(self, *inputs, keep_starts):
-        return TTTMLPScan.apply(*inputs, keep_starts)
+        return mlp_scan_op(*inputs, keep_starts)[:5]
 
     def inner_forward(self, params, x):
         W1, b1, W2, b2 = params

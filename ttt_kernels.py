@@ -3,8 +3,8 @@
 One program per (batch, head) walks the mini-batches in order and keeps the inner weights W (f x f) and b in
 registers, so a whole layer's scan is one launch forward instead of a dozen kernels per mini-batch. The backward
 is two launches: the sequential walk back carrying the weights' gradient (the least work per mini-batch that
-the carry needs), then every mini-batch's input gradients in parallel. The arithmetic is TTTLinearScan's in
-`ttt.py`, written per mini-batch:
+the carry needs), then every mini-batch's input gradients in parallel. The arithmetic is that of
+`linear_scan_forward` and `linear_scan_backward` in `ttt.py`, written per mini-batch:
 
     forward   z = k W + b,  G = dl/dz of l = 1/2 ||LN(z) - target||^2,  Z_bar = q W + b - eta_qk G,
               W <- W - k^T (e * G),  b <- b - sum_rows(e * G)
@@ -172,57 +172,44 @@ def _scan_backward_inputs(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr
     tl.store(d_beta_ptr + mb * F + cols, tl.sum(d_g * gamma, 0))
 
 
-@torch.compiler.disable  # torch.compile compiles the model around the scan, not into these kernels
-def ttt_linear_scan(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts=True):
-    """TTTLinearTritonScan.apply; arguments and results as there."""
-    return TTTLinearTritonScan.apply(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts)
-
-
 def _precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-class TTTLinearTritonScan(torch.autograd.Function):
-    """TTTLinearScan of `ttt.py` (same inputs, outputs and saved tensors) in Triton kernels.
+def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts):
+    """linear_scan_forward of ttt.py (same inputs, plus the LayerNorm eps, and results) in one kernel launch.
+    Float32 inputs; matrix products in TF32 unless PyTorch's float32 matmul precision is "highest"."""
+    q, k, target, eta_qk, e, W0, b0, gamma, beta = (
+        t.contiguous() for t in (q, k, target, eta_qk, e, W0, b0, gamma, beta))
+    B, H, n, K, f = q.shape
+    out = torch.empty_like(q)
+    W_starts, b_starts = (q.new_empty(B, H, n, f, f), q.new_empty(B, H, n, 1, f)) if keep_starts else (q, q)
+    W, b = torch.empty_like(W0), torch.empty_like(b0)
+    _scan_forward[(B * H,)](q, k, target, eta_qk, e, W0, b0, gamma, beta, out, W_starts, b_starts, W, b,
+                            n, H, eps, K=K, F=f, PRECISION=_precision(), KEEP_STARTS=keep_starts,
+                            num_warps=NUM_WARPS)
+    if not keep_starts:
+        W_starts, b_starts = q.new_empty(0), q.new_empty(0)
+    return out, W, b, W_starts, b_starts
 
-    Inputs (float32, stacked on dim 2): q, k, target (B, H, n, K, f); eta_qk (B, H, n, K, K); e (B, H, n, K, 1);
-    W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta (H, 1, f); the LayerNorm eps. Outputs: Z_bar (B, H, n, K, f),
-    the final W, b. keep_starts=False (no backward will run) skips saving the weights at each mini-batch start."""
 
-    @staticmethod
-    def forward(ctx, q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts=True):
-        q, k, target, eta_qk, e, W0, b0, gamma, beta = (
-            t.contiguous() for t in (q, k, target, eta_qk, e, W0, b0, gamma, beta))
-        B, H, n, K, f = q.shape
-        out = torch.empty_like(q)
-        W_starts, b_starts = (q.new_empty(B, H, n, f, f), q.new_empty(B, H, n, 1, f)) if keep_starts else (q, q)
-        W, b = torch.empty_like(W0), torch.empty_like(b0)
-        _scan_forward[(B * H,)](q, k, target, eta_qk, e, W0, b0, gamma, beta, out, W_starts, b_starts, W, b,
-                                n, H, eps, K=K, F=f, PRECISION=_precision(), KEEP_STARTS=keep_starts,
-                                num_warps=NUM_WARPS)
-        ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts)
-        ctx.eps = eps
-        return out, W, b
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # a second derivative through the kernels raises, not drops
-    def backward(ctx, d_out, d_W, d_b):
-        q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts = ctx.saved_tensors
-        B, H, n, K, f = q.shape
-        d_out = torch.zeros_like(q) if d_out is None else d_out.contiguous()
-        d_W = W_starts.new_zeros(B, H, f, f) if d_W is None else d_W.contiguous()
-        d_b = b_starts.new_zeros(B, H, 1, f) if d_b is None else d_b.contiguous()
-        d_W_afters, d_b_afters = torch.empty_like(W_starts), torch.empty_like(b_starts)
-        d_W0, d_b0 = torch.empty_like(d_W), torch.empty_like(d_b)
-        _scan_backward_carry[(B * H,)](q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b,
-                                       d_W_afters, d_b_afters, d_W0, d_b0, n, H, ctx.eps, K=K, F=f,
-                                       PRECISION=_precision(), num_warps=NUM_WARPS)
-        d_q, d_k, d_target = torch.empty_like(q), torch.empty_like(k), torch.empty_like(target)
-        d_eta_qk, d_e = torch.empty_like(eta_qk), torch.empty_like(e)
-        d_gamma, d_beta = q.new_empty(B, H, n, f), q.new_empty(B, H, n, f)
-        _scan_backward_inputs[(B * H * n,)](q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out,
-                                            d_W_afters, d_b_afters, d_q, d_k, d_target, d_eta_qk, d_e, d_gamma,
-                                            d_beta, n, H, ctx.eps, K=K, F=f, PRECISION=_precision(),
-                                            num_warps=NUM_WARPS)
-        d_gamma, d_beta = (d.sum((0, 2)).unsqueeze(1) for d in (d_gamma, d_beta))
-        return d_q, d_k, d_target, d_eta_qk, d_e, d_W0, d_b0, d_gamma, d_beta, None, None
+def linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b, eps):
+    """linear_scan_backward of ttt.py (same inputs, plus the LayerNorm eps, and results): a sequential launch
+    carrying the weights' gradient backwards, then one parallel launch over all mini-batches for the inputs'."""
+    q, k, target, eta_qk, e, gamma, beta, d_out, d_W, d_b = (
+        t.contiguous() for t in (q, k, target, eta_qk, e, gamma, beta, d_out, d_W, d_b))
+    B, H, n, K, f = q.shape
+    d_W_afters, d_b_afters = torch.empty_like(W_starts), torch.empty_like(b_starts)
+    d_W0, d_b0 = torch.empty_like(d_W), torch.empty_like(d_b)
+    _scan_backward_carry[(B * H,)](q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b,
+                                   d_W_afters, d_b_afters, d_W0, d_b0, n, H, eps, K=K, F=f,
+                                   PRECISION=_precision(), num_warps=NUM_WARPS)
+    d_q, d_k, d_target = torch.empty_like(q), torch.empty_like(k), torch.empty_like(target)
+    d_eta_qk, d_e = torch.empty_like(eta_qk), torch.empty_like(e)
+    d_gamma, d_beta = q.new_empty(B, H, n, f), q.new_empty(B, H, n, f)
+    _scan_backward_inputs[(B * H * n,)](q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out,
+                                        d_W_afters, d_b_afters, d_q, d_k, d_target, d_eta_qk, d_e, d_gamma,
+                                        d_beta, n, H, eps, K=K, F=f, PRECISION=_precision(),
+                                        num_warps=NUM_WARPS)
+    d_gamma, d_beta = (d.sum((0, 2)).unsqueeze(1) for d in (d_gamma, d_beta))
+    return d_q, d_k, d_target, d_eta_qk, d_e, d_W0, d_b0, d_gamma, d_beta

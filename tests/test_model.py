@@ -6,8 +6,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from conftest import SHARED
-from ttt import (TTT_STANDARD_CONFIGS, TTTBase, TTTCache, TTTConfig, TTTForCausalLM, TTTLinearScan, TTTMLPScan, TTTModel,
-                 gelu_tanh_grad, gelu_tanh_second_derivative)
+import ttt
+from ttt import (TTT_STANDARD_CONFIGS, TTTBase, TTTCache, TTTConfig, TTTForCausalLM, TTTModel, gelu_tanh_grad,
+                 gelu_tanh_second_derivative, linear_scan_op, mlp_scan_op)
 
 REFERENCE = SHARED / "reference"
 CASES = sorted(p.name for p in REFERENCE.iterdir() if p.is_dir()) if REFERENCE.exists() else []
@@ -287,16 +288,16 @@ def scan_inputs(B, H, n, K, f, hidden):
 def test_fast_linear_scan_gradcheck():
     torch.manual_seed(0)
     q, k, target, _, eta_qk, e, W1, b1, gamma, beta = scan_inputs(1, 2, 3, 4, 5, hidden=[])
-    assert torch.autograd.gradcheck(TTTLinearScan.apply, (q, k, target, eta_qk, e, W1, b1, gamma, beta),
-                                    eps=1e-6, atol=1e-5)
+    scan = lambda *inputs: linear_scan_op(*inputs, keep_starts=True, triton=False)[:3]  # noqa: E731
+    assert torch.autograd.gradcheck(scan, (q, k, target, eta_qk, e, W1, b1, gamma, beta), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("span", [2, 16])  # 5 mini-batches: backward spans of 2, 2, 1, or one of 5
 def test_fast_mlp_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
-    monkeypatch.setattr(TTTMLPScan, "backward_span", span)
-    inputs = scan_inputs(1, 2, 5, 4, 3, hidden=[12])
-    assert torch.autograd.gradcheck(TTTMLPScan.apply, inputs, eps=1e-6, atol=1e-5)
+    monkeypatch.setattr(ttt, "MLP_BACKWARD_SPAN", span)
+    scan = lambda *inputs: mlp_scan_op(*inputs, keep_starts=True)[:5]  # noqa: E731
+    assert torch.autograd.gradcheck(scan, scan_inputs(1, 2, 5, 4, 3, hidden=[12]), eps=1e-6, atol=1e-5)
 
 
 def test_gelu_tanh_derivatives():
@@ -305,6 +306,21 @@ def test_gelu_tanh_derivatives():
     second, = torch.autograd.grad(first.sum(), x)
     assert torch.allclose(gelu_tanh_grad(x), first, atol=1e-7)
     assert torch.allclose(gelu_tanh_second_derivative(x), second, atol=1e-7)
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_torch_compile_takes_the_whole_model_with_each_scan_as_one_operator(layer_type):
+    model = small_model(ttt_layer_type=layer_type)
+    ids = torch.randint(0, 97, (2, 8 * 6 + 3))  # 6 full mini-batches: a traced loop would unroll 6 steps
+    eager_logits, eager_grads = logits_and_gradients(model, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    with torch.profiler.profile() as profile:
+        logits, grads = logits_and_gradients(compiled, ids)
+    scans = [e.name for e in profile.events() if e.name.startswith(f"ttt::{layer_type}_scan")]
+    assert sorted(set(scans)) == [f"ttt::{layer_type}_scan", f"ttt::{layer_type}_scan_backward"]
+    assert (logits - eager_logits).abs().max() < 1e-5
+    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(eager_grads, grads))
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])

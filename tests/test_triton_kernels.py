@@ -8,7 +8,7 @@ import torch
 
 import ttt
 from test_model import chunked_prefill_logits, logits_and_gradients, straightforward_then_recomputing
-from ttt import TTT_NORM_EPS, TTTConfig, TTTForCausalLM, TTTLinear, TTTLinearScan
+from ttt import TTTConfig, TTTForCausalLM, TTTLinear, linear_scan_op
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (optional; .ci/run installs it)")
@@ -26,8 +26,8 @@ def kernels(monkeypatch):
     elif DEVICE == "cpu":
         pytest.skip("without a GPU the kernels need TRITON_INTERPRET=1 before Triton is imported (conftest.py)")
     calls = []
-    apply = kernels.TTTLinearTritonScan.apply
-    monkeypatch.setattr(kernels.TTTLinearTritonScan, "apply", lambda *args: calls.append(1) or apply(*args))
+    forward = kernels.linear_scan_forward
+    monkeypatch.setattr(kernels, "linear_scan_forward", lambda *args: calls.append(1) or forward(*args))
     monkeypatch.setattr(kernels, "calls", calls, raising=False)
     return kernels
 
@@ -49,8 +49,9 @@ def relative_error(a, b):
 def test_triton_scan_equals_the_pytorch_scan(kernels, shape, use_final_weights):
     torch.manual_seed(0)
     inputs = scan_inputs(*shape)
-    reference = TTTLinearScan.apply(*inputs)
-    outputs = kernels.TTTLinearTritonScan.apply(*inputs, TTT_NORM_EPS)
+    reference = linear_scan_op(*inputs, keep_starts=True, triton=False)[:3]
+    outputs = linear_scan_op(*inputs, keep_starts=True, triton=True)[:3]
+    assert kernels.calls
     for got, expected in zip(outputs, reference):
         assert relative_error(got, expected) < 1e-5
     weights = [torch.randn_like(t) for t in reference]
