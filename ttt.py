@@ -487,102 +487,90 @@ class TTTBase(nn.Module):
         return state.params, outs
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Recomputing scans: the scan over n full mini-batches keeping only the inner weights at every mini-batch start,
+# with a hand-written backward that recomputes the rest (memory grows with n only through those weights)
+
+# mini-batches whose forward quantities a backward recomputes at once: batched operations, and a working set
+# bounded by the span rather than by n (on a CPU, operations on tensors of every mini-batch at once ran slower)
+SCAN_BACKWARD_SPAN = 16
+
+
+def stacked_per_span(starts):
+    """[the inner weights at each mini-batch start] -> each weight stacked on dim 2 per SCAN_BACKWARD_SPAN
+    mini-batches, [W1 of the first span, b1 of the first span, ..., W1 of the second span, ...], so that the
+    backward reads a span's weights contiguously."""
+    return [torch.stack(p, 2) for i in range(0, len(starts), SCAN_BACKWARD_SPAN)
+            for p in zip(*starts[i:i + SCAN_BACKWARD_SPAN])]
+
+
+def backward_by_spans(backward_through, fields, starts, d_out, gamma, beta, d_params):
+    """The backward of a scan, one span of mini-batches at a time from the last: backward_through(*fields of the
+    span, *its starting weights, its d_out, gamma, beta, d_params after it) returns the span's field gradients,
+    d_params before it, and its share of d_gamma, d_beta. Returns the fields', initial weights', gamma's and
+    beta's gradients."""
+    d_fields, d_gamma, d_beta = [], 0, 0
+    for span_start in reversed(range(0, d_out.shape[2], SCAN_BACKWARD_SPAN)):
+        span = slice(span_start, span_start + SCAN_BACKWARD_SPAN)
+        span_starts = starts[len(d_params) * (span_start // SCAN_BACKWARD_SPAN):][:len(d_params)]
+        d_span, d_params, (d_gamma_span, d_beta_span) = backward_through(
+            *(t[:, :, span] for t in fields), *span_starts, d_out[:, :, span], gamma, beta, d_params)
+        d_fields.append(d_span)
+        d_gamma, d_beta = d_gamma + d_gamma_span, d_beta + d_beta_span
+    return (*(torch.cat(d[::-1], 2) for d in zip(*d_fields)), *d_params, d_gamma, d_beta)
+
+
 def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts):
     """The TTT-Linear scan over n full mini-batches, in PyTorch (the body of the operator ttt::linear_scan).
 
     Inputs (stacked on dim 2): q, k, target (B, H, n, K, f); eta_qk (B, H, n, K, K); e (B, H, n, K, 1), the last
     row of eta (c_{K-1} lr_j), which moves the inner weights; W0 (B, H, f, f), b0 (B, H, 1, f); gamma, beta
     (H, 1, f). Returns Z_bar (B, H, n, K, f), the final W and b, and what the backward reads: the weights at
-    every mini-batch start, W_starts (B, H, n, f, f) and b_starts (B, H, n, 1, f), or empty tensors when
-    keep_starts is False (no backward will run)."""
+    every mini-batch start, stacked per span (stacked_per_span; [] when keep_starts is False: no backward will
+    run)."""
     W, b = W0, b0
-    W_starts, b_starts, outputs = [], [], []
+    starts, outputs = [], []
     for q_i, k_i, t_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta_qk, e))):
         grad = ln_reconstruction_grad(k_i @ W + b, t_i, gamma, beta)
         outputs.append(q_i @ W + b - p_i @ grad)
         if keep_starts:
-            W_starts.append(W)
-            b_starts.append(b)
+            starts.append((W, b))
         e_grad = e_i * grad
         W, b = W - k_i.transpose(-1, -2) @ e_grad, b - e_grad.sum(-2, keepdim=True)
-    if not keep_starts:
-        return torch.stack(outputs, 2), W, b, q.new_empty(0), q.new_empty(0)
-    return torch.stack(outputs, 2), W, b, torch.stack(W_starts, 2), torch.stack(b_starts, 2)
+    return torch.stack(outputs, 2), W, b, stacked_per_span(starts)
 
 
-def linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b):
-    """The backward of linear_scan_forward given the gradients of Z_bar and of the final W and b: recomputes
-    every mini-batch's forward quantities in one batched pass from the saved starting weights, then walks the
-    mini-batches backwards carrying the gradient of the inner weights. Returns the gradients of q, k, target,
-    eta_qk, e, W0, b0, gamma and beta."""
-    gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, n, K, f)
+def linear_backward_through(q, k, target, eta_qk, e, W_starts, b_starts, d_out, gamma, beta, d_params):
+    """The backward of linear_scan_forward over m consecutive mini-batches (inputs stacked on dim 2, W_starts
+    (B, H, m, f, f) and b_starts the saved starting weights), given the gradient of the weights after the last:
+    recomputes their forward quantities at once, walks them backwards carrying the inner weights' gradient,
+    then finishes the input gradients at once. Returns the gradients of q, k, target, eta_qk and e, of the
+    weights before the first mini-batch, and of gamma and beta."""
+    d_W, d_b = d_params
+    gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
     x_hat, std, g, grad = ln_reconstruction_parts(k @ W_starts + b_starts, target, gamma_, beta_)
 
     n = q.shape[2]
-    d_grads, d_zs, d_gs, d_W_afters, d_b_afters = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+    d_e_grads, d_k_updates, d_zs, d_gs = [None] * n, [None] * n, [None] * n, [None] * n
     for i in reversed(range(n)):
         # W_after = W_i - k^T (e * G), b_after = b_i - sum(e * G); Z_bar = q W_i + b_i - P G; z = k W_i + b_i
-        d_W_afters[i], d_b_afters[i] = d_W, d_b
-        d_grad = -e[:, :, i] * (k[:, :, i] @ d_W + d_b) - eta_qk[:, :, i].transpose(-1, -2) @ d_out[:, :, i]
-        d_z, d_gs[i] = ln_reconstruction_grad_vjp(d_grad, x_hat[:, :, i], std[:, :, i], g[:, :, i],
-                                                  grad[:, :, i], gamma)
+        d_e_grads[i] = d_e_grad = -(k[:, :, i] @ d_W + d_b)  # gradient of e * G
+        d_k_updates[i] = (e[:, :, i] * grad[:, :, i]) @ d_W.transpose(-1, -2)
+        d_grad = e[:, :, i] * d_e_grad - eta_qk[:, :, i].transpose(-1, -2) @ d_out[:, :, i]
+        d_zs[i], d_gs[i] = d_z, _ = ln_reconstruction_grad_vjp(d_grad, x_hat[:, :, i], std[:, :, i], g[:, :, i],
+                                                               grad[:, :, i], gamma)
         d_W = d_W + q[:, :, i].transpose(-1, -2) @ d_out[:, :, i] + k[:, :, i].transpose(-1, -2) @ d_z
-        d_b = d_b + d_out[:, :, i].sum(-2, keepdim=True) + d_z.sum(-2, keepdim=True)
-        d_grads[i], d_zs[i] = d_grad, d_z
-    d_grad, d_z, d_g = torch.stack(d_grads, 2), torch.stack(d_zs, 2), torch.stack(d_gs, 2)
-    d_W_after, d_b_after = torch.stack(d_W_afters, 2), torch.stack(d_b_afters, 2)
+        d_b = d_b + (d_out[:, :, i] + d_z).sum(-2, keepdim=True)
+    d_e_grad, d_k_update, d_z, d_g = (torch.stack(d, 2) for d in (d_e_grads, d_k_updates, d_zs, d_gs))
 
     d_q = d_out @ W_starts.transpose(-1, -2)
     d_eta_qk = -d_out @ grad.transpose(-1, -2)
-    d_e_grad = -(k @ d_W_after + d_b_after)  # gradient of e * G
     d_e = (d_e_grad * grad).sum(-1, keepdim=True)
-    d_k = d_z @ W_starts.transpose(-1, -2) - (e * grad) @ d_W_after.transpose(-1, -2)
+    d_k = d_z @ W_starts.transpose(-1, -2) - d_k_update
     d_target = -d_g * gamma_
     d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
     d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
-    return d_q, d_k, d_target, d_eta_qk, d_e, d_W, d_b, d_gamma, d_beta
-
-
-class TTTLinear(TTTBase):
-    """Inner model f(x) = x W1 + b1, per head."""
-
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
-        H, f = self.num_heads, self.head_dim
-        self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, f)))
-        self.b1 = nn.Parameter(torch.zeros(H, 1, f))
-
-    def initial_params(self):
-        return (self.W1, self.b1)
-
-    # Whether the scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps it in PyTorch.
-    triton_scan = True
-
-    def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, keep_starts):
-        triton = self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q)
-        return linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
-
-    def inner_forward(self, params, x):
-        W1, b1 = params
-        return x @ W1 + b1
-
-    def mini_batch_step(self, state, mb):
-        W1, b1 = state.params
-        sums = state.grad_sums or (None, None)
-        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
-        # gradients of every token at the mini-batch's starting weights
-        z1 = mb.k @ W1 + b1
-        grad_z1 = ln_reconstruction_grad(z1, mb.target, gamma, beta)
-        # dual form: Z_bar = Q W_0 + b_0 - (eta * (Q K^T + 1)) G, never materialising each token's W_i
-        z_bar = dense_at_row_weights(mb.q, W1, b1, *sums, mb.c) - mb.eta_qk @ grad_z1
-        lr_grad = mb.lr * grad_z1
-        grad_sums = (mb.k.transpose(-1, -2) @ lr_grad, lr_grad.sum(-2, keepdim=True))
-        return z_bar, state.advance(grad_sums, mb)
-
-
-# mini-batches whose forward quantities the TTT-MLP backward recomputes at once: fewer, larger operations, with
-# memory bounded by the span rather than by n
-MLP_BACKWARD_SPAN = 16
+    return (d_q, d_k, d_target, d_eta_qk, d_e), (d_W, d_b), (d_gamma, d_beta)
 
 
 def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts):
@@ -591,8 +579,7 @@ def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, 
     Inputs (stacked on dim 2): q, k, target (B, H, n, K, f); eta, eta_qk (B, H, n, K, K); e (B, H, n, K, 1), the
     last row of eta; W1 (B, H, f, 4f), b1 (B, H, 1, 4f), W2 (B, H, 4f, f), b2 (B, H, 1, f); gamma, beta
     (H, 1, f). Returns Z_bar (B, H, n, K, f), the final W1, b1, W2, b2, and what the backward reads: the weights
-    at every mini-batch start (n x (8 f^2 + 5 f) per head), stacked per MLP_BACKWARD_SPAN mini-batches so that
-    the backward reads each span's weights contiguously ([W1, b1, W2, b2 of the first span, ...]; empty when
+    at every mini-batch start (n x (8 f^2 + 5 f) per head), stacked per span (stacked_per_span; [] when
     keep_starts is False)."""
     params, starts, outputs = (W1, b1, W2, b2), [], []
     for q_i, k_i, t_i, eta_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta, eta_qk, e))):
@@ -608,29 +595,12 @@ def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, 
         e_grad_z1, e_grad_z2 = e_i * grad_z1, e_i * grad_z2
         params = (W1 - k_i.transpose(-1, -2) @ e_grad_z1, b1 - e_grad_z1.sum(-2, keepdim=True),
                   W2 - x2.transpose(-1, -2) @ e_grad_z2, b2 - e_grad_z2.sum(-2, keepdim=True))
-    starts = [torch.stack(p, 2) for i in range(0, len(starts), MLP_BACKWARD_SPAN)
-              for p in zip(*starts[i:i + MLP_BACKWARD_SPAN])]
-    return torch.stack(outputs, 2), *params, starts
-
-
-def mlp_scan_backward(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, d_W1, d_b1, d_W2, d_b2):
-    """The backward of mlp_scan_forward, one span of mini-batches at a time from the last (mlp_backward_through).
-    Returns the gradients of q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma and beta."""
-    d_params, d_inputs, d_gamma, d_beta = (d_W1, d_b1, d_W2, d_b2), [], 0, 0
-    for span_start in reversed(range(0, q.shape[2], MLP_BACKWARD_SPAN)):
-        span = slice(span_start, span_start + MLP_BACKWARD_SPAN)
-        span_starts = starts[4 * (span_start // MLP_BACKWARD_SPAN):][:4]
-        d_span, d_params, (d_gamma_span, d_beta_span) = mlp_backward_through(
-            *(t[:, :, span] for t in (q, k, target, eta, eta_qk, e)), *span_starts, d_out[:, :, span],
-            gamma, beta, d_params)
-        d_inputs.append(d_span)
-        d_gamma, d_beta = d_gamma + d_gamma_span, d_beta + d_beta_span
-    return (*(torch.cat(d[::-1], 2) for d in zip(*d_inputs)), *d_params, d_gamma, d_beta)
+    return torch.stack(outputs, 2), *params, stacked_per_span(starts)
 
 
 def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, gamma, beta, d_params):
-    """The backward over m consecutive mini-batches (inputs stacked on dim 2, W1 etc. the saved starting
-    weights (B, H, m, ., .)), given the gradient of the weights after the last: recomputes their forward
+    """The backward of mlp_scan_forward over m consecutive mini-batches (inputs stacked on dim 2, W1 etc. the
+    saved starting weights (B, H, m, ., .)), given the gradient of the weights after the last: recomputes their forward
     quantities and the gradients that do not depend on later mini-batches at once, walks them backwards carrying
     the inner weights' gradient, then finishes the input gradients at once. Returns the gradients of q, k,
     target, eta, eta_qk and e, of the weights before the first mini-batch, and of gamma and beta."""
@@ -699,59 +669,78 @@ def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, ga
 Tensor = torch.Tensor
 
 
+def span_starts_like(q, params, keep_starts):
+    """Empty tensors shaped as stacked_per_span's result for stacked mini-batches q and inner weights params."""
+    B, H, n = q.shape[:3]
+    spans = [min(SCAN_BACKWARD_SPAN, n - i) for i in range(0, n, SCAN_BACKWARD_SPAN)] if keep_starts else []
+    return [q.new_empty(B, H, m, *p.shape[-2:]) for m in spans for p in params]
+
+
+def _check_starts_kept(starts):
+    if not starts:
+        raise RuntimeError("a backward through a TTT scan that ran with keep_starts=False (without gradients)")
+
+
 @torch.library.custom_op("ttt::linear_scan", mutates_args=())
 def linear_scan_op(q: Tensor, k: Tensor, target: Tensor, eta_qk: Tensor, e: Tensor, W0: Tensor, b0: Tensor,
                    gamma: Tensor, beta: Tensor, keep_starts: bool, triton: bool
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """linear_scan_forward, or its Triton kernels (ttt_kernels.py) when `triton`."""
+                   ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """linear_scan_forward, or its Triton kernels (ttt_kernels.py) when `triton`, whose starting weights come
+    as one span of n."""
     if triton:
-        return ttt_kernels.linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, TTT_NORM_EPS,
-                                               keep_starts)
+        out, W, b, W_starts, b_starts = ttt_kernels.linear_scan_forward(
+            q, k, target, eta_qk, e, W0, b0, gamma, beta, TTT_NORM_EPS, keep_starts)
+        return out, W, b, [W_starts, b_starts] if keep_starts else []
     return linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts)
 
 
 @linear_scan_op.register_fake
 def _(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts, triton):
-    B, H, n, K, f = q.shape
-    starts = [q.new_empty(B, H, n, *shape) if keep_starts else q.new_empty(0) for shape in ((f, f), (1, f))]
-    return q.new_empty(q.shape), q.new_empty(B, H, f, f), q.new_empty(B, H, 1, f), *starts
+    B, H = q.shape[:2]
+    final = [q.new_empty(B, H, *p.shape[-2:]) for p in (W0, b0)]
+    if triton:
+        starts = [q.new_empty(*q.shape[:3], *p.shape[-2:]) for p in (W0, b0)] if keep_starts else []
+    else:
+        starts = span_starts_like(q, (W0, b0), keep_starts)
+    return q.new_empty(q.shape), *final, starts
 
 
 @torch.library.custom_op("ttt::linear_scan_backward", mutates_args=())
 def linear_scan_backward_op(q: Tensor, k: Tensor, target: Tensor, eta_qk: Tensor, e: Tensor, gamma: Tensor,
-                            beta: Tensor, W_starts: Tensor, b_starts: Tensor, d_out: Tensor, d_W: Tensor,
-                            d_b: Tensor, triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                Tensor, Tensor, Tensor]:
-    """linear_scan_backward, or its Triton kernels when `triton`."""
-    inputs = (q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b)
+                            beta: Tensor, starts: list[Tensor], d_out: Tensor, d_W: Tensor, d_b: Tensor,
+                            triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                   Tensor]:
+    """The gradients of q, k, target, eta_qk, e, W0, b0, gamma and beta: by spans through linear_backward_through,
+    or the Triton kernels when `triton`."""
     if triton:
-        return ttt_kernels.linear_scan_backward(*inputs, TTT_NORM_EPS)
-    return linear_scan_backward(*inputs)
+        return ttt_kernels.linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, *starts, d_out, d_W, d_b,
+                                                TTT_NORM_EPS)
+    return backward_by_spans(linear_backward_through, (q, k, target, eta_qk, e), starts, d_out, gamma, beta,
+                             (d_W, d_b))
 
 
 @linear_scan_backward_op.register_fake
-def _(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b, triton):
+def _(q, k, target, eta_qk, e, gamma, beta, starts, d_out, d_W, d_b, triton):
     return tuple(t.new_empty(t.shape) for t in (q, k, target, eta_qk, e, d_W, d_b, gamma, beta))
 
 
 def _linear_scan_setup_context(ctx, inputs, output):
     q, k, target, eta_qk, e, _, _, gamma, beta, _, triton = inputs
-    W_starts, b_starts = output[3:]
-    ctx.mark_non_differentiable(W_starts, b_starts)
+    starts = output[3]
+    ctx.mark_non_differentiable(*starts)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts)
+    ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, *starts)
     ctx.triton = triton
 
 
-def _linear_scan_backward(ctx, d_out, d_W, d_b, _, __):
-    q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts = ctx.saved_tensors
-    _check_starts_kept([W_starts])
+def _linear_scan_backward(ctx, d_out, d_W, d_b, _):
+    q, k, target, eta_qk, e, gamma, beta, *starts = ctx.saved_tensors
+    _check_starts_kept(starts)
     B, H, _, _, f = q.shape
     d_out = torch.zeros_like(q) if d_out is None else d_out
     d_W = q.new_zeros(B, H, f, f) if d_W is None else d_W
     d_b = q.new_zeros(B, H, 1, f) if d_b is None else d_b
-    grads = linear_scan_backward_op(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b,
-                                    ctx.triton)
+    grads = linear_scan_backward_op(q, k, target, eta_qk, e, gamma, beta, starts, d_out, d_W, d_b, ctx.triton)
     return (*grads, None, None)
 
 
@@ -768,10 +757,9 @@ def mlp_scan_op(q: Tensor, k: Tensor, target: Tensor, eta: Tensor, eta_qk: Tenso
 
 @mlp_scan_op.register_fake
 def _(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts):
-    B, H, n, K, f = q.shape
-    spans = [min(MLP_BACKWARD_SPAN, n - i) for i in range(0, n, MLP_BACKWARD_SPAN)] if keep_starts else []
-    starts = [q.new_empty(B, H, m, *p.shape[-2:]) for m in spans for p in (W1, b1, W2, b2)]
-    return q.new_empty(q.shape), *(q.new_empty(B, H, *p.shape[-2:]) for p in (W1, b1, W2, b2)), starts
+    params = (W1, b1, W2, b2)
+    final = [q.new_empty(*q.shape[:2], *p.shape[-2:]) for p in params]
+    return q.new_empty(q.shape), *final, span_starts_like(q, params, keep_starts)
 
 
 @torch.library.custom_op("ttt::mlp_scan_backward", mutates_args=())
@@ -780,8 +768,10 @@ def mlp_scan_backward_op(q: Tensor, k: Tensor, target: Tensor, eta: Tensor, eta_
                          d_b1: Tensor, d_W2: Tensor, d_b2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                             Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                             Tensor, Tensor]:
-    """mlp_scan_backward."""
-    return mlp_scan_backward(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, d_W1, d_b1, d_W2, d_b2)
+    """The gradients of q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma and beta, by spans through
+    mlp_backward_through."""
+    return backward_by_spans(mlp_backward_through, (q, k, target, eta, eta_qk, e), starts, d_out, gamma, beta,
+                             (d_W1, d_b1, d_W2, d_b2))
 
 
 @mlp_scan_backward_op.register_fake
@@ -810,9 +800,41 @@ def _mlp_scan_backward(ctx, d_out, d_W1, d_b1, d_W2, d_b2, _):
 mlp_scan_op.register_autograd(_mlp_scan_backward, setup_context=_mlp_scan_setup_context)
 
 
-def _check_starts_kept(starts):
-    if not starts or starts[0].numel() == 0:
-        raise RuntimeError("a backward through a TTT scan that ran with keep_starts=False (without gradients)")
+class TTTLinear(TTTBase):
+    """Inner model f(x) = x W1 + b1, per head."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        H, f = self.num_heads, self.head_dim
+        self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, f)))
+        self.b1 = nn.Parameter(torch.zeros(H, 1, f))
+
+    def initial_params(self):
+        return (self.W1, self.b1)
+
+    # Whether the scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps it in PyTorch.
+    triton_scan = True
+
+    def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, keep_starts):
+        triton = self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q)
+        return linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
+
+    def inner_forward(self, params, x):
+        W1, b1 = params
+        return x @ W1 + b1
+
+    def mini_batch_step(self, state, mb):
+        W1, b1 = state.params
+        sums = state.grad_sums or (None, None)
+        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
+        # gradients of every token at the mini-batch's starting weights
+        z1 = mb.k @ W1 + b1
+        grad_z1 = ln_reconstruction_grad(z1, mb.target, gamma, beta)
+        # dual form: Z_bar = Q W_0 + b_0 - (eta * (Q K^T + 1)) G, never materialising each token's W_i
+        z_bar = dense_at_row_weights(mb.q, W1, b1, *sums, mb.c) - mb.eta_qk @ grad_z1
+        lr_grad = mb.lr * grad_z1
+        grad_sums = (mb.k.transpose(-1, -2) @ lr_grad, lr_grad.sum(-2, keepdim=True))
+        return z_bar, state.advance(grad_sums, mb)
 
 
 class TTTMLP(TTTBase):

@@ -285,17 +285,20 @@ def scan_inputs(B, H, n, K, f, hidden):
             (torch.rand(H, 1, f, dtype=torch.float64) + 0.5).requires_grad_(), make(H, 1, f))
 
 
-def test_fast_linear_scan_gradcheck():
+# 5 mini-batches: the backward runs over spans of 2, 2 and 1 mini-batches, or one span of 5
+@pytest.mark.parametrize("span", [2, 16])
+def test_fast_linear_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
-    q, k, target, _, eta_qk, e, W1, b1, gamma, beta = scan_inputs(1, 2, 3, 4, 5, hidden=[])
+    monkeypatch.setattr(ttt, "SCAN_BACKWARD_SPAN", span)
+    q, k, target, _, eta_qk, e, W1, b1, gamma, beta = scan_inputs(1, 2, 5, 4, 3, hidden=[])
     scan = lambda *inputs: linear_scan_op(*inputs, keep_starts=True, triton=False)[:3]  # noqa: E731
     assert torch.autograd.gradcheck(scan, (q, k, target, eta_qk, e, W1, b1, gamma, beta), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("span", [2, 16])  # 5 mini-batches: backward spans of 2, 2, 1, or one of 5
+@pytest.mark.parametrize("span", [2, 16])
 def test_fast_mlp_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
-    monkeypatch.setattr(ttt, "MLP_BACKWARD_SPAN", span)
+    monkeypatch.setattr(ttt, "SCAN_BACKWARD_SPAN", span)
     scan = lambda *inputs: mlp_scan_op(*inputs, keep_starts=True)[:5]  # noqa: E731
     assert torch.autograd.gradcheck(scan, scan_inputs(1, 2, 5, 4, 3, hidden=[12]), eps=1e-6, atol=1e-5)
 
