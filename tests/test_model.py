@@ -289,7 +289,7 @@ def scan_inputs(B, H, n, K, f, hidden):
 @pytest.mark.parametrize("span", [2, 16])
 def test_fast_linear_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
-    monkeypatch.setattr(ttt, "SCAN_BACKWARD_SPAN", span)
+    monkeypatch.setattr(ttt, "MAX_SPAN", span)
     q, k, target, _, eta_qk, e, W1, b1, gamma, beta = scan_inputs(1, 2, 5, 4, 3, hidden=[])
     scan = lambda *inputs: linear_scan_op(*inputs, keep_starts=True, triton=False)[:3]  # noqa: E731
     assert torch.autograd.gradcheck(scan, (q, k, target, eta_qk, e, W1, b1, gamma, beta), eps=1e-6, atol=1e-5)
@@ -298,9 +298,18 @@ def test_fast_linear_scan_gradcheck(monkeypatch, span):
 @pytest.mark.parametrize("span", [2, 16])
 def test_fast_mlp_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
-    monkeypatch.setattr(ttt, "SCAN_BACKWARD_SPAN", span)
+    monkeypatch.setattr(ttt, "MAX_SPAN", span)
     scan = lambda *inputs: mlp_scan_op(*inputs, keep_starts=True)[:5]  # noqa: E731
     assert torch.autograd.gradcheck(scan, scan_inputs(1, 2, 5, 4, 3, hidden=[12]), eps=1e-6, atol=1e-5)
+
+
+def test_second_derivatives_through_the_scans_raise_instead_of_vanishing():
+    torch.manual_seed(0)
+    q, k, target, eta, eta_qk, e, *rest = scan_inputs(1, 2, 3, 4, 5, hidden=[20])
+    out = mlp_scan_op(q, k, target, eta, eta_qk, e, *rest, keep_starts=True)[0]
+    d_q, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        d_q.sum().backward()
 
 
 def test_gelu_tanh_derivatives():
