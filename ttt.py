@@ -294,8 +294,10 @@ class TTTBase(nn.Module):
     rate eta, RoPE inside each mini-batch, the inner model's mini-batch scan, post LayerNorm, optional gate, o_proj.
 
     Subclasses are the inner models: `initial_params()` gives theta_0 (the learnable initial hidden state),
-    `inner_forward(params, x)` is f_W(x), and `mini_batch_step(state, mb)` returns Z_bar, the pre-LayerNorm
-    outputs f_{W_i}(q_i) of every row of one mini-batch in the dual form, and the next InnerState."""
+    `inner_forward(params, x)` is f_W(x), `mini_batch_step(state, mb)` returns Z_bar, the pre-LayerNorm
+    outputs f_{W_i}(q_i) of every row of one mini-batch in the dual form, and the next InnerState, and
+    `recomputing_scan_of(q, k, target, eta, eta_qk, e, *params, gamma, beta, keep_starts=)` runs the recomputing
+    scan over stacked full mini-batches (float32), returning Z_bar and the final params."""
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__()
@@ -441,7 +443,7 @@ class TTTBase(nn.Module):
         with torch.autocast(stacked.q.device.type, enabled=False):  # the inner state stays float32
             inputs = [t.float() for t in (stacked.q, stacked.k, stacked.target, stacked.eta, stacked.eta_qk, e,
                                           *state.params, gamma, beta)]
-            # only a backward reads the weights at each mini-batch start (needs_input_grad ignores no_grad)
+            # only a backward reads the weights at each mini-batch start: no need to keep them without one
             keep_starts = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
             out, *params = self.recomputing_scan_of(*inputs, keep_starts=keep_starts)
         dtype = state.params[0].dtype
