@@ -336,6 +336,17 @@ def test_torch_compile_takes_the_whole_model_with_each_scan_as_one_operator(laye
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_gradient_checkpointing_keeps_the_gradients_of_the_recomputing_scans(layer_type):
+    model = small_model(ttt_layer_type=layer_type)
+    ids = torch.randint(0, 97, (2, 8 * 5 + 3))
+    logits, grads = logits_and_gradients(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed_logits, checkpointed_grads = logits_and_gradients(model, ids)
+    assert (logits - checkpointed_logits).abs().max() < 1e-6
+    assert all((a - b).abs().max() <= 1e-6 * a.abs().max() + 1e-8 for a, b in zip(grads, checkpointed_grads))
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
 def test_recomputing_scan_through_the_cache_matches_the_straightforward_loop(monkeypatch, layer_type):
     model = small_model(ttt_layer_type=layer_type, pre_conv=True, share_qk=True).eval()
     ids = torch.randint(0, 97, (2, 45))
