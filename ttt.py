@@ -197,9 +197,7 @@ def rotate_interleaved(x, cos, sin):
 
 def ln_fwd(z, gamma, beta):
     """Per-head LayerNorm over f. z: (..., H, k, f); gamma, beta: (H, 1, f)."""
-    mu = z.mean(-1, keepdim=True)
-    var = z.var(-1, keepdim=True, unbiased=False)
-    return gamma * (z - mu) / torch.sqrt(var + TTT_NORM_EPS) + beta
+    return F.layer_norm(z, z.shape[-1:], eps=TTT_NORM_EPS) * gamma + beta
 
 
 def ln_reconstruction_parts(z, target, gamma, beta):
