@@ -4,7 +4,7 @@ One program per (batch, head) walks the mini-batches in order and keeps the inne
 registers, so a whole layer's scan is one launch forward instead of a dozen kernels per mini-batch. The backward
 is two launches: the sequential walk back carrying the weights' gradient (the least work per mini-batch that
 the carry needs), then every mini-batch's input gradients in parallel. The arithmetic is that of
-`linear_scan_forward` and `linear_scan_backward` in `ttt.py`, written per mini-batch:
+`linear_scan_forward` and `linear_backward_through` in `ttt.py`, written per mini-batch:
 
     forward   z = k W + b,  G = dl/dz of l = 1/2 ||LN(z) - target||^2,  Z_bar = q W + b - eta_qk G,
               W <- W - k^T (e * G),  b <- b - sum_rows(e * G)
@@ -177,8 +177,10 @@ def _precision() -> str:
 
 
 def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts):
-    """linear_scan_forward of ttt.py (same inputs, plus the LayerNorm eps, and results) in one kernel launch.
-    Float32 inputs; matrix products in TF32 unless PyTorch's float32 matmul precision is "highest"."""
+    """linear_scan_forward of ttt.py (same inputs, plus the LayerNorm eps) in one kernel launch; the weights at
+    every mini-batch start come as one span, W_starts (B, H, n, f, f) and b_starts (B, H, n, 1, f), or as empty
+    tensors when keep_starts is False. Float32 inputs; matrix products in TF32 unless PyTorch's float32 matmul
+    precision is "highest"."""
     q, k, target, eta_qk, e, W0, b0, gamma, beta = (
         t.contiguous() for t in (q, k, target, eta_qk, e, W0, b0, gamma, beta))
     B, H, n, K, f = q.shape
@@ -194,8 +196,10 @@ def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_
 
 
 def linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b, eps):
-    """linear_scan_backward of ttt.py (same inputs, plus the LayerNorm eps, and results): a sequential launch
-    carrying the weights' gradient backwards, then one parallel launch over all mini-batches for the inputs'."""
+    """The backward of linear_scan_forward, given the gradients of Z_bar and of the final W and b: the gradients of
+    q, k, target, eta_qk, e, W0, b0, gamma and beta, as ttt.py's operator ttt::linear_scan_backward returns them.
+    A sequential launch carries the weights' gradient backwards, then one parallel launch over all mini-batches
+    computes the inputs'."""
     q, k, target, eta_qk, e, gamma, beta, d_out, d_W, d_b = (
         t.contiguous() for t in (q, k, target, eta_qk, e, gamma, beta, d_out, d_W, d_b))
     B, H, n, K, f = q.shape
