@@ -824,7 +824,8 @@ class TTTLinear(TTTBase):
     # Whether the scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps it in PyTorch.
     triton_scan = True
 
-    def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, keep_starts):
+    def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, *, keep_starts):
+        # eta is unused: TTT-Linear's dual form needs only eta_qk
         triton = self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q)
         return linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
 
