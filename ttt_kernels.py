@@ -46,6 +46,24 @@ def _tile_offsets(K: tl.constexpr, F: tl.constexpr):
 
 
 @triton.jit
+def _load_norm(gamma_ptr, beta_ptr, h, cols, F: tl.constexpr):
+    """Head h's LayerNorm weight and bias, (1, F) each."""
+    return tl.load(gamma_ptr + h * F + cols)[None, :], tl.load(beta_ptr + h * F + cols)[None, :]
+
+
+@triton.jit
+def _load_weights(w_ptr, b_ptr, index, ff, cols, F: tl.constexpr):
+    """The index-th (F, F) weight and (1, F) bias of row-major stacks of them (or of their gradients)."""
+    return tl.load(w_ptr + index * F * F + ff), tl.load(b_ptr + index * F + cols)[None, :]
+
+
+@triton.jit
+def _store_weights(w_ptr, b_ptr, index, W, b, ff, cols, F: tl.constexpr):
+    tl.store(w_ptr + index * F * F + ff, W)
+    tl.store(b_ptr + index * F + cols[None, :], b)
+
+
+@triton.jit
 def _ln_reconstruction(z, target, gamma, beta, eps, F: tl.constexpr):
     """x_hat, std, g = (LN(z) - target) * gamma and G = dl/dz, row-wise over the F features (ln_reconstruction_parts
     in ttt.py)."""
@@ -64,9 +82,8 @@ def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, g
                   K: tl.constexpr, F: tl.constexpr, PRECISION: tl.constexpr, KEEP_STARTS: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     rows, cols, kf, kk, ff = _tile_offsets(K, F)
-    gamma, beta = tl.load(gamma_ptr + (bh % H) * F + cols)[None, :], tl.load(beta_ptr + (bh % H) * F + cols)[None, :]
-    W = tl.load(w0_ptr + bh * F * F + ff)
-    b = tl.load(b0_ptr + bh * F + cols)[None, :]
+    gamma, beta = _load_norm(gamma_ptr, beta_ptr, bh % H, cols, F)
+    W, b = _load_weights(w0_ptr, b0_ptr, bh, ff, cols, F)
     for i in range(n):
         mb = bh * n + i
         q = tl.load(q_ptr + mb * K * F + kf)
@@ -75,8 +92,7 @@ def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, g
         eta_qk = tl.load(eta_qk_ptr + mb * K * K + kk)
         e = tl.load(e_ptr + mb * K + rows)[:, None]
         if KEEP_STARTS:  # for the backward
-            tl.store(w_starts_ptr + mb * F * F + ff, W)
-            tl.store(b_starts_ptr + mb * F + cols[None, :], b)
+            _store_weights(w_starts_ptr, b_starts_ptr, mb, W, b, ff, cols, F)
 
         z = tl.dot(k, W, input_precision=PRECISION) + b
         _, _, _, grad = _ln_reconstruction(z, target, gamma, beta, eps, F)
@@ -86,8 +102,7 @@ def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, g
         e_grad = e * grad
         W -= tl.dot(tl.trans(k), e_grad, input_precision=PRECISION)
         b -= tl.sum(e_grad, 0)[None, :]
-    tl.store(w_last_ptr + bh * F * F + ff, W)
-    tl.store(b_last_ptr + bh * F + cols[None, :], b)
+    _store_weights(w_last_ptr, b_last_ptr, bh, W, b, ff, cols, F)
 
 
 @triton.jit
@@ -118,25 +133,22 @@ def _scan_backward_carry(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr,
     carrying dW, db, and saves them as each mini-batch's d W_after, d b_after for _scan_backward_inputs."""
     bh = tl.program_id(0).to(tl.int64)
     rows, cols, kf, kk, ff = _tile_offsets(K, F)
-    gamma, beta = tl.load(gamma_ptr + (bh % H) * F + cols)[None, :], tl.load(beta_ptr + (bh % H) * F + cols)[None, :]
-    dW = tl.load(d_w_last_ptr + bh * F * F + ff)
-    db = tl.load(d_b_last_ptr + bh * F + cols)[None, :]
+    gamma, beta = _load_norm(gamma_ptr, beta_ptr, bh % H, cols, F)
+    dW, db = _load_weights(d_w_last_ptr, d_b_last_ptr, bh, ff, cols, F)
     for j in range(n):
         mb = bh * n + (n - 1 - j)
         q = tl.load(q_ptr + mb * K * F + kf)
         k = tl.load(k_ptr + mb * K * F + kf)
         d_out = tl.load(d_out_ptr + mb * K * F + kf)
+        W, b = _load_weights(w_starts_ptr, b_starts_ptr, mb, ff, cols, F)
         _, _, _, _, d_z = _mini_batch_backward(
             q, k, tl.load(target_ptr + mb * K * F + kf), tl.load(eta_qk_ptr + mb * K * K + kk),
-            tl.load(e_ptr + mb * K + rows)[:, None], tl.load(w_starts_ptr + mb * F * F + ff),
-            tl.load(b_starts_ptr + mb * F + cols)[None, :], d_out, dW, db, gamma, beta, eps, F, PRECISION)
-        tl.store(d_w_afters_ptr + mb * F * F + ff, dW)
-        tl.store(d_b_afters_ptr + mb * F + cols[None, :], db)
+            tl.load(e_ptr + mb * K + rows)[:, None], W, b, d_out, dW, db, gamma, beta, eps, F, PRECISION)
+        _store_weights(d_w_afters_ptr, d_b_afters_ptr, mb, dW, db, ff, cols, F)
         dW += tl.dot(tl.trans(q), d_out, input_precision=PRECISION) + tl.dot(tl.trans(k), d_z,
                                                                                 input_precision=PRECISION)
         db += tl.sum(d_out, 0)[None, :] + tl.sum(d_z, 0)[None, :]
-    tl.store(d_w0_ptr + bh * F * F + ff, dW)
-    tl.store(d_b0_ptr + bh * F + cols[None, :], db)
+    _store_weights(d_w0_ptr, d_b0_ptr, bh, dW, db, ff, cols, F)
 
 
 @triton.jit
@@ -149,17 +161,15 @@ def _scan_backward_inputs(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr
     mb = tl.program_id(0).to(tl.int64)
     h = (mb // n) % H
     rows, cols, kf, kk, ff = _tile_offsets(K, F)
-    gamma = tl.load(gamma_ptr + h * F + cols)[None, :]
-    beta = tl.load(beta_ptr + h * F + cols)[None, :]
+    gamma, beta = _load_norm(gamma_ptr, beta_ptr, h, cols, F)
     k = tl.load(k_ptr + mb * K * F + kf)
     target = tl.load(target_ptr + mb * K * F + kf)
     e = tl.load(e_ptr + mb * K + rows)[:, None]
-    W = tl.load(w_starts_ptr + mb * F * F + ff)
+    W, b = _load_weights(w_starts_ptr, b_starts_ptr, mb, ff, cols, F)
     d_out = tl.load(d_out_ptr + mb * K * F + kf)
-    dW = tl.load(d_w_afters_ptr + mb * F * F + ff)
+    dW, db = _load_weights(d_w_afters_ptr, d_b_afters_ptr, mb, ff, cols, F)
     x_hat, grad, d_e_grad, d_g, d_z = _mini_batch_backward(
-        tl.load(q_ptr + mb * K * F + kf), k, target, tl.load(eta_qk_ptr + mb * K * K + kk), e, W,
-        tl.load(b_starts_ptr + mb * F + cols)[None, :], d_out, dW, tl.load(d_b_afters_ptr + mb * F + cols)[None, :],
+        tl.load(q_ptr + mb * K * F + kf), k, target, tl.load(eta_qk_ptr + mb * K * K + kk), e, W, b, d_out, dW, db,
         gamma, beta, eps, F, PRECISION)
     tl.store(d_q_ptr + mb * K * F + kf, tl.dot(d_out, tl.trans(W), input_precision=PRECISION))
     tl.store(d_eta_qk_ptr + mb * K * K + kk, -tl.dot(d_out, tl.trans(grad), input_precision=PRECISION))
