@@ -557,13 +557,14 @@ def linear_backward_through(q, k, target, eta_qk, e, W_starts, b_starts, d_out, 
     d_W, d_b = d_params
     gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
     x_hat, std, g, grad = ln_reconstruction_parts(k @ W_starts + b_starts, target, gamma_, beta_)
+    e_grad = e * grad
 
     m = q.shape[2]
     d_e_grads, d_k_updates, d_zs, d_gs = ([None] * m for _ in range(4))
     for i in reversed(range(m)):
         # W_after = W_i - k^T (e * G), b_after = b_i - sum(e * G); Z_bar = q W_i + b_i - P G; z = k W_i + b_i
         d_e_grads[i] = d_e_grad = -(k[:, :, i] @ d_W + d_b)  # gradient of e * G
-        d_k_updates[i] = (e[:, :, i] * grad[:, :, i]) @ d_W.transpose(-1, -2)
+        d_k_updates[i] = e_grad[:, :, i] @ d_W.transpose(-1, -2)
         d_grad = e[:, :, i] * d_e_grad - eta_qk[:, :, i].transpose(-1, -2) @ d_out[:, :, i]
         d_zs[i], d_gs[i] = d_z, _ = ln_reconstruction_grad_vjp(d_grad, x_hat[:, :, i], std[:, :, i], g[:, :, i],
                                                                grad[:, :, i], gamma)
@@ -685,9 +686,28 @@ def span_starts_like(q, params, keep_starts):
     return [q.new_empty(B, H, m, *p.shape[-2:]) for m in spans for p in params]
 
 
-def _check_starts_kept(starts):
+def _keep_for_backward(ctx, inputs, params, starts):
+    """setup_context of both scans: keeps the inputs their backward reads and the weights at the mini-batch
+    starts (outputs without a gradient of their own), and the shapes of the final weights, whose gradients stay
+    None where none reached them."""
+    ctx.mark_non_differentiable(*starts)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs, *starts)
+    ctx.num_inputs = len(inputs)
+    ctx.param_shapes = [(*inputs[0].shape[:2], *p.shape[-2:]) for p in params]
+
+
+def _kept_and_gradients(ctx, d_out, d_params):
+    """What _keep_for_backward kept, (inputs, starts), and the gradients of Z_bar and of the final weights, zeros
+    where none reached them."""
+    saved = ctx.saved_tensors  # once: activation checkpointing allows a single unpack
+    inputs, starts = saved[:ctx.num_inputs], list(saved[ctx.num_inputs:])
     if not starts:
         raise RuntimeError("a backward through a TTT scan that ran with keep_starts=False (without gradients)")
+    q = inputs[0]
+    d_out = torch.zeros_like(q) if d_out is None else d_out
+    d_params = [q.new_zeros(shape) if d is None else d for d, shape in zip(d_params, ctx.param_shapes)]
+    return inputs, starts, d_out, d_params
 
 
 @torch.library.custom_op("ttt::linear_scan", mutates_args=())
@@ -734,23 +754,14 @@ def _(q, k, target, eta_qk, e, gamma, beta, starts, d_out, d_W, d_b, triton):
 
 
 def _linear_scan_setup_context(ctx, inputs, output):
-    q, k, target, eta_qk, e, _, _, gamma, beta, _, triton = inputs
-    starts = output[3]
-    ctx.mark_non_differentiable(*starts)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, target, eta_qk, e, gamma, beta, *starts)
+    q, k, target, eta_qk, e, W0, b0, gamma, beta, _, triton = inputs
+    _keep_for_backward(ctx, (q, k, target, eta_qk, e, gamma, beta), (W0, b0), output[3])
     ctx.triton = triton
 
 
 def _linear_scan_backward(ctx, d_out, d_W, d_b, _):
-    q, k, target, eta_qk, e, gamma, beta, *starts = ctx.saved_tensors
-    _check_starts_kept(starts)
-    B, H, _, _, f = q.shape
-    d_out = torch.zeros_like(q) if d_out is None else d_out
-    d_W = q.new_zeros(B, H, f, f) if d_W is None else d_W
-    d_b = q.new_zeros(B, H, 1, f) if d_b is None else d_b
-    grads = linear_scan_backward_op(q, k, target, eta_qk, e, gamma, beta, starts, d_out, d_W, d_b, ctx.triton)
-    return (*grads, None, None)
+    inputs, starts, d_out, d_params = _kept_and_gradients(ctx, d_out, (d_W, d_b))
+    return (*linear_scan_backward_op(*inputs, starts, d_out, *d_params, ctx.triton), None, None)
 
 
 linear_scan_op.register_autograd(_linear_scan_backward, setup_context=_linear_scan_setup_context)
@@ -790,20 +801,12 @@ def _(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, d_W1, d_b1, d_W2
 
 def _mlp_scan_setup_context(ctx, inputs, output):
     q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, _ = inputs
-    starts = output[5]
-    ctx.mark_non_differentiable(*starts)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, target, eta, eta_qk, e, gamma, beta, *starts)
-    ctx.param_shapes = [(*q.shape[:2], *p.shape[-2:]) for p in (W1, b1, W2, b2)]
+    _keep_for_backward(ctx, (q, k, target, eta, eta_qk, e, gamma, beta), (W1, b1, W2, b2), output[5])
 
 
 def _mlp_scan_backward(ctx, d_out, d_W1, d_b1, d_W2, d_b2, _):
-    q, k, target, eta, eta_qk, e, gamma, beta, *starts = ctx.saved_tensors
-    _check_starts_kept(starts)
-    d_out = torch.zeros_like(q) if d_out is None else d_out
-    d_params = [q.new_zeros(shape) if d is None else d for d, shape in zip((d_W1, d_b1, d_W2, d_b2),
-                                                                          ctx.param_shapes)]
-    return (*mlp_scan_backward_op(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, *d_params), None)
+    inputs, starts, d_out, d_params = _kept_and_gradients(ctx, d_out, (d_W1, d_b1, d_W2, d_b2))
+    return (*mlp_scan_backward_op(*inputs, starts, d_out, *d_params), None)
 
 
 mlp_scan_op.register_autograd(_mlp_scan_backward, setup_context=_mlp_scan_setup_context)
