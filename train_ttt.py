@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("performance (train_gpu_optimized.py turns these on)")
     g.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the model with torch.compile (inductor)")
+    g.add_argument("--torch_compile_mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode: 'reduce-overhead' replays each step as CUDA graphs, which pays off "
+                        "when kernel launches dominate (small per-device batches); needs --torch_compile")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
                    help="TF32 tensor-core matmuls for float32 work on Ampere and newer GPUs")
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -146,6 +150,8 @@ def check_args(args, parser):
         parser.error(f"--data_prefetch must be >= 0, got {args.data_prefetch}")
     if args.pin_memory and not args.data_prefetch:
         parser.error("--pin_memory pins batches prepared ahead: give --data_prefetch > 0 too")
+    if args.torch_compile_mode != "default" and not args.torch_compile:
+        parser.error(f"--torch_compile_mode {args.torch_compile_mode} needs --torch_compile")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
 

@@ -5,7 +5,9 @@ speed issue. Each measurement runs in its own process so that its peak memory is
     python bench/speed.py --only b c           # some workloads
     python bench/speed.py --only d e --compile # training steps under torch.compile, as the GPU trainer runs
                                                # (without the straightforward loops, which it would unroll)
+    python bench/speed.py --only d e --compile reduce-overhead   # ... and CUDA graphs
     python bench/speed.py --run b --model ttt-linear --seq_length 512 --batch_size 4   # one measurement, JSON
+    python bench/speed.py --run d --size 125m --seq_length 2048 --batch_size 1 --profile  # ... and its profile
 
 Workloads: (a) the TTT inner loop alone (the scan over the mini-batches of one layer, 12 heads of 64, B=4,
 T=2048), forward and forward+backward; (b) a training step (forward, backward, AdamW) of the tiny model, T=512,
@@ -63,19 +65,45 @@ def autocast(args):
     return torch.autocast(device(), dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
-def timed(fn, warmup, repeats, budget_s=15.0):
-    """Median seconds of `repeats` calls after `warmup` (a GPU needs a few to compile kernels and raise its
-    clocks); slow cases stop early once past `budget_s`, after at least 3 calls."""
-    for _ in range(warmup):
+def timed(fn, args, budget_s=15.0):
+    """Median seconds of `args.repeats` calls after `args.warmup` (a GPU needs a few to compile kernels and raise
+    its clocks); slow cases stop early once past `budget_s`, after at least 3 calls. With --profile, one more call
+    runs under torch.profiler and its busiest operators go to stderr."""
+    for _ in range(args.warmup):
         fn()
     times = []
-    while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
+    while len(times) < args.repeats and (len(times) < 3 or sum(times) < budget_s):
         synchronize()
         start = time.perf_counter()
         fn()
         synchronize()
         times.append(time.perf_counter() - start)
+    if args.profile:
+        print_profile(fn)
     return statistics.median(times)
+
+
+def print_profile(fn):
+    """The operators of one call by their own time on the device (GPU) or CPU, and how much of the call's wall
+    time the device was busy: far under 100% means the step waits on Python and kernel launches."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        wall_s = time.perf_counter() - start
+    events = profile.key_averages()
+    sort_by = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(events.table(sort_by=sort_by, row_limit=30), file=sys.stderr)
+    if torch.cuda.is_available():
+        kernels = [e for e in profile.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+        busy_s = sum(kernel.device_time_total for kernel in kernels) / 1e6
+        print(f"device busy {busy_s * 1e3:.1f} ms of {wall_s * 1e3:.1f} ms wall ({busy_s / wall_s:.0%}, "
+              f"profiler overhead included)", file=sys.stderr)
 
 
 def select_scan(name):
@@ -114,8 +142,8 @@ def run_inner_loop(args):
         forward().square().mean().backward()
 
     with torch.no_grad():
-        forward_s = timed(forward, args.warmup, args.repeats)
-    train_s = timed(forward_backward, args.warmup, args.repeats)
+        forward_s = timed(forward, args)
+    train_s = timed(forward_backward, args)
     tokens = B * args.seq_length
     return {"forward_tokens_per_sec": tokens / forward_s, "train_tokens_per_sec": tokens / train_s}
 
@@ -124,7 +152,7 @@ def run_train_step(args):
     model = build_model(args.model, args.size).to(device()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=args.compile)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_length), device=device())
 
     def step():
@@ -134,7 +162,7 @@ def run_train_step(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    tokens_per_sec = args.batch_size * args.seq_length / timed(step, args.warmup, args.repeats)
+    tokens_per_sec = args.batch_size * args.seq_length / timed(step, args)
     result = {"train_tokens_per_sec": tokens_per_sec}
     if gpu_peak_tflops():
         num_params = sum(p.numel() for p in model.parameters())
@@ -192,8 +220,12 @@ def main():
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--seq_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model for the training-step workloads, as train_gpu_optimized.py does")
+    parser.add_argument("--compile", nargs="?", const="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile the model for the training-step workloads, in this mode (default: "
+                             "'default', as train_gpu_optimized.py does; 'reduce-overhead' adds CUDA graphs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one call of each measurement and print its busiest operators to stderr")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
                         help="float32, or bf16 autocast with TF32 (default: bf16 on a GPU, fp32 on the CPU)")
     args = parser.parse_args()
@@ -204,7 +236,8 @@ def main():
     if args.run:
         return measure(args)
 
-    print(f"machine: {machine()}, precision {args.precision}{', torch.compile' if args.compile else ''}\n")
+    compiled = f", torch.compile ({args.compile})" if args.compile else ""
+    print(f"machine: {machine()}, precision {args.precision}{compiled}\n")
     print("| workload | model | size | T x B | tokens/s | x straightforward | MFU | peak memory (MB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     default = [w for w in WORKLOADS if w != "e" or torch.cuda.is_available()]
@@ -216,7 +249,8 @@ def main():
             if args.compile and case["model"].endswith("-straightforward"):
                 continue  # torch.compile would unroll its loop over the mini-batches: minutes per length
             command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats),
-                       "--warmup", str(args.warmup), "--precision", args.precision, *(["--compile"] * args.compile),
+                       "--warmup", str(args.warmup), "--precision", args.precision,
+                       *(["--compile", args.compile] if args.compile else []), *(["--profile"] * args.profile),
                        "--model", case["model"], "--size", case.get("size", "tiny"),
                        "--seq_length", str(case["seq_length"]), "--batch_size", str(case["batch_size"])]
             done = subprocess.run(command, capture_output=True, text=True)

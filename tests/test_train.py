@@ -256,6 +256,24 @@ def test_bad_model_flag(tmp_path, capsys):
     fails(capsys, "--mini_batch_size", "0", "--output_dir", str(tmp_path / "o"), match="mini_batch_size")
 
 
+def test_compile_mode_needs_compile(tmp_path, capsys):
+    fails(capsys, "--torch_compile_mode", "reduce-overhead", "--output_dir", str(tmp_path / "o"),
+          match="--torch_compile_mode reduce-overhead needs --torch_compile")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, backend, mode", [
+    ([], "NO", "default"),
+    (["--torch_compile"], "INDUCTOR", "default"),
+    (["--torch_compile", "--torch_compile_mode", "reduce-overhead"], "INDUCTOR", "reduce-overhead")])
+def test_compile_flags_reach_accelerate(flags, backend, mode, monkeypatch):
+    from ttt_train.loop import compile_plugin
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # as an `accelerate launch` config may set it
+    plugin = compile_plugin(train_ttt.parse_args([*FAST, *flags]))
+    assert (plugin.backend.name, plugin.mode) == (backend, mode)
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     fails(capsys, "--resume_from_checkpoint", str(tmp_path / "checkpoint-7"), "--output_dir", str(tmp_path / "o"),
           match="does not exist")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import TorchDynamoPlugin, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -116,6 +116,12 @@ def describe_changes(args, saved_args: dict) -> str:
     return ", ".join(changes)
 
 
+def compile_plugin(args) -> TorchDynamoPlugin:
+    """How Accelerate compiles the model: inductor in --torch_compile_mode, or not at all (explicitly, so that an
+    `accelerate launch` config's dynamo settings cannot turn compilation on behind the flags)."""
+    return TorchDynamoPlugin(backend="inductor" if args.torch_compile else "no", mode=args.torch_compile_mode)
+
+
 def train(args):
     output_dir = Path(args.output_dir)
     checkpoint = None
@@ -130,7 +136,7 @@ def train(args):
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers(args.report_to) or None,
                               project_dir=str(output_dir), cpu=multi_process_cpu,
-                              dynamo_backend="inductor" if args.torch_compile else "no")
+                              dynamo_plugin=compile_plugin(args))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     set_seed(args.seed)
 
