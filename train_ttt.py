@@ -16,6 +16,8 @@ import yaml
 
 from ttt import TTT_LAYER_TYPES, TTT_STANDARD_CONFIGS
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("performance (train_gpu_optimized.py turns these on)")
     g.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the model with torch.compile (inductor)")
-    g.add_argument("--torch_compile_mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    g.add_argument("--torch_compile_mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile's mode: 'reduce-overhead' replays each step as CUDA graphs, which pays off "
                         "when kernel launches dominate (small per-device batches); needs --torch_compile")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,

@@ -528,6 +528,13 @@ def backward_by_spans(backward_through, fields, starts, d_out, gamma, beta, d_pa
     return (*(torch.cat(d[::-1], 2) for d in zip(*d_fields)), *d_params, d_gamma, d_beta)
 
 
+def target_and_norm_gradients(d_g, x_hat, target, gamma, beta):
+    """The gradients of target (B, H, m, K, f) and of gamma and beta (H, 1, f) from d_g, the gradient of
+    g = (gamma x_hat + beta - target) gamma over m stacked mini-batches (gamma, beta as (H, 1, 1, f))."""
+    d_gamma = (d_g * (2 * gamma * x_hat + beta - target)).sum((0, 2, 3)).unsqueeze(1)
+    return -d_g * gamma, d_gamma, (d_g * gamma).sum((0, 2, 3)).unsqueeze(1)
+
+
 def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts):
     """The TTT-Linear scan over n full mini-batches, in PyTorch (the body of the operator ttt::linear_scan).
 
@@ -576,9 +583,7 @@ def linear_backward_through(q, k, target, eta_qk, e, W_starts, b_starts, d_out, 
     d_eta_qk = -d_out @ grad.transpose(-1, -2)
     d_e = (d_e_grad * grad).sum(-1, keepdim=True)
     d_k = d_z @ W_starts.transpose(-1, -2) - d_k_update
-    d_target = -d_g * gamma_
-    d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
-    d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
+    d_target, d_gamma, d_beta = target_and_norm_gradients(d_g, x_hat, target, gamma_, beta_)
     return (d_q, d_k, d_target, d_eta_qk, d_e), (d_W, d_b), (d_gamma, d_beta)
 
 
@@ -663,11 +668,9 @@ def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, ga
     d_q = d_z1_bar @ T(W1)
     d_k = d_z1 @ T(W1) - d_k_update
     d_e = (d_e_grad_z1 * grad_z1).sum(-1, keepdim=True) + (d_e_grad_z2 * grad_z2).sum(-1, keepdim=True)
-    d_target = -d_g * gamma_
     d_eta = d_eta_mix * mix
     d_eta_qk = -d_z1_bar @ T(grad_z1)
-    d_gamma = (d_g * (2 * gamma_ * x_hat + beta_ - target)).sum((0, 2, 3)).unsqueeze(1)
-    d_beta = (d_g * gamma_).sum((0, 2, 3)).unsqueeze(1)
+    d_target, d_gamma, d_beta = target_and_norm_gradients(d_g, x_hat, target, gamma_, beta_)
     return (d_q, d_k, d_target, d_eta, d_eta_qk, d_e), d_params, (d_gamma, d_beta)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from train_ttt import COMPILE_MODES  # noqa: E402
 from ttt import TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM, TTTLinear  # noqa: E402
 from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token  # noqa: E402
 from ttt_train.models import transformer_config  # noqa: E402
@@ -220,8 +221,7 @@ def main():
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--seq_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--compile", nargs="?", const="default",
-                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
                         help="torch.compile the model for the training-step workloads, in this mode (default: "
                              "'default', as train_gpu_optimized.py does; 'reduce-overhead' adds CUDA graphs)")
     parser.add_argument("--profile", action="store_true",
