@@ -11,6 +11,7 @@ Notation in comments: B batch, T length, C hidden size, H heads, f = C / H head 
 n full mini-batches, k length of one mini-batch segment (k <= K).
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -31,7 +32,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-try:  # Triton kernels for the TTT-Linear scan, used on CUDA tensors
+try:  # Triton kernels for the scans, used on CUDA tensors
     import ttt_kernels
 except ModuleNotFoundError as error:  # no Triton (CPU-only installs), or ttt.py copied alone: PyTorch serves
     if error.name not in ("triton", "ttt_kernels"):
@@ -422,10 +423,17 @@ class TTTBase(nn.Module):
         return self.o_proj(out)
 
     # The scan keeps only the inner weights at each mini-batch start and recomputes the rest in a hand-written
-    # backward (the operators ttt::linear_scan, on Triton kernels where they run, and ttt::mlp_scan), in float32
+    # backward (the operators ttt::linear_scan and ttt::mlp_scan, on Triton kernels where they run), in float32
     # under any autocast setting.
     # False (or a scan_checkpoint_group_size): the straightforward autograd loop, kept for tests.
     recomputing_scan = True
+    # Whether the recomputing scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps it in
+    # PyTorch.
+    triton_scan = True
+
+    def runs_triton(self, q) -> bool:
+        """Whether the recomputing scan of stacked mini-batches q runs on the Triton kernels."""
+        return self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q, self.config.ttt_layer_type)
 
     def recomputes(self) -> bool:
         """Whether scan() may take a recomputing scan: the statistics and scan_checkpoint_group_size need the
@@ -612,12 +620,68 @@ def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, 
     return torch.stack(outputs, 2), *params, stacked_per_span(starts, mini_batches_per_span(q, (W1,)))
 
 
-def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, gamma, beta, d_params):
+class MLPWalkBack(NamedTuple):
+    """What the walk back through m TTT-MLP mini-batches reads, stacked on dim 2: the inputs, forward quantities
+    and output gradients of mlp_backward_through (out_d_*: the parts of a gradient that come from the outputs),
+    and W2 (B, H, m, 4f, f) at each mini-batch start."""
+
+    q: torch.Tensor  # (B, H, m, K, f)
+    k: torch.Tensor
+    e: torch.Tensor  # (B, H, m, K, 1)
+    x2: torch.Tensor  # (B, H, m, K, 4f)
+    gelu_z1: torch.Tensor
+    e_grad_z1: torch.Tensor
+    e_grad_z2: torch.Tensor  # (B, H, m, K, f)
+    grad_z2: torch.Tensor
+    out_d_grad_z1: torch.Tensor  # (B, H, m, K, 4f)
+    out_d_grad_z2: torch.Tensor  # (B, H, m, K, f)
+    out_d_x2: torch.Tensor  # (B, H, m, K, 4f)
+    curvature_z1: torch.Tensor
+    d_z1_bar: torch.Tensor
+    x2_bar: torch.Tensor
+    d_out: torch.Tensor  # (B, H, m, K, f)
+    x_hat: torch.Tensor
+    std: torch.Tensor  # (B, H, m, K, 1)
+    g: torch.Tensor  # (B, H, m, K, f)
+    W2: torch.Tensor
+
+
+def mlp_walk_back(walk: MLPWalkBack, gamma, d_params):
+    """Backwards through the m updates theta_after = theta - (k or x2)^T (e G) from the last, carrying
+    d theta_after = d_params (the gradients of W1, b1, W2, b2 after the last mini-batch). Returns the gradients of
+    e * G1, e * G2, z1 and g, the update's share of k's, each stacked on dim 2, and d_params before the first."""
+    T = lambda t: t.transpose(-1, -2)  # noqa: E731
+    w = MLPWalkBack(*(t.unbind(2) for t in walk))
+    m = walk.q.shape[2]
+    d_e_grads_z1, d_e_grads_z2, d_zs1, d_gs, d_ks = ([None] * m for _ in range(5))
+    for i in reversed(range(m)):
+        d_W1, d_b1, d_W2, d_b2 = d_params
+        d_e_grads_z1[i] = d_e_grad_z1 = -(w.k[i] @ d_W1 + d_b1)
+        d_e_grads_z2[i] = d_e_grad_z2 = -(w.x2[i] @ d_W2 + d_b2)
+        d_grad_z1 = w.out_d_grad_z1[i] + w.e[i] * d_e_grad_z1
+        d_back_z2 = d_grad_z1 * w.gelu_z1[i]
+        d_grad_z2 = w.out_d_grad_z2[i] + w.e[i] * d_e_grad_z2 + d_back_z2 @ w.W2[i]
+        d_z2, d_gs[i] = ln_reconstruction_grad_vjp(d_grad_z2, w.x_hat[i], w.std[i], w.g[i], w.grad_z2[i], gamma)
+        d_x2 = w.out_d_x2[i] - w.e_grad_z2[i] @ T(d_W2) + d_z2 @ T(w.W2[i])
+        d_zs1[i] = d_z1 = d_grad_z1 * w.curvature_z1[i] + d_x2 * w.gelu_z1[i]
+        d_ks[i] = w.e_grad_z1[i] @ T(d_W1)
+        # one product per weight over the rows of its three uses (W1: z1_bar, z1; W2: Z_bar, back_z2, z2)
+        d_params = (d_W1 + T(torch.cat([w.q[i], w.k[i]], -2)) @ torch.cat([w.d_z1_bar[i], d_z1], -2),
+                    d_b1 + (w.d_z1_bar[i] + d_z1).sum(-2, keepdim=True),
+                    d_W2 + T(torch.cat([w.x2_bar[i], d_back_z2, w.x2[i]], -2))
+                    @ torch.cat([w.d_out[i], w.grad_z2[i], d_z2], -2),
+                    d_b2 + (w.d_out[i] + d_z2).sum(-2, keepdim=True))
+    return tuple(torch.stack(d, 2) for d in (d_e_grads_z1, d_e_grads_z2, d_zs1, d_gs, d_ks)), d_params
+
+
+def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, gamma, beta, d_params,
+                         walk_back=mlp_walk_back):
     """The backward of mlp_scan_forward over m consecutive mini-batches (inputs stacked on dim 2, W1 etc. the
     saved starting weights (B, H, m, ., .)), given the gradient of the weights after the last: recomputes their
     forward quantities and the gradients that do not depend on later mini-batches at once, walks them backwards
-    carrying the inner weights' gradient, then finishes the input gradients at once. Returns the gradients of q, k,
-    target, eta, eta_qk and e, of the weights before the first mini-batch, and of gamma and beta."""
+    carrying the inner weights' gradient (walk_back: mlp_walk_back, or its Triton kernel), then finishes the input
+    gradients at once. Returns the gradients of q, k, target, eta, eta_qk and e, of the weights before the first
+    mini-batch, and of gamma and beta."""
     T = lambda t: t.transpose(-1, -2)  # noqa: E731
     # the forward quantities of every mini-batch at once
     gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
@@ -630,7 +694,6 @@ def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, ga
     z1_bar = q @ W1 + b1 - eta_qk @ grad_z1
     x2_bar = F.gelu(z1_bar, approximate="tanh")
     mix = x2_bar @ T(x2) + 1  # Z_bar = x2_bar W2 + b2 - (eta * mix) G2
-    e_grad_z1, e_grad_z2 = e * grad_z1, e * grad_z2
 
     # the output's own gradients, which do not depend on later mini-batches
     d_eta_mix = -(d_out @ T(grad_z2))
@@ -641,29 +704,9 @@ def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, ga
     out_d_x2 = T(d_mix) @ x2_bar
     curvature_z1 = back_z2 * gelu_tanh_second_derivative(z1)
 
-    # backwards through the updates theta_after = theta - (k or x2)^T (e G), carrying d theta_after
-    m = q.shape[2]
-    d_e_grads_z1, d_e_grads_z2, d_zs1, d_gs, d_ks = ([None] * m for _ in range(5))
-    for i in reversed(range(m)):
-        d_W1, d_b1, d_W2, d_b2 = d_params
-        d_e_grads_z1[i] = d_e_grad_z1 = -(k[:, :, i] @ d_W1 + d_b1)
-        d_e_grads_z2[i] = d_e_grad_z2 = -(x2[:, :, i] @ d_W2 + d_b2)
-        d_grad_z1 = out_d_grad_z1[:, :, i] + e[:, :, i] * d_e_grad_z1
-        d_back_z2 = d_grad_z1 * gelu_z1[:, :, i]
-        d_grad_z2 = out_d_grad_z2[:, :, i] + e[:, :, i] * d_e_grad_z2 + d_back_z2 @ W2[:, :, i]
-        d_z2, d_gs[i] = ln_reconstruction_grad_vjp(
-            d_grad_z2, x_hat[:, :, i], std[:, :, i], g[:, :, i], grad_z2[:, :, i], gamma)
-        d_x2 = out_d_x2[:, :, i] - e_grad_z2[:, :, i] @ T(d_W2) + d_z2 @ T(W2[:, :, i])
-        d_zs1[i] = d_z1 = d_grad_z1 * curvature_z1[:, :, i] + d_x2 * gelu_z1[:, :, i]
-        d_ks[i] = e_grad_z1[:, :, i] @ T(d_W1)
-        # one product per weight over the rows of its three uses (W1: z1_bar, z1; W2: Z_bar, back_z2, z2)
-        d_params = (d_W1 + T(torch.cat([q[:, :, i], k[:, :, i]], -2)) @ torch.cat([d_z1_bar[:, :, i], d_z1], -2),
-                    d_b1 + (d_z1_bar[:, :, i] + d_z1).sum(-2, keepdim=True),
-                    d_W2 + T(torch.cat([x2_bar[:, :, i], d_back_z2, x2[:, :, i]], -2))
-                    @ torch.cat([d_out[:, :, i], grad_z2[:, :, i], d_z2], -2),
-                    d_b2 + (d_out[:, :, i] + d_z2).sum(-2, keepdim=True))
-    d_e_grad_z1, d_e_grad_z2, d_z1, d_g, d_k_update = (
-        torch.stack(d, 2) for d in (d_e_grads_z1, d_e_grads_z2, d_zs1, d_gs, d_ks))
+    walk = MLPWalkBack(q, k, e, x2, gelu_z1, e * grad_z1, e * grad_z2, grad_z2, out_d_grad_z1, out_d_grad_z2,
+                       out_d_x2, curvature_z1, d_z1_bar, x2_bar, d_out, x_hat, std, g, W2)
+    (d_e_grad_z1, d_e_grad_z2, d_z1, d_g, d_k_update), d_params = walk_back(walk, gamma, d_params)
 
     d_q = d_z1_bar @ T(W1)
     d_k = d_z1 @ T(W1) - d_k_update
@@ -681,12 +724,19 @@ def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, ga
 Tensor = torch.Tensor
 
 
-def span_starts_like(q, params, keep_starts):
-    """Empty tensors shaped as stacked_per_span's result for stacked mini-batches q and inner weights params."""
+def span_starts_like(q, params, keep_starts, triton):
+    """Empty tensors shaped as a scan's starting weights for stacked mini-batches q and inner weights params:
+    stacked_per_span's result, or the Triton kernels' one span of n."""
     B, H, n = q.shape[:3]
-    span = mini_batches_per_span(q, params)
+    span = n if triton else mini_batches_per_span(q, params)
     spans = [min(span, n - i) for i in range(0, n, span)] if keep_starts else []
     return [q.new_empty(B, H, m, *p.shape[-2:]) for m in spans for p in params]
+
+
+def split_into_spans(q, starts):
+    """The Triton kernels' starting weights, one span of n, as views per span of the PyTorch backward's size."""
+    span = mini_batches_per_span(q, starts)
+    return [p[:, :, i:i + span] for i in range(0, q.shape[2], span) for p in starts]
 
 
 def _keep_for_backward(ctx, inputs, params, starts):
@@ -728,13 +778,8 @@ def linear_scan_op(q: Tensor, k: Tensor, target: Tensor, eta_qk: Tensor, e: Tens
 
 @linear_scan_op.register_fake
 def _(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts, triton):
-    B, H = q.shape[:2]
-    final = [q.new_empty(B, H, *p.shape[-2:]) for p in (W0, b0)]
-    if triton:
-        starts = [q.new_empty(*q.shape[:3], *p.shape[-2:]) for p in (W0, b0)] if keep_starts else []
-    else:
-        starts = span_starts_like(q, (W0, b0), keep_starts)
-    return q.new_empty(q.shape), *final, starts
+    final = [q.new_empty(*q.shape[:2], *p.shape[-2:]) for p in (W0, b0)]
+    return q.new_empty(q.shape), *final, span_starts_like(q, (W0, b0), keep_starts, triton)
 
 
 @torch.library.custom_op("ttt::linear_scan_backward", mutates_args=())
@@ -772,44 +817,53 @@ linear_scan_op.register_autograd(_linear_scan_backward, setup_context=_linear_sc
 
 @torch.library.custom_op("ttt::mlp_scan", mutates_args=())
 def mlp_scan_op(q: Tensor, k: Tensor, target: Tensor, eta: Tensor, eta_qk: Tensor, e: Tensor, W1: Tensor,
-                b1: Tensor, W2: Tensor, b2: Tensor, gamma: Tensor, beta: Tensor, keep_starts: bool
+                b1: Tensor, W2: Tensor, b2: Tensor, gamma: Tensor, beta: Tensor, keep_starts: bool, triton: bool
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """mlp_scan_forward."""
+    """mlp_scan_forward, or its Triton kernel (ttt_kernels.py) when `triton`, whose starting weights come as one
+    span of n."""
+    if triton:
+        return ttt_kernels.mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, TTT_NORM_EPS,
+                                            keep_starts)
     return mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts)
 
 
 @mlp_scan_op.register_fake
-def _(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts):
+def _(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts, triton):
     params = (W1, b1, W2, b2)
     final = [q.new_empty(*q.shape[:2], *p.shape[-2:]) for p in params]
-    return q.new_empty(q.shape), *final, span_starts_like(q, params, keep_starts)
+    return q.new_empty(q.shape), *final, span_starts_like(q, params, keep_starts, triton)
 
 
 @torch.library.custom_op("ttt::mlp_scan_backward", mutates_args=())
 def mlp_scan_backward_op(q: Tensor, k: Tensor, target: Tensor, eta: Tensor, eta_qk: Tensor, e: Tensor,
                          gamma: Tensor, beta: Tensor, starts: list[Tensor], d_out: Tensor, d_W1: Tensor,
-                         d_b1: Tensor, d_W2: Tensor, d_b2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                            Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                            Tensor, Tensor]:
+                         d_b1: Tensor, d_W2: Tensor, d_b2: Tensor, triton: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                    Tensor, Tensor]:
     """The gradients of q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma and beta, by spans through
-    mlp_backward_through."""
-    return backward_by_spans(mlp_backward_through, (q, k, target, eta, eta_qk, e), starts, d_out, gamma, beta,
+    mlp_backward_through, walking back through each span in a Triton kernel when `triton`."""
+    backward_through = mlp_backward_through
+    if triton:
+        starts = split_into_spans(q, starts)
+        backward_through = functools.partial(mlp_backward_through, walk_back=ttt_kernels.mlp_walk_back)
+    return backward_by_spans(backward_through, (q, k, target, eta, eta_qk, e), starts, d_out, gamma, beta,
                              (d_W1, d_b1, d_W2, d_b2))
 
 
 @mlp_scan_backward_op.register_fake
-def _(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, d_W1, d_b1, d_W2, d_b2):
+def _(q, k, target, eta, eta_qk, e, gamma, beta, starts, d_out, d_W1, d_b1, d_W2, d_b2, triton):
     return tuple(t.new_empty(t.shape) for t in (q, k, target, eta, eta_qk, e, d_W1, d_b1, d_W2, d_b2, gamma, beta))
 
 
 def _mlp_scan_setup_context(ctx, inputs, output):
-    q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, _ = inputs
+    q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, _, triton = inputs
     _keep_for_backward(ctx, (q, k, target, eta, eta_qk, e, gamma, beta), (W1, b1, W2, b2), output[5])
+    ctx.triton = triton
 
 
 def _mlp_scan_backward(ctx, d_out, d_W1, d_b1, d_W2, d_b2, _):
     inputs, starts, d_out, d_params = _kept_and_gradients(ctx, d_out, (d_W1, d_b1, d_W2, d_b2))
-    return (*mlp_scan_backward_op(*inputs, starts, d_out, *d_params), None)
+    return (*mlp_scan_backward_op(*inputs, starts, d_out, *d_params, ctx.triton), None, None)
 
 
 mlp_scan_op.register_autograd(_mlp_scan_backward, setup_context=_mlp_scan_setup_context)
@@ -827,13 +881,9 @@ class TTTLinear(TTTBase):
     def initial_params(self):
         return (self.W1, self.b1)
 
-    # Whether the scan may use the Triton kernels (ttt_kernels.py) where they run; False keeps it in PyTorch.
-    triton_scan = True
-
     def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, *, keep_starts):
         # eta is unused: TTT-Linear's dual form needs only eta_qk
-        triton = self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q)
-        return linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
+        return linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, self.runs_triton(q))[:3]
 
     def inner_forward(self, params, x):
         W1, b1 = params
@@ -868,7 +918,7 @@ class TTTMLP(TTTBase):
         return (self.W1, self.b1, self.W2, self.b2)
 
     def recomputing_scan_of(self, *inputs, keep_starts):
-        return mlp_scan_op(*inputs, keep_starts)[:5]
+        return mlp_scan_op(*inputs, keep_starts, self.runs_triton(inputs[0]))[:5]
 
     def inner_forward(self, params, x):
         W1, b1, W2, b2 = params

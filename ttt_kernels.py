@@ -16,6 +16,8 @@ With TRITON_INTERPRET=1 set before Triton is first imported, the kernels also ru
 through Triton's interpreter (the tests do this).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,15 +29,46 @@ import triton.language as tl
 NUM_WARPS = 4
 
 
-def block_shapes_fit(q: torch.Tensor) -> bool:
-    """K and f of stacked mini-batches q (B, H, n, K, f) are powers of two from 16 to 128, as Triton's block
-    shapes must be (a head dim of 96, as in the 760m size, is not)."""
-    return all(size in (16, 32, 64, 128) for size in q.shape[-2:])
+# TTT-MLP's programs hold W1 and W2 (f x 4f float32 each) and, backward, their gradients: at f=64 more than
+# the registers, the rest spilled. Launched without software pipelining (num_stages=1), whose buffers for the
+# per-mini-batch W2 load would need more than an H100's 227 KB of shared memory. Compiled for sm_90 with 8 warps
+# (Triton 3.9), K=16, f=64: forward 255 registers + 1.4 KB spilled per thread, 84 KB of shared memory; walk back
+# 255 + 0.8 KB, 128 KB (4 warps: 96 KB, but 2.9 KB spilled). Not yet timed on a GPU.
+MLP_NUM_WARPS = 8
+# Shared memory the TTT-MLP walk back (the larger of its two kernels) needs per head dim f, in bytes, as above.
+MLP_SHARED_MEMORY = {16: 9216, 32: 32768, 64: 131072}
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Whether ttt.py runs the scan of stacked mini-batches q through these kernels."""
-    return q.is_cuda and block_shapes_fit(q)
+def block_shapes_fit(q: torch.Tensor, inner: str = "linear") -> bool:
+    """K and f of stacked mini-batches q (B, H, n, K, f) are powers of two, as Triton's block shapes must be (a
+    head dim of 96, as in the 760m size, is not): from 16 to 128 for TTT-Linear; for TTT-MLP, whose inner
+    weights are 8 f^2 floats per program, K=16 (the paper's) and f up to 64."""
+    K, f = q.shape[-2:]
+    if inner == "mlp":
+        return K == 16 and f in MLP_SHARED_MEMORY
+    return K in (16, 32, 64, 128) and f in (16, 32, 64, 128)
+
+
+def device_fits(inner: str, f: int, capability: tuple, shared_memory: int) -> bool:
+    """Whether the kernels of a TTT-Linear or TTT-MLP layer with head dim f suit a GPU of compute `capability` with
+    `shared_memory` bytes per block. TTT-Linear's suit every GPU Triton supports (43 KB at f=64). TTT-MLP's need
+    MLP_SHARED_MEMORY[f] (sm_86 and sm_89 have 99 KB) and Hopper or later: for sm_80, Triton 3.9 builds them with
+    their state in local memory (32 registers and 20 to 27 KB of stack per thread)."""
+    return inner == "linear" or (capability >= (9, 0) and MLP_SHARED_MEMORY[f] <= shared_memory)
+
+
+@functools.cache
+def _device_properties(device_index: int) -> tuple:
+    """(compute capability, shared memory per block in bytes) of a CUDA device."""
+    shared_memory = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return torch.cuda.get_device_capability(device_index), shared_memory
+
+
+def supports(q: torch.Tensor, inner: str = "linear") -> bool:
+    """Whether ttt.py runs the scan of stacked mini-batches q of a TTT-Linear or TTT-MLP ("linear", "mlp") layer
+    through these kernels."""
+    return (q.is_cuda and block_shapes_fit(q, inner)
+            and device_fits(inner, q.shape[-1], *_device_properties(q.device.index)))
 
 
 @triton.jit
@@ -53,15 +86,16 @@ def _load_norm(gamma_ptr, beta_ptr, h, cols, F: tl.constexpr):
 
 
 @triton.jit
-def _load_weights(w_ptr, b_ptr, index, ff, cols, F: tl.constexpr):
-    """The index-th (F, F) weight and (1, F) bias of row-major stacks of them (or of their gradients)."""
-    return tl.load(w_ptr + index * F * F + ff), tl.load(b_ptr + index * F + cols)[None, :]
+def _load_weights(w_ptr, b_ptr, index, offsets, cols, SIZE: tl.constexpr, WIDTH: tl.constexpr):
+    """The index-th weight (SIZE elements at row-major `offsets`) and (1, WIDTH) bias (at `cols`) of stacks of
+    them (or of their gradients)."""
+    return tl.load(w_ptr + index * SIZE + offsets), tl.load(b_ptr + index * WIDTH + cols)[None, :]
 
 
 @triton.jit
-def _store_weights(w_ptr, b_ptr, index, W, b, ff, cols, F: tl.constexpr):
-    tl.store(w_ptr + index * F * F + ff, W)
-    tl.store(b_ptr + index * F + cols[None, :], b)
+def _store_weights(w_ptr, b_ptr, index, W, b, offsets, cols, SIZE: tl.constexpr, WIDTH: tl.constexpr):
+    tl.store(w_ptr + index * SIZE + offsets, W)
+    tl.store(b_ptr + index * WIDTH + cols[None, :], b)
 
 
 @triton.jit
@@ -78,13 +112,26 @@ def _ln_reconstruction(z, target, gamma, beta, eps, F: tl.constexpr):
 
 
 @triton.jit
+def _ln_reconstruction_vjp(u, x_hat, std, g, grad, gamma, F: tl.constexpr):
+    """d_z and d_g for an upstream gradient u of G, the LN-reconstruction gradient of z (ln_reconstruction_grad_vjp
+    in ttt.py)."""
+    u_xhat = tl.sum(u * x_hat, 1)[:, None] / F
+    d_g = (u - tl.sum(u, 1)[:, None] / F - x_hat * u_xhat) / std
+    d_xhat = d_g * gamma * gamma - (u * (tl.sum(g * x_hat, 1)[:, None] / F) + g * u_xhat) / std
+    d_std = -tl.sum(u * grad, 1)[:, None] / std
+    d_z = ((d_xhat - tl.sum(d_xhat, 1)[:, None] / F - x_hat * (tl.sum(d_xhat * x_hat, 1)[:, None] / F)) / std
+           + d_std * x_hat / F)
+    return d_z, d_g
+
+
+@triton.jit
 def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, gamma_ptr, beta_ptr,
                   out_ptr, w_starts_ptr, b_starts_ptr, w_last_ptr, b_last_ptr, n, H, eps,
                   K: tl.constexpr, F: tl.constexpr, PRECISION: tl.constexpr, KEEP_STARTS: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     rows, cols, kf, kk, ff = _tile_offsets(K, F)
     gamma, beta = _load_norm(gamma_ptr, beta_ptr, bh % H, cols, F)
-    W, b = _load_weights(w0_ptr, b0_ptr, bh, ff, cols, F)
+    W, b = _load_weights(w0_ptr, b0_ptr, bh, ff, cols, F * F, F)
     for i in range(n):
         mb = bh * n + i
         q = tl.load(q_ptr + mb * K * F + kf)
@@ -93,7 +140,7 @@ def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, g
         eta_qk = tl.load(eta_qk_ptr + mb * K * K + kk)
         e = tl.load(e_ptr + mb * K + rows)[:, None]
         if KEEP_STARTS:  # for the backward
-            _store_weights(w_starts_ptr, b_starts_ptr, mb, W, b, ff, cols, F)
+            _store_weights(w_starts_ptr, b_starts_ptr, mb, W, b, ff, cols, F * F, F)
 
         z = tl.dot(k, W, input_precision=PRECISION) + b
         _, _, _, grad = _ln_reconstruction(z, target, gamma, beta, eps, F)
@@ -103,7 +150,7 @@ def _scan_forward(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, w0_ptr, b0_ptr, g
         e_grad = e * grad
         W -= tl.dot(tl.trans(k), e_grad, input_precision=PRECISION)
         b -= tl.sum(e_grad, 0)[None, :]
-    _store_weights(w_last_ptr, b_last_ptr, bh, W, b, ff, cols, F)
+    _store_weights(w_last_ptr, b_last_ptr, bh, W, b, ff, cols, F * F, F)
 
 
 @triton.jit
@@ -116,13 +163,7 @@ def _mini_batch_backward(q, k, target, eta_qk, e, W, b, d_out, dW, db, gamma, be
     # through W_after = W - k^T (e G), b_after = b - sum(e G), and Z_bar = q W + b - eta_qk G
     d_e_grad = -(tl.dot(k, dW, input_precision=PRECISION) + db)
     d_grad = e * d_e_grad - tl.dot(tl.trans(eta_qk), d_out, input_precision=PRECISION)
-    # through G = LN-reconstruction gradient of z (ln_reconstruction_grad_vjp in ttt.py)
-    u_xhat = tl.sum(d_grad * x_hat, 1)[:, None] / F
-    d_g = (d_grad - tl.sum(d_grad, 1)[:, None] / F - x_hat * u_xhat) / std
-    d_xhat = d_g * gamma * gamma - (d_grad * (tl.sum(g * x_hat, 1)[:, None] / F) + g * u_xhat) / std
-    d_std = -tl.sum(d_grad * grad, 1)[:, None] / std
-    d_z = ((d_xhat - tl.sum(d_xhat, 1)[:, None] / F - x_hat * (tl.sum(d_xhat * x_hat, 1)[:, None] / F)) / std
-           + d_std * x_hat / F)
+    d_z, d_g = _ln_reconstruction_vjp(d_grad, x_hat, std, g, grad, gamma, F)
     return x_hat, grad, d_e_grad, d_g, d_z
 
 
@@ -135,21 +176,21 @@ def _scan_backward_carry(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr,
     bh = tl.program_id(0).to(tl.int64)
     rows, cols, kf, kk, ff = _tile_offsets(K, F)
     gamma, beta = _load_norm(gamma_ptr, beta_ptr, bh % H, cols, F)
-    dW, db = _load_weights(d_w_last_ptr, d_b_last_ptr, bh, ff, cols, F)
+    dW, db = _load_weights(d_w_last_ptr, d_b_last_ptr, bh, ff, cols, F * F, F)
     for j in range(n):
         mb = bh * n + (n - 1 - j)
         q = tl.load(q_ptr + mb * K * F + kf)
         k = tl.load(k_ptr + mb * K * F + kf)
         d_out = tl.load(d_out_ptr + mb * K * F + kf)
-        W, b = _load_weights(w_starts_ptr, b_starts_ptr, mb, ff, cols, F)
+        W, b = _load_weights(w_starts_ptr, b_starts_ptr, mb, ff, cols, F * F, F)
         _, _, _, _, d_z = _mini_batch_backward(
             q, k, tl.load(target_ptr + mb * K * F + kf), tl.load(eta_qk_ptr + mb * K * K + kk),
             tl.load(e_ptr + mb * K + rows)[:, None], W, b, d_out, dW, db, gamma, beta, eps, F, PRECISION)
-        _store_weights(d_w_afters_ptr, d_b_afters_ptr, mb, dW, db, ff, cols, F)
+        _store_weights(d_w_afters_ptr, d_b_afters_ptr, mb, dW, db, ff, cols, F * F, F)
         dW += tl.dot(tl.trans(q), d_out, input_precision=PRECISION) + tl.dot(tl.trans(k), d_z,
                                                                                 input_precision=PRECISION)
         db += tl.sum(d_out, 0)[None, :] + tl.sum(d_z, 0)[None, :]
-    _store_weights(d_w0_ptr, d_b0_ptr, bh, dW, db, ff, cols, F)
+    _store_weights(d_w0_ptr, d_b0_ptr, bh, dW, db, ff, cols, F * F, F)
 
 
 @triton.jit
@@ -166,9 +207,9 @@ def _scan_backward_inputs(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr
     k = tl.load(k_ptr + mb * K * F + kf)
     target = tl.load(target_ptr + mb * K * F + kf)
     e = tl.load(e_ptr + mb * K + rows)[:, None]
-    W, b = _load_weights(w_starts_ptr, b_starts_ptr, mb, ff, cols, F)
+    W, b = _load_weights(w_starts_ptr, b_starts_ptr, mb, ff, cols, F * F, F)
     d_out = tl.load(d_out_ptr + mb * K * F + kf)
-    dW, db = _load_weights(d_w_afters_ptr, d_b_afters_ptr, mb, ff, cols, F)
+    dW, db = _load_weights(d_w_afters_ptr, d_b_afters_ptr, mb, ff, cols, F * F, F)
     x_hat, grad, d_e_grad, d_g, d_z = _mini_batch_backward(
         tl.load(q_ptr + mb * K * F + kf), k, target, tl.load(eta_qk_ptr + mb * K * K + kk), e, W, b, d_out, dW, db,
         gamma, beta, eps, F, PRECISION)
@@ -181,6 +222,127 @@ def _scan_backward_inputs(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr
     tl.store(d_target_ptr + mb * K * F + kf, -d_g * gamma)
     tl.store(d_gamma_ptr + mb * F + cols, tl.sum(d_g * (2 * gamma * x_hat + beta - target), 0))
     tl.store(d_beta_ptr + mb * F + cols, tl.sum(d_g * gamma, 0))
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """GELU(x) (tanh approximation) and its derivative (gelu_tanh_grad in ttt.py), from one tanh written with exp:
+    tanh(u) = 2 / (1 + exp(-2u)) - 1."""
+    tanh_out = 2 / (1 + tl.exp(-1.59576912 * x * (1 + 0.044715 * x * x))) - 1
+    grad = 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
+    return 0.5 * x * (1 + tanh_out), grad
+
+
+@triton.jit
+def _mlp_offsets(K: tl.constexpr, F: tl.constexpr, D: tl.constexpr):
+    """Hidden indices and the element offsets of a (K, D), an (F, D) and a (D, F) row-major tile."""
+    rows, cols, hidden = tl.arange(0, K), tl.arange(0, F), tl.arange(0, D)
+    return (hidden, rows[:, None] * D + hidden[None, :], cols[:, None] * D + hidden[None, :],
+            hidden[:, None] * F + cols[None, :])
+
+
+@triton.jit
+def _mlp_scan_forward(q_ptr, k_ptr, target_ptr, eta_ptr, eta_qk_ptr, e_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                      gamma_ptr, beta_ptr, out_ptr, w1_starts_ptr, b1_starts_ptr, w2_starts_ptr, b2_starts_ptr,
+                      w1_last_ptr, b1_last_ptr, w2_last_ptr, b2_last_ptr, n, H, eps, K: tl.constexpr,
+                      F: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, KEEP_STARTS: tl.constexpr):
+    """mlp_scan_forward of ttt.py, one program per (batch, head) holding W1 (F, D), b1, W2 (D, F), b2."""
+    bh = tl.program_id(0).to(tl.int64)
+    rows, cols, kf, kk, _ = _tile_offsets(K, F)
+    hidden, kd, fd, df = _mlp_offsets(K, F, D)
+    gamma, beta = _load_norm(gamma_ptr, beta_ptr, bh % H, cols, F)
+    W1, b1 = _load_weights(w1_ptr, b1_ptr, bh, fd, hidden, F * D, D)
+    W2, b2 = _load_weights(w2_ptr, b2_ptr, bh, df, cols, D * F, F)
+    for i in range(n):
+        mb = bh * n + i
+        q = tl.load(q_ptr + mb * K * F + kf)
+        k = tl.load(k_ptr + mb * K * F + kf)
+        e = tl.load(e_ptr + mb * K + rows)[:, None]
+        if KEEP_STARTS:  # for the backward
+            _store_weights(w1_starts_ptr, b1_starts_ptr, mb, W1, b1, fd, hidden, F * D, D)
+            _store_weights(w2_starts_ptr, b2_starts_ptr, mb, W2, b2, df, cols, D * F, F)
+
+        z1 = tl.dot(k, W1, input_precision=PRECISION) + b1
+        x2, gelu_z1 = _gelu_tanh(z1)
+        z2 = tl.dot(x2, W2, input_precision=PRECISION) + b2
+        grad_z2 = _ln_reconstruction(z2, tl.load(target_ptr + mb * K * F + kf), gamma, beta, eps, F)[3]
+        grad_z1 = tl.dot(grad_z2, tl.trans(W2), input_precision=PRECISION) * gelu_z1
+        # dual form, layer by layer: Z1_bar = q W1 + b1 - eta_qk G1, Z_bar = X2_bar W2 + b2 - eta (X2_bar X2^T + 1) G2
+        z1_bar = (tl.dot(q, W1, input_precision=PRECISION) + b1
+                  - tl.dot(tl.load(eta_qk_ptr + mb * K * K + kk), grad_z1, input_precision=PRECISION))
+        x2_bar = _gelu_tanh(z1_bar)[0]
+        mix = tl.load(eta_ptr + mb * K * K + kk) * (tl.dot(x2_bar, tl.trans(x2), input_precision=PRECISION) + 1)
+        out = (tl.dot(x2_bar, W2, input_precision=PRECISION) + b2
+               - tl.dot(mix, grad_z2, input_precision=PRECISION))
+        tl.store(out_ptr + mb * K * F + kf, out)
+
+        e_grad_z1, e_grad_z2 = e * grad_z1, e * grad_z2
+        W1 -= tl.dot(tl.trans(k), e_grad_z1, input_precision=PRECISION)
+        b1 -= tl.sum(e_grad_z1, 0)[None, :]
+        W2 -= tl.dot(tl.trans(x2), e_grad_z2, input_precision=PRECISION)
+        b2 -= tl.sum(e_grad_z2, 0)[None, :]
+    _store_weights(w1_last_ptr, b1_last_ptr, bh, W1, b1, fd, hidden, F * D, D)
+    _store_weights(w2_last_ptr, b2_last_ptr, bh, W2, b2, df, cols, D * F, F)
+
+
+@triton.jit
+def _mlp_walk_back(q_ptr, k_ptr, e_ptr, x2_ptr, gelu_z1_ptr, e_grad_z1_ptr, e_grad_z2_ptr, grad_z2_ptr,
+                        out_d_grad_z1_ptr, out_d_grad_z2_ptr, out_d_x2_ptr, curvature_z1_ptr, d_z1_bar_ptr,
+                        x2_bar_ptr, d_out_ptr, x_hat_ptr, std_ptr, g_ptr, w2_ptr, gamma_ptr,
+                        d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
+                        d_e_grad_z1_ptr, d_e_grad_z2_ptr, d_z1_ptr, d_g_ptr, d_k_update_ptr,
+                        d_w1_out_ptr, d_b1_out_ptr, d_w2_out_ptr, d_b2_out_ptr,
+                        m, H, K: tl.constexpr, F: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """mlp_walk_back of ttt.py over m mini-batches, one program per (batch, head): walks them in reverse carrying
+    dW1, db1, dW2, db2."""
+    bh = tl.program_id(0).to(tl.int64)
+    rows, cols, kf, _, _ = _tile_offsets(K, F)
+    hidden, kd, fd, df = _mlp_offsets(K, F, D)
+    gamma = tl.load(gamma_ptr + (bh % H) * F + cols)[None, :]
+    dW1, db1 = _load_weights(d_w1_ptr, d_b1_ptr, bh, fd, hidden, F * D, D)
+    dW2, db2 = _load_weights(d_w2_ptr, d_b2_ptr, bh, df, cols, D * F, F)
+    for j in range(m):
+        mb = bh * m + (m - 1 - j)
+        k = tl.load(k_ptr + mb * K * F + kf)
+        x2 = tl.load(x2_ptr + mb * K * D + kd)
+        e = tl.load(e_ptr + mb * K + rows)[:, None]
+        # every product with dW1, then with dW2, then with W2: one (F, D) matrix at a time in shared memory
+        # through W1_after = W1 - k^T (e G1), b1_after = b1 - sum(e G1), and the same for W2 with x2 and G2
+        d_e_grad_z1 = -(tl.dot(k, dW1, input_precision=PRECISION) + db1)
+        tl.store(d_k_update_ptr + mb * K * F + kf,
+                 tl.dot(tl.load(e_grad_z1_ptr + mb * K * D + kd), tl.trans(dW1), input_precision=PRECISION))
+        d_e_grad_z2 = -(tl.dot(x2, dW2, input_precision=PRECISION) + db2)
+        e_grad_z2_dW2 = tl.dot(tl.load(e_grad_z2_ptr + mb * K * F + kf), tl.trans(dW2), input_precision=PRECISION)
+        tl.store(d_e_grad_z1_ptr + mb * K * D + kd, d_e_grad_z1)
+        tl.store(d_e_grad_z2_ptr + mb * K * F + kf, d_e_grad_z2)
+
+        gelu_z1 = tl.load(gelu_z1_ptr + mb * K * D + kd)
+        W2 = tl.load(w2_ptr + mb * D * F + df)
+        d_grad_z1 = tl.load(out_d_grad_z1_ptr + mb * K * D + kd) + e * d_e_grad_z1
+        d_back_z2 = d_grad_z1 * gelu_z1
+        d_grad_z2 = (tl.load(out_d_grad_z2_ptr + mb * K * F + kf) + e * d_e_grad_z2
+                     + tl.dot(d_back_z2, W2, input_precision=PRECISION))
+        grad_z2 = tl.load(grad_z2_ptr + mb * K * F + kf)
+        d_z2, d_g = _ln_reconstruction_vjp(d_grad_z2, tl.load(x_hat_ptr + mb * K * F + kf),
+                                           tl.load(std_ptr + mb * K + rows)[:, None], tl.load(g_ptr + mb * K * F + kf),
+                                           grad_z2, gamma, F)
+        tl.store(d_g_ptr + mb * K * F + kf, d_g)
+        d_x2 = tl.load(out_d_x2_ptr + mb * K * D + kd) - e_grad_z2_dW2 + tl.dot(d_z2, tl.trans(W2),
+                                                                                 input_precision=PRECISION)
+        d_z1 = d_grad_z1 * tl.load(curvature_z1_ptr + mb * K * D + kd) + d_x2 * gelu_z1
+        tl.store(d_z1_ptr + mb * K * D + kd, d_z1)
+
+        d_z1_bar = tl.load(d_z1_bar_ptr + mb * K * D + kd)
+        d_out = tl.load(d_out_ptr + mb * K * F + kf)
+        dW1 += (tl.dot(tl.trans(tl.load(q_ptr + mb * K * F + kf)), d_z1_bar, input_precision=PRECISION)
+                + tl.dot(tl.trans(k), d_z1, input_precision=PRECISION))
+        db1 += tl.sum(d_z1_bar + d_z1, 0)[None, :]
+        dW2 += (tl.dot(tl.trans(tl.load(x2_bar_ptr + mb * K * D + kd)), d_out, input_precision=PRECISION)
+                + tl.dot(tl.trans(d_back_z2), grad_z2, input_precision=PRECISION)
+                + tl.dot(tl.trans(x2), d_z2, input_precision=PRECISION))
+        db2 += tl.sum(d_out + d_z2, 0)[None, :]
+    _store_weights(d_w1_out_ptr, d_b1_out_ptr, bh, dW1, db1, fd, hidden, F * D, D)
+    _store_weights(d_w2_out_ptr, d_b2_out_ptr, bh, dW2, db2, df, cols, D * F, F)
 
 
 def _precision() -> str:
@@ -228,3 +390,36 @@ def linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_start
                                         num_warps=NUM_WARPS)
     d_gamma, d_beta = (d.sum((0, 2)).unsqueeze(1) for d in (d_gamma, d_beta))
     return d_q, d_k, d_target, d_eta_qk, d_e, d_W0, d_b0, d_gamma, d_beta
+
+
+def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, eps, keep_starts):
+    """mlp_scan_forward of ttt.py (same inputs, plus the LayerNorm eps) in one kernel launch: Z_bar, the final W1,
+    b1, W2, b2, and their values at every mini-batch start as one span, [W1_starts (B, H, n, f, 4f), b1_starts,
+    W2_starts, b2_starts] ([] when keep_starts is False)."""
+    q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta = (
+        t.contiguous() for t in (q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta))
+    B, H, n, K, f = q.shape
+    params = (W1, b1, W2, b2)
+    out = torch.empty_like(q)
+    starts = [q.new_empty(B, H, n, *p.shape[-2:]) for p in params] if keep_starts else [q] * 4
+    final = [torch.empty_like(p) for p in params]
+    _mlp_scan_forward[(B * H,)](q, k, target, eta, eta_qk, e, *params, gamma, beta, out, *starts, *final, n, H, eps,
+                                K=K, F=f, D=W1.shape[-1], PRECISION=_precision(), KEEP_STARTS=keep_starts,
+                                num_warps=MLP_NUM_WARPS, num_stages=1)
+    return out, *final, starts if keep_starts else []
+
+
+def mlp_walk_back(walk, gamma, d_params):
+    """mlp_walk_back of ttt.py (same arguments: an MLPWalkBack of m mini-batches, gamma, the gradients of the
+    weights after the last) in one kernel launch."""
+    B, H, m, K, f = walk.q.shape
+    walk = [t.contiguous() for t in walk]
+    d_params = [d.contiguous() for d in d_params]
+    q, _, _, x2 = walk[:4]
+    d_e_grad_z1, d_z1 = torch.empty_like(x2), torch.empty_like(x2)
+    d_e_grad_z2, d_g, d_k_update = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    d_params_before = [torch.empty_like(d) for d in d_params]
+    _mlp_walk_back[(B * H,)](*walk, gamma.contiguous(), *d_params, d_e_grad_z1, d_e_grad_z2, d_z1, d_g,
+                                  d_k_update, *d_params_before, m, H, K=K, F=f, D=x2.shape[-1],
+                                  PRECISION=_precision(), num_warps=MLP_NUM_WARPS, num_stages=1)
+    return (d_e_grad_z1, d_e_grad_z2, d_z1, d_g, d_k_update), d_params_before

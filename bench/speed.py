@@ -32,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_ttt import COMPILE_MODES  # noqa: E402
-from ttt import TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM, TTTLinear  # noqa: E402
+from ttt import TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM  # noqa: E402
 from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token  # noqa: E402
 from ttt_train.models import transformer_config  # noqa: E402
 
-# "-straightforward": the autograd loop over mini-batches instead of the recomputing scan; "ttt-linear-pytorch":
-# TTT-Linear's recomputing scan in PyTorch even where the Triton kernels run ("ttt-linear" uses them on a GPU)
-MODELS = ("ttt-linear-straightforward", "ttt-linear-pytorch", "ttt-linear", "ttt-mlp-straightforward", "ttt-mlp",
-          "transformer")
+# "-straightforward": the autograd loop over mini-batches instead of the recomputing scan; "-pytorch": the
+# recomputing scan in PyTorch even where the Triton kernels run ("ttt-linear" and "ttt-mlp" use them on a GPU)
+MODELS = ("ttt-linear-straightforward", "ttt-linear-pytorch", "ttt-linear", "ttt-mlp-straightforward",
+          "ttt-mlp-pytorch", "ttt-mlp", "transformer")
 WORKLOADS = {
     "a": [dict(model=m, seq_length=2048, batch_size=4) for m in MODELS if m != "transformer"],
     "b": [dict(model=m, seq_length=512, batch_size=4, size="tiny") for m in MODELS],
@@ -109,7 +109,7 @@ def print_profile(fn):
 
 def select_scan(name):
     TTTBase.recomputing_scan = not name.endswith("-straightforward")
-    TTTLinear.triton_scan = name == "ttt-linear"
+    TTTBase.triton_scan = not name.endswith("-pytorch")
 
 
 def build_model(name, size):
@@ -244,8 +244,8 @@ def main():
     for workload in args.only or default:
         straightforward = {}  # (inner model, T, B) -> tokens/s of the straightforward path
         for case in WORKLOADS[workload]:
-            if case["model"] == "ttt-linear-pytorch" and not torch.cuda.is_available():
-                continue  # the same path as "ttt-linear" without a GPU
+            if case["model"].endswith("-pytorch") and not torch.cuda.is_available():
+                continue  # the same path as "ttt-linear" or "ttt-mlp" without a GPU
             if args.compile and case["model"].endswith("-straightforward"):
                 continue  # torch.compile would unroll its loop over the mini-batches: minutes per length
             command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats),

@@ -299,14 +299,14 @@ def test_fast_linear_scan_gradcheck(monkeypatch, span):
 def test_fast_mlp_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
     monkeypatch.setattr(ttt, "MAX_SPAN", span)
-    scan = lambda *inputs: mlp_scan_op(*inputs, keep_starts=True)[:5]  # noqa: E731
+    scan = lambda *inputs: mlp_scan_op(*inputs, keep_starts=True, triton=False)[:5]  # noqa: E731
     assert torch.autograd.gradcheck(scan, scan_inputs(1, 2, 5, 4, 3, hidden=[12]), eps=1e-6, atol=1e-5)
 
 
 def test_second_derivatives_through_the_scans_raise_instead_of_vanishing():
     torch.manual_seed(0)
     q, k, target, eta, eta_qk, e, *rest = scan_inputs(1, 2, 3, 4, 5, hidden=[20])
-    out = mlp_scan_op(q, k, target, eta, eta_qk, e, *rest, keep_starts=True)[0]
+    out = mlp_scan_op(q, k, target, eta, eta_qk, e, *rest, keep_starts=True, triton=False)[0]
     d_q, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         d_q.sum().backward()

@@ -1,5 +1,5 @@
-"""The Triton TTT-Linear scan (ttt_kernels.py) against the PyTorch paths: on a GPU where there is one, else on the
-CPU through Triton's interpreter (conftest.py selects it)."""
+"""The Triton scans of TTT-Linear and TTT-MLP (ttt_kernels.py) against the PyTorch paths: on a GPU where there is
+one, else on the CPU through Triton's interpreter (conftest.py selects it)."""
 
 import importlib.util
 
@@ -8,7 +8,7 @@ import torch
 
 import ttt
 from test_model import chunked_prefill_logits, logits_and_gradients, straightforward_then_recomputing
-from ttt import TTTConfig, TTTForCausalLM, TTTLinear, linear_scan_op
+from ttt import TTTBase, TTTConfig, TTTForCausalLM, TTTLinear, TTTMLP, linear_scan_op, mlp_scan_op
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (optional; .ci/run installs it)")
@@ -17,7 +17,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """ttt_kernels, with the model dispatching to it on CPU tensors and counting its scans in `kernels.calls`."""
+    """ttt_kernels, with the model dispatching to it on CPU tensors and recording its forward scans in
+    `kernels.calls` ("linear" or "mlp" each)."""
     import triton
 
     kernels = ttt.ttt_kernels
@@ -26,53 +27,93 @@ def kernels(monkeypatch):
     elif DEVICE == "cpu":
         pytest.skip("without a GPU the kernels need TRITON_INTERPRET=1 before Triton is imported (conftest.py)")
     calls = []
-    forward = kernels.linear_scan_forward
-    monkeypatch.setattr(kernels, "linear_scan_forward", lambda *args: calls.append(1) or forward(*args))
+    for inner in ("linear", "mlp"):
+        forward = getattr(kernels, f"{inner}_scan_forward")
+        monkeypatch.setattr(kernels, f"{inner}_scan_forward",
+                            lambda *args, inner=inner, forward=forward: calls.append(inner) or forward(*args))
     monkeypatch.setattr(kernels, "calls", calls, raising=False)
     return kernels
 
 
-def scan_inputs(B, H, n, K, f):
+def scan_inputs(B, H, n, K, f, hidden=None):
+    """The linear scan's inputs, or with a hidden width the MLP scan's (with eta, and W1, b1, W2, b2)."""
     make = lambda *shape, scale=1.0: (torch.randn(*shape, device=DEVICE) * scale).requires_grad_()  # noqa: E731
-    return (make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, K, scale=0.05),
-            (torch.rand(B, H, n, K, 1, device=DEVICE) * 0.02).requires_grad_(), make(B, H, f, f, scale=0.02),
-            make(B, H, 1, f, scale=0.02), (1 + 0.1 * torch.randn(H, 1, f, device=DEVICE)).requires_grad_(),
-            make(H, 1, f, scale=0.1))
+    widths = [f, f] if hidden is None else [f, hidden, f]
+    weights = [w for a, b in zip(widths, widths[1:])
+               for w in (make(B, H, a, b, scale=0.02), make(B, H, 1, b, scale=0.02))]
+    eta = [] if hidden is None else [(torch.rand(B, H, n, K, K, device=DEVICE) * 0.05).tril().requires_grad_()]
+    return (make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f), *eta, make(B, H, n, K, K, scale=0.05),
+            (torch.rand(B, H, n, K, 1, device=DEVICE) * 0.02).requires_grad_(), *weights,
+            (1 + 0.1 * torch.randn(H, 1, f, device=DEVICE)).requires_grad_(), make(H, 1, f, scale=0.1))
 
 
 def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 16, 64), (1, 2, 5, 16, 32)])
-@pytest.mark.parametrize("use_final_weights", [True, False])
-def test_triton_scan_equals_the_pytorch_scan(kernels, shape, use_final_weights):
-    torch.manual_seed(0)
-    inputs = scan_inputs(*shape)
-    reference = linear_scan_op(*inputs, keep_starts=True, triton=False)[:3]
-    outputs = linear_scan_op(*inputs, keep_starts=True, triton=True)[:3]
-    assert kernels.calls
+def assert_scans_agree(scan, inputs, names, use_final_weights):
+    """scan(inputs, triton) with and without the kernels: the same outputs and gradients (float32 sums in another
+    order), whether or not the final weights are used (their gradients None when not)."""
+    reference = scan(inputs, False)
+    outputs = scan(inputs, True)
     for got, expected in zip(outputs, reference):
         assert relative_error(got, expected) < 1e-5
     weights = [torch.randn_like(t) for t in reference]
-    used = slice(None) if use_final_weights else slice(0, 1)  # the final W, b unused: their gradients are None
+    used = slice(None) if use_final_weights else slice(0, 1)
 
     def loss(results):
         return sum((r * w).sum() for r, w in zip(results[used], weights[used]))
 
     expected = torch.autograd.grad(loss(reference), inputs)
     got = torch.autograd.grad(loss(outputs), inputs)
-    for name, g, e in zip(("q", "k", "target", "eta_qk", "e", "W0", "b0", "gamma", "beta"), got, expected):
+    for name, g, e in zip(names, got, expected):
         assert relative_error(g, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 16, 64), (1, 2, 5, 16, 32)])
+@pytest.mark.parametrize("use_final_weights", [True, False])
+def test_triton_scan_equals_the_pytorch_scan(kernels, shape, use_final_weights):
+    torch.manual_seed(0)
+    assert_scans_agree(lambda inputs, triton: linear_scan_op(*inputs, keep_starts=True, triton=triton)[:3],
+                       scan_inputs(*shape), ("q", "k", "target", "eta_qk", "e", "W0", "b0", "gamma", "beta"),
+                       use_final_weights)
+    assert kernels.calls == ["linear"]
+
+
+# 5 mini-batches; with spans of 2 the backward walks back through the kernel's one span of 5 as 2, 2 and 1
+@pytest.mark.parametrize("shape, span", [((2, 3, 3, 16, 16), 16), ((1, 2, 5, 16, 32), 2), ((1, 1, 2, 16, 64), 16)])
+@pytest.mark.parametrize("use_final_weights", [True, False])
+def test_triton_mlp_scan_equals_the_pytorch_scan(kernels, monkeypatch, shape, span, use_final_weights):
+    torch.manual_seed(0)
+    monkeypatch.setattr(ttt, "MAX_SPAN", span)
+    assert_scans_agree(lambda inputs, triton: mlp_scan_op(*inputs, keep_starts=True, triton=triton)[:5],
+                       scan_inputs(*shape, hidden=4 * shape[-1]),
+                       ("q", "k", "target", "eta", "eta_qk", "e", "W1", "b1", "W2", "b2", "gamma", "beta"),
+                       use_final_weights)
+    assert kernels.calls == ["mlp"]
 
 
 def test_triton_scan_runs_only_where_its_block_shapes_fit(kernels):
     assert kernels.block_shapes_fit(torch.zeros(1, 2, 3, 16, 64))
+    assert kernels.block_shapes_fit(torch.zeros(1, 2, 3, 16, 128))
     assert not kernels.block_shapes_fit(torch.zeros(1, 2, 3, 16, 96))  # the 760m size's head dim
     assert not kernels.block_shapes_fit(torch.zeros(1, 2, 3, 8, 64))
+    assert kernels.block_shapes_fit(torch.zeros(1, 2, 3, 16, 64), "mlp")
+    assert not kernels.block_shapes_fit(torch.zeros(1, 2, 3, 16, 128), "mlp")  # 8 f^2 weights: too many
+    assert not kernels.block_shapes_fit(torch.zeros(1, 2, 3, 32, 64), "mlp")
 
 
-def linear_model(**overrides):
+def test_triton_mlp_scan_runs_only_on_gpus_it_suits(kernels):
+    h100, a100, rtx_4090 = ((9, 0), 232448), ((8, 0), 166912), ((8, 9), 101376)  # capability, shared memory
+    assert kernels.device_fits("mlp", 64, *h100)
+    assert not kernels.device_fits("mlp", 64, *a100)
+    assert not kernels.device_fits("mlp", 32, *rtx_4090)
+    assert kernels.device_fits("mlp", 32, (12, 0), 101376)  # an RTX 5090 at f=32, but not at f=64:
+    assert not kernels.device_fits("mlp", 64, (12, 0), 101376)
+    assert all(kernels.device_fits("linear", 64, *gpu) for gpu in (h100, a100, rtx_4090))
+
+
+def small_model(**overrides):
     torch.manual_seed(0)
     config = TTTConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, mini_batch_size=16, **overrides)
@@ -83,32 +124,35 @@ def linear_model(**overrides):
     return model.to(DEVICE)
 
 
-@pytest.mark.parametrize("length", [37, 48, 100])
+@pytest.mark.parametrize("inner, length", [("linear", 37), ("linear", 48), ("linear", 100), ("mlp", 37), ("mlp", 48)])
 @pytest.mark.parametrize("overrides", [{}, dict(pre_conv=True, share_qk=True, use_gate=True)], ids=["plain", "mamba"])
-def test_model_with_the_triton_scan_equals_the_straightforward_loop(kernels, monkeypatch, length, overrides):
-    model = linear_model(**overrides)
+def test_model_with_the_triton_scan_equals_the_straightforward_loop(kernels, monkeypatch, inner, length, overrides):
+    model = small_model(ttt_layer_type=inner, **overrides)
     ids = torch.randint(0, 97, (2, length), device=DEVICE)
     (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
         monkeypatch, lambda: logits_and_gradients(model, ids))
-    assert len(kernels.calls) == 2  # one scan per layer, in the fast pass only
+    assert kernels.calls == [inner] * 2  # one scan per layer, in the fast pass only
     assert (slow_logits - fast_logits).abs().max() < 1e-5
     # float32 sums in another order; tau's gradient (learnable_token_idx), a sum over every mini-batch with
     # cancellation, differs by about 1.5e-5 of its largest entry here, the PyTorch recomputing scan's too
     assert all((a - b).abs().max() <= 5e-5 * a.abs().max() + 1e-7 for a, b in zip(slow_grads, fast_grads))
 
 
-def test_triton_scan_through_the_cache_matches_the_straightforward_loop(kernels, monkeypatch):
-    model = linear_model(pre_conv=True, share_qk=True).eval()
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_triton_scan_through_the_cache_matches_the_straightforward_loop(kernels, monkeypatch, inner):
+    model = small_model(ttt_layer_type=inner, pre_conv=True, share_qk=True).eval()
     ids = torch.randint(0, 97, (2, 70), device=DEVICE)
     logits = straightforward_then_recomputing(
         monkeypatch, lambda: chunked_prefill_logits(model, ids, [(0, 5), (5, 50), (50, 51), (51, 70)]))
-    assert kernels.calls  # the 5..50 chunk holds full mini-batches
+    assert kernels.calls == [inner] * 2  # the 5..50 chunk holds full mini-batches
     assert (logits[0] - logits[1]).abs().max() < 1e-5
 
 
-def test_triton_scan_can_be_turned_off(kernels, monkeypatch):
-    monkeypatch.setattr(TTTLinear, "triton_scan", False)
-    model = linear_model()
+@pytest.mark.parametrize("switch", [TTTBase, TTTLinear, TTTMLP])
+def test_triton_scan_can_be_turned_off(kernels, monkeypatch, switch):
+    monkeypatch.setattr(switch, "triton_scan", False)
     ids = torch.randint(0, 97, (1, 40), device=DEVICE)
-    model(ids, labels=ids).loss.backward()
-    assert not kernels.calls
+    for inner in ("linear", "mlp"):
+        small_model(ttt_layer_type=inner)(ids, labels=ids).loss.backward()
+    expected = {TTTBase: [], TTTLinear: ["mlp"] * 2, TTTMLP: ["linear"] * 2}[switch]  # a scan per layer
+    assert kernels.calls == expected
