@@ -1,22 +1,24 @@
-"""Triton kernels for the TTT-Linear scan (optional: `ttt.py` uses them on CUDA tensors when Triton imports).
+"""Triton kernels for the TTT-Linear and TTT-MLP scans (optional: `ttt.py` uses them on CUDA tensors when Triton
+imports).
 
-One program per (batch, head) walks the mini-batches in order and keeps the inner weights W (f x f) and b in
-registers, so a whole layer's scan is one launch forward instead of a dozen kernels per mini-batch. The backward
-is two launches: the sequential walk back carrying the weights' gradient (the least work per mini-batch that
-the carry needs), then every mini-batch's input gradients in parallel. The arithmetic is that of
-`linear_scan_forward` and `linear_backward_through` in `ttt.py`, written per mini-batch:
+One program per (batch, head) walks the mini-batches in order and keeps the inner weights in registers, so a
+whole layer's scan is one launch forward instead of a dozen kernels per mini-batch. TTT-Linear's backward is two
+launches: the sequential walk back carrying the weights' gradient (the least work per mini-batch that the carry
+needs), then every mini-batch's input gradients in parallel. The arithmetic is that of `linear_scan_forward` and
+`linear_backward_through` in `ttt.py`, written per mini-batch:
 
     forward   z = k W + b,  G = dl/dz of l = 1/2 ||LN(z) - target||^2,  Z_bar = q W + b - eta_qk G,
               W <- W - k^T (e * G),  b <- b - sum_rows(e * G)
     backward  the same mini-batches in reverse, from the W, b saved at each mini-batch start, carrying dW, db.
+
+TTT-MLP's forward is `mlp_scan_forward` per mini-batch; its backward keeps `mlp_backward_through`'s batched
+PyTorch operations and replaces only their sequential loop, `mlp_walk_back`, by one launch per span.
 
 Everything is float32. Matrix products use TF32 tensor cores when PyTorch's float32 matmul precision allows
 it (`torch.set_float32_matmul_precision("high")`, or the trainer's --tf32), else full float32.
 With TRITON_INTERPRET=1 set before Triton is first imported, the kernels also run on CPU tensors, slowly,
 through Triton's interpreter (the tests do this).
 """
-
-import functools
 
 import torch
 import triton
@@ -49,26 +51,26 @@ def block_shapes_fit(q: torch.Tensor, inner: str = "linear") -> bool:
     return K in (16, 32, 64, 128) and f in (16, 32, 64, 128)
 
 
-def device_fits(inner: str, f: int, capability: tuple, shared_memory: int) -> bool:
-    """Whether the kernels of a TTT-Linear or TTT-MLP layer with head dim f suit a GPU of compute `capability` with
-    `shared_memory` bytes per block. TTT-Linear's suit every GPU Triton supports (43 KB at f=64). TTT-MLP's need
-    MLP_SHARED_MEMORY[f] (sm_86 and sm_89 have 99 KB) and Hopper or later: for sm_80, Triton 3.9 builds them with
-    their state in local memory (32 registers and 20 to 27 KB of stack per thread)."""
-    return inner == "linear" or (capability >= (9, 0) and MLP_SHARED_MEMORY[f] <= shared_memory)
+def mlp_fits(f: int, capability: tuple, shared_memory: int) -> bool:
+    """Whether the TTT-MLP kernels for head dim f suit a GPU of compute `capability` with `shared_memory` bytes per
+    block: they need MLP_SHARED_MEMORY[f] (sm_86 and sm_89 have 99 KB) and Hopper or later (for sm_80, Triton 3.9
+    builds them with their state in local memory: 32 registers and 20 to 27 KB of stack per thread). TTT-Linear's
+    kernels suit every GPU Triton supports (43 KB of shared memory at f=64)."""
+    return capability >= (9, 0) and MLP_SHARED_MEMORY[f] <= shared_memory
 
 
-@functools.cache
-def _device_properties(device_index: int) -> tuple:
-    """(compute capability, shared memory per block in bytes) of a CUDA device."""
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant instead of tracing the query
+def _mlp_fits_device(device_index: int, f: int) -> bool:
     shared_memory = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-    return torch.cuda.get_device_capability(device_index), shared_memory
+    return mlp_fits(f, torch.cuda.get_device_capability(device_index), shared_memory)
 
 
 def supports(q: torch.Tensor, inner: str = "linear") -> bool:
     """Whether ttt.py runs the scan of stacked mini-batches q of a TTT-Linear or TTT-MLP ("linear", "mlp") layer
     through these kernels."""
-    return (q.is_cuda and block_shapes_fit(q, inner)
-            and device_fits(inner, q.shape[-1], *_device_properties(q.device.index)))
+    if not (q.is_cuda and block_shapes_fit(q, inner)):
+        return False
+    return inner == "linear" or _mlp_fits_device(q.device.index, q.shape[-1])
 
 
 @triton.jit

@@ -105,12 +105,10 @@ def test_triton_scan_runs_only_where_its_block_shapes_fit(kernels):
 
 def test_triton_mlp_scan_runs_only_on_gpus_it_suits(kernels):
     h100, a100, rtx_4090 = ((9, 0), 232448), ((8, 0), 166912), ((8, 9), 101376)  # capability, shared memory
-    assert kernels.device_fits("mlp", 64, *h100)
-    assert not kernels.device_fits("mlp", 64, *a100)
-    assert not kernels.device_fits("mlp", 32, *rtx_4090)
-    assert kernels.device_fits("mlp", 32, (12, 0), 101376)  # an RTX 5090 at f=32, but not at f=64:
-    assert not kernels.device_fits("mlp", 64, (12, 0), 101376)
-    assert all(kernels.device_fits("linear", 64, *gpu) for gpu in (h100, a100, rtx_4090))
+    assert kernels.mlp_fits(64, *h100) and kernels.mlp_fits(16, *h100)
+    assert not kernels.mlp_fits(64, *a100)
+    assert not kernels.mlp_fits(32, *rtx_4090)
+    assert kernels.mlp_fits(32, (12, 0), 101376) and not kernels.mlp_fits(64, (12, 0), 101376)  # an RTX 5090
 
 
 def small_model(**overrides):
