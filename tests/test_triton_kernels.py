@@ -154,3 +154,16 @@ def test_triton_scan_can_be_turned_off(kernels, monkeypatch, switch):
         small_model(ttt_layer_type=inner)(ids, labels=ids).loss.backward()
     expected = {TTTBase: [], TTTLinear: ["mlp"] * 2, TTTMLP: ["linear"] * 2}[switch]  # a scan per layer
     assert kernels.calls == expected
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_torch_compile_takes_the_triton_scans_as_operators(kernels, inner):
+    model = small_model(ttt_layer_type=inner)
+    ids = torch.randint(0, 97, (2, 16 * 3 + 5), device=DEVICE)
+    eager_logits, eager_grads = logits_and_gradients(model, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    logits, grads = logits_and_gradients(compiled, ids)
+    assert kernels.calls == [inner] * 4  # a scan per layer, eager then compiled
+    assert (logits - eager_logits).abs().max() < 1e-5
+    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(eager_grads, grads))
