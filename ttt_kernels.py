@@ -33,10 +33,12 @@ NUM_WARPS = 4
 
 # TTT-MLP's programs hold W1 and W2 (f x 4f float32 each) and, backward, their gradients: at f=64 more than
 # the registers, the rest spilled. Launched without software pipelining (num_stages=1), whose buffers for the
-# per-mini-batch W2 load would need more than an H100's 227 KB of shared memory. Compiled for sm_90 with 8 warps
-# (Triton 3.9), K=16, f=64: forward 255 registers + 1.4 KB spilled per thread, 84 KB of shared memory; walk back
-# 255 + 0.8 KB, 128 KB (4 warps: 96 KB, but 2.9 KB spilled). Not yet timed on a GPU.
+# per-mini-batch loads would need more than an H100's 227 KB of shared memory (the walk back: 364 KB). Compiled
+# for sm_90 with 8 warps (Triton 3.9), K=16, f=64: forward 255 registers + 1.4 KB spilled per thread, 84 KB of
+# shared memory; walk back 255 + 0.8 KB, 128 KB (4 warps: 96 KB, but 2.9 KB spilled); bench/kernel_resources.py
+# reports these. Not yet timed on a GPU.
 MLP_NUM_WARPS = 8
+MLP_NUM_STAGES = 1
 # Shared memory the TTT-MLP walk back (the larger of its two kernels) needs per head dim f, in bytes, as above.
 MLP_SHARED_MEMORY = {16: 9216, 32: 32768, 64: 131072}
 
@@ -55,7 +57,8 @@ def mlp_fits(f: int, capability: tuple, shared_memory: int) -> bool:
     """Whether the TTT-MLP kernels for head dim f suit a GPU of compute `capability` with `shared_memory` bytes per
     block: they need MLP_SHARED_MEMORY[f] (sm_86 and sm_89 have 99 KB) and Hopper or later (for sm_80, Triton 3.9
     builds them with their state in local memory: 32 registers and 20 to 27 KB of stack per thread). TTT-Linear's
-    kernels suit every GPU Triton supports (43 KB of shared memory at f=64)."""
+    kernels suit every GPU Triton supports (at f=64 at most 90 KB of shared memory on sm_90, 74 on sm_80, 41 on
+    sm_75: bench/kernel_resources.py)."""
     return capability >= (9, 0) and MLP_SHARED_MEMORY[f] <= shared_memory
 
 
@@ -407,7 +410,7 @@ def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, 
     final = [torch.empty_like(p) for p in params]
     _mlp_scan_forward[(B * H,)](q, k, target, eta, eta_qk, e, *params, gamma, beta, out, *starts, *final, n, H, eps,
                                 K=K, F=f, D=W1.shape[-1], PRECISION=_precision(), KEEP_STARTS=keep_starts,
-                                num_warps=MLP_NUM_WARPS, num_stages=1)
+                                num_warps=MLP_NUM_WARPS, num_stages=MLP_NUM_STAGES)
     return out, *final, starts if keep_starts else []
 
 
@@ -423,5 +426,5 @@ def mlp_walk_back(walk, gamma, d_params):
     d_params_before = [torch.empty_like(d) for d in d_params]
     _mlp_walk_back[(B * H,)](*walk, gamma.contiguous(), *d_params, d_e_grad_z1, d_e_grad_z2, d_z1, d_g,
                                   d_k_update, *d_params_before, m, H, K=K, F=f, D=x2.shape[-1],
-                                  PRECISION=_precision(), num_warps=MLP_NUM_WARPS, num_stages=1)
+                                  PRECISION=_precision(), num_warps=MLP_NUM_WARPS, num_stages=MLP_NUM_STAGES)
     return (d_e_grad_z1, d_e_grad_z2, d_z1, d_g, d_k_update), d_params_before

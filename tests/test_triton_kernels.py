@@ -2,6 +2,10 @@
 one, else on the CPU through Triton's interpreter (conftest.py selects it)."""
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +171,33 @@ def test_torch_compile_takes_the_triton_scans_as_operators(kernels, inner):
     assert kernels.calls == [inner] * 4  # a scan per layer, eager then compiled
     assert (logits - eager_logits).abs().max() < 1e-5
     assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(eager_grads, grads))
+
+
+def kernel_resources(*args, interpret=False):
+    """bench/kernel_resources.py run with args: (exit code, {kernel name: [its rows' cells]}, stderr)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env.update({"TRITON_INTERPRET": "1"} if interpret else {})
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "kernel_resources.py"), *args], capture_output=True,
+                          text=True, env=env)
+    rows = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("| _"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows.setdefault(cells[0], []).append(cells[1:])
+    return done.returncode, rows, done.stderr
+
+
+def test_the_mlp_dispatch_assumes_the_shared_memory_its_kernels_compile_to():
+    code, rows, stderr = kernel_resources("--head_dim", "16", "64")
+    assert code == 0, stderr
+    assert set(rows) == {"_scan_forward", "_scan_backward_carry", "_scan_backward_inputs", "_mlp_scan_forward",
+                         "_mlp_walk_back"}
+    for f, index in ((16, 0), (64, 1)):  # rows per kernel: f=16, then f=64
+        needs = [int(rows[name][index][-1].replace(",", "")) for name in ("_mlp_scan_forward", "_mlp_walk_back")]
+        assert ttt.ttt_kernels.MLP_SHARED_MEMORY[f] == max(needs)
+
+
+def test_kernel_resources_refuses_to_run_under_the_interpreter():
+    code, rows, stderr = kernel_resources(interpret=True)
+    assert code == 2 and not rows and "TRITON_INTERPRET" in stderr.splitlines()[-1]
