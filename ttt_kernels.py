@@ -34,7 +34,7 @@ NUM_WARPS = 4
 # TTT-MLP's programs hold W1 and W2 (f x 4f float32 each) and, backward, their gradients: at f=64 more than
 # the registers, the rest spilled. Launched without software pipelining (num_stages=1), whose buffers for the
 # per-mini-batch loads would need more than an H100's 227 KB of shared memory (the walk back: 364 KB). Compiled
-# for sm_90 with 8 warps (Triton 3.9), K=16, f=64: forward 255 registers + 1.4 KB spilled per thread, 84 KB of
+# for sm_90 with 8 warps (Triton 3.9), K=16, f=64: forward 255 registers + 1.1 KB spilled per thread, 84 KB of
 # shared memory; walk back 255 + 0.8 KB, 128 KB (4 warps: 96 KB, but 2.9 KB spilled); bench/kernel_resources.py
 # reports these. Not yet timed on a GPU.
 MLP_NUM_WARPS = 8
@@ -268,13 +268,13 @@ def _mlp_scan_forward(q_ptr, k_ptr, target_ptr, eta_ptr, eta_qk_ptr, e_ptr, w1_p
             _store_weights(w2_starts_ptr, b2_starts_ptr, mb, W2, b2, df, cols, D * F, F)
 
         z1 = tl.dot(k, W1, input_precision=PRECISION) + b1
+        q_W1 = tl.dot(q, W1, input_precision=PRECISION) + b1
         x2, gelu_z1 = _gelu_tanh(z1)
         z2 = tl.dot(x2, W2, input_precision=PRECISION) + b2
         grad_z2 = _ln_reconstruction(z2, tl.load(target_ptr + mb * K * F + kf), gamma, beta, eps, F)[3]
         grad_z1 = tl.dot(grad_z2, tl.trans(W2), input_precision=PRECISION) * gelu_z1
         # dual form, layer by layer: Z1_bar = q W1 + b1 - eta_qk G1, Z_bar = X2_bar W2 + b2 - eta (X2_bar X2^T + 1) G2
-        z1_bar = (tl.dot(q, W1, input_precision=PRECISION) + b1
-                  - tl.dot(tl.load(eta_qk_ptr + mb * K * K + kk), grad_z1, input_precision=PRECISION))
+        z1_bar = q_W1 - tl.dot(tl.load(eta_qk_ptr + mb * K * K + kk), grad_z1, input_precision=PRECISION)
         x2_bar = _gelu_tanh(z1_bar)[0]
         mix = tl.load(eta_ptr + mb * K * K + kk) * (tl.dot(x2_bar, tl.trans(x2), input_precision=PRECISION) + 1)
         out = (tl.dot(x2_bar, W2, input_precision=PRECISION) + b2
