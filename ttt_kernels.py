@@ -292,12 +292,11 @@ def _mlp_scan_forward(q_ptr, k_ptr, target_ptr, eta_ptr, eta_qk_ptr, e_ptr, w1_p
 
 @triton.jit
 def _mlp_walk_back(q_ptr, k_ptr, e_ptr, x2_ptr, gelu_z1_ptr, e_grad_z1_ptr, e_grad_z2_ptr, grad_z2_ptr,
-                        out_d_grad_z1_ptr, out_d_grad_z2_ptr, out_d_x2_ptr, curvature_z1_ptr, d_z1_bar_ptr,
-                        x2_bar_ptr, d_out_ptr, x_hat_ptr, std_ptr, g_ptr, w2_ptr, gamma_ptr,
-                        d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
-                        d_e_grad_z1_ptr, d_e_grad_z2_ptr, d_z1_ptr, d_g_ptr, d_k_update_ptr,
-                        d_w1_out_ptr, d_b1_out_ptr, d_w2_out_ptr, d_b2_out_ptr,
-                        m, H, K: tl.constexpr, F: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+                   out_d_grad_z1_ptr, out_d_grad_z2_ptr, out_d_x2_ptr, curvature_z1_ptr, d_z1_bar_ptr, x2_bar_ptr,
+                   d_out_ptr, x_hat_ptr, std_ptr, g_ptr, w2_ptr, gamma_ptr, d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
+                   d_e_grad_z1_ptr, d_e_grad_z2_ptr, d_z1_ptr, d_g_ptr, d_k_update_ptr,
+                   d_w1_out_ptr, d_b1_out_ptr, d_w2_out_ptr, d_b2_out_ptr,
+                   m, H, K: tl.constexpr, F: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
     """mlp_walk_back of ttt.py over m mini-batches, one program per (batch, head): walks them in reverse carrying
     dW1, db1, dW2, db2."""
     bh = tl.program_id(0).to(tl.int64)
@@ -418,13 +417,12 @@ def mlp_walk_back(walk, gamma, d_params):
     """mlp_walk_back of ttt.py (same arguments: an MLPWalkBack of m mini-batches, gamma, the gradients of the
     weights after the last) in one kernel launch."""
     B, H, m, K, f = walk.q.shape
-    walk = [t.contiguous() for t in walk]
+    d_e_grad_z1, d_z1 = (walk.x2.new_empty(walk.x2.shape) for _ in range(2))  # contiguous, as the kernel writes
+    d_e_grad_z2, d_g, d_k_update = (walk.q.new_empty(walk.q.shape) for _ in range(3))
     d_params = [d.contiguous() for d in d_params]
-    q, _, _, x2 = walk[:4]
-    d_e_grad_z1, d_z1 = torch.empty_like(x2), torch.empty_like(x2)
-    d_e_grad_z2, d_g, d_k_update = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
     d_params_before = [torch.empty_like(d) for d in d_params]
-    _mlp_walk_back[(B * H,)](*walk, gamma.contiguous(), *d_params, d_e_grad_z1, d_e_grad_z2, d_z1, d_g,
-                                  d_k_update, *d_params_before, m, H, K=K, F=f, D=x2.shape[-1],
-                                  PRECISION=_precision(), num_warps=MLP_NUM_WARPS, num_stages=MLP_NUM_STAGES)
+    _mlp_walk_back[(B * H,)](*(t.contiguous() for t in walk), gamma.contiguous(), *d_params, d_e_grad_z1,
+                             d_e_grad_z2, d_z1, d_g, d_k_update, *d_params_before, m, H, K=K, F=f,
+                             D=walk.x2.shape[-1], PRECISION=_precision(), num_warps=MLP_NUM_WARPS,
+                             num_stages=MLP_NUM_STAGES)
     return (d_e_grad_z1, d_e_grad_z2, d_z1, d_g, d_k_update), d_params_before
