@@ -189,6 +189,10 @@ def kernel_resources(*args, interpret=False):
 
 
 def test_the_mlp_dispatch_assumes_the_shared_memory_its_kernels_compile_to():
+    import triton
+
+    if triton.__version__ != "3.9.0":  # what .ci/run installs; other versions may compile to other sizes
+        pytest.skip(f"ttt_kernels.MLP_SHARED_MEMORY was measured with Triton 3.9.0, this is {triton.__version__}")
     code, rows, stderr = kernel_resources("--head_dim", "16", "64")
     assert code == 0, stderr
     assert set(rows) == {"_scan_forward", "_scan_backward_carry", "_scan_backward_inputs", "_mlp_scan_forward",
