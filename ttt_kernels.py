@@ -20,6 +20,8 @@ With TRITON_INTERPRET=1 set before Triton is first imported, the kernels also ru
 through Triton's interpreter (the tests do this).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -62,10 +64,16 @@ def mlp_fits(f: int, capability: tuple, shared_memory: int) -> bool:
     return capability >= (9, 0) and MLP_SHARED_MEMORY[f] <= shared_memory
 
 
+@functools.cache  # asked at every TTT-MLP layer's forward; a device's answer does not change
+def _device_limits(device_index: int) -> tuple:
+    """(compute capability, shared memory per block in bytes) of a CUDA device."""
+    shared_memory = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return torch.cuda.get_device_capability(device_index), shared_memory
+
+
 @torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant instead of tracing the query
 def _mlp_fits_device(device_index: int, f: int) -> bool:
-    shared_memory = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-    return mlp_fits(f, torch.cuda.get_device_capability(device_index), shared_memory)
+    return mlp_fits(f, *_device_limits(device_index))
 
 
 def supports(q: torch.Tensor, inner: str = "linear") -> bool:
