@@ -8,7 +8,8 @@ Writes OUT/eval.json, a list with per model: model, loss, perplexity, tokens, an
 OUT/ppl_by_position.png. Evaluating at a --seq_length beyond the training context (e.g. 2x) shows how a model
 uses long context. The data is loaded as in training; `--split validation` (the default) is the trainer's
 validation data (the dataset's validation split, or the same held-out documents for the same --seed and
---validation_split), so the loss matches the trainer's eval loss on the same blocks.
+--validation_split), so the loss matches the trainer's eval loss on the same blocks; `--split all` evaluates every
+document of the data (a whole test file, e.g. WikiText-2's test.txt), up to --max_eval_tokens.
 """
 
 import argparse
@@ -17,11 +18,12 @@ import math
 import sys
 from pathlib import Path
 
+import datasets
 import torch
 import torch.nn.functional as F
 
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
-from ttt_train import data
+from ttt_train import data, hub
 from ttt_train.checkpoint import TRAINER_STATE
 
 
@@ -31,8 +33,8 @@ def build_parser():
     p.add_argument("--dataset_name", required=True, help="as in train_ttt.py: Hub id, local file or folder")
     p.add_argument("--dataset_config")
     p.add_argument("--split", default="validation",
-                   help="'validation' (the trainer's validation data) or a split name of the dataset, e.g. test; "
-                        "a single local file is one split named train")
+                   help="'validation' (the trainer's validation data), 'all' (every document of every split), or "
+                        "a split name of the dataset, e.g. test; a single local file is one split named train")
     p.add_argument("--text_column")
     p.add_argument("--tokenizer_name", help="default: the tokenizer saved with each model")
     p.add_argument("--seq_length", type=int, required=True, help="tokens per evaluated block")
@@ -58,7 +60,11 @@ def check_args(args, parser):
     if args.bucket_size <= 0:
         parser.error(f"--bucket_size must be positive, got {args.bucket_size}")
     for path in args.model_name_or_path:
-        if (path.startswith((".", "/", "~")) or Path(path).exists()) and not (Path(path) / "config.json").is_file():
+        try:
+            hub.resolve(path, "model")
+        except hub.HubError as error:
+            parser.error(str(error))
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
             parser.error(f"model folder {path} has no config.json")
 
 
@@ -68,6 +74,8 @@ def evaluation_documents(args):
         _, docs = data.split_train_validation(raw, args.validation_split, args.streaming_eval_docs, args.seed)
         return docs
     splits = dict(raw) if hasattr(raw, "keys") else {"train": raw}
+    if args.split == "all":
+        return splits["train"] if len(splits) == 1 else datasets.concatenate_datasets(list(splits.values()))
     if args.split not in splits:
         raise data.DataError(f"dataset has no split {args.split!r} (splits: {list(splits)})")
     return splits[args.split]

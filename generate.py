@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, TextStreamer
 
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
-from ttt_train import data
+from ttt_train import data, hub
 
 
 def build_parser():
@@ -43,6 +43,10 @@ def check_args(args, parser):
         parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0 or args.repetition_penalty <= 0:
         parser.error("--top_k must be >= 0 and --repetition_penalty > 0")
+    try:
+        hub.resolve(args.model_name_or_path, "model")
+    except hub.HubError as error:
+        parser.error(str(error))
     if not (Path(args.model_name_or_path) / "config.json").is_file() and Path(args.model_name_or_path).exists():
         parser.error(f"model folder {args.model_name_or_path} has no config.json")
 
@@ -52,7 +56,9 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def generate(args, stream=True) -> torch.Tensor:
+def generate(args, stream=True):
+    """The generate() output: `sequences` (prompt and new tokens) and `logits`, the model's logits at each new
+    token before any sampling setting touched them."""
     tokenizer = data.load_tokenizer(args.tokenizer_name or args.model_name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
@@ -65,7 +71,8 @@ def generate(args, stream=True) -> torch.Tensor:
     # the leading EOS is also the pad token: an explicit mask keeps generate() from reading it as padding
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                           do_sample=not args.greedy, repetition_penalty=args.repetition_penalty,
-                          pad_token_id=tokenizer.eos_token_id, eos_token_id=None, streamer=streamer, **sampling)
+                          pad_token_id=tokenizer.eos_token_id, eos_token_id=None, streamer=streamer,
+                          return_dict_in_generate=True, output_logits=True, **sampling)
 
 
 def main(argv=None):

@@ -41,6 +41,10 @@ except ModuleNotFoundError as error:  # no Triton (CPU-only installs), or ttt.py
 
 TTT_LAYER_TYPES = ("linear", "mlp")
 
+# The name under which the installed transformers hands the decoding state to forward() and reads it back from
+# the outputs: `cache` since its 5.x rename, `past_key_values` before. The model takes either.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 # The paper's sizes (Table 3 / the official TTT_STANDARD_CONFIGS) plus `tiny`, which trains on a laptop CPU.
 TTT_STANDARD_CONFIGS = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
@@ -70,7 +74,7 @@ class TTTConfig(PreTrainedConfig):
     """
 
     model_type = "ttt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 32000
     hidden_size: int = 2048
@@ -432,8 +436,9 @@ class TTTBase(nn.Module):
     triton_scan = True
 
     def runs_triton(self, q) -> bool:
-        """Whether the recomputing scan of stacked mini-batches q runs on the Triton kernels."""
-        return self.triton_scan and ttt_kernels is not None and ttt_kernels.supports(q, self.config.ttt_layer_type)
+        """Whether the recomputing scan of stacked mini-batches q runs on the Triton kernels (float32 only)."""
+        return (self.triton_scan and ttt_kernels is not None and q.dtype == torch.float32
+                and ttt_kernels.supports(q, self.config.ttt_layer_type))
 
     def recomputes(self) -> bool:
         """Whether scan() may take a recomputing scan: the statistics and scan_checkpoint_group_size need the
@@ -446,9 +451,11 @@ class TTTBase(nn.Module):
             return self.straightforward_scan(state, stacked)
         gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
         e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights
-        with torch.autocast(stacked.q.device.type, enabled=False):  # the inner state stays float32
-            inputs = [t.float() for t in (stacked.q, stacked.k, stacked.target, stacked.eta, stacked.eta_qk, e,
-                                          *state.params, gamma, beta)]
+        # the inner state in float32 at least, never below the inputs (a float64 model scans in float64)
+        scan_dtype = torch.promote_types(torch.promote_types(stacked.q.dtype, state.params[0].dtype), torch.float32)
+        with torch.autocast(stacked.q.device.type, enabled=False):
+            inputs = [t.to(scan_dtype) for t in (stacked.q, stacked.k, stacked.target, stacked.eta, stacked.eta_qk,
+                                                 e, *state.params, gamma, beta)]
             # only a backward reads the weights at each mini-batch start: no need to keep them without one
             keep_starts = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
             out, *params = self.recomputing_scan_of(*inputs, keep_starts=keep_starts)
@@ -977,15 +984,24 @@ class TTTCache:
     running sums of lr-weighted gradients of its tokens so far, and the last k-1 inputs of each causal conv.
     Its size does not depend on how many tokens were read. States are created by the first call."""
 
+    # What generate() asks of a cache: not compilable, not croppable (a recurrent state cannot be rolled back), and
+    # not "linear" in transformers' sense, because it counts the tokens it has read (get_seq_length): generate()
+    # then feeds only the tokens it has not read, as with a KV cache, when a sequence is continued with a cache.
     is_compileable = False
+    is_croppable = False
 
     def __init__(self, num_layers: int):
+        self.num_layers = num_layers
         self.seqlen_offset = 0
         self.inner_states: list[InnerState | None] = [None] * num_layers
         self.conv_states: list[dict] = [{} for _ in range(num_layers)]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seqlen_offset
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.num_layers
 
     def inner_state(self, layer_idx):
         return self.inner_states[layer_idx]
@@ -1016,6 +1032,16 @@ class TTTCache:
             for s in self.inner_states
         ]
         self.conv_states = [{name: pick(t) for name, t in convs.items()} for convs in self.conv_states]
+
+
+def decoding_state(cache, past_key_values) -> "TTTCache | None":
+    """The TTTCache passed under either name (transformers 5.x renamed `past_key_values` to `cache`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise TypeError("pass the decoding state once, as `cache` or as `past_key_values`, not both")
+    state = cache if cache is not None else past_key_values
+    if state is not None and not isinstance(state, TTTCache):
+        raise TypeError(f"a TTT model decodes through a TTTCache, got {type(state).__name__}")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1077,19 +1103,24 @@ class TTTModel(TTTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values: TTTCache | None = None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, cache: TTTCache | None = None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, return_dict=None, past_key_values: TTTCache | None = None,
+                cache_position=None):
+        """`cache` (`past_key_values` in transformers before 5.x's rename; either name is taken) is the decoding
+        state; `cache_position`, passed by older generate(), is implied by it and not read. Any other keyword
+        argument is a TypeError: nothing a caller passes is dropped unread."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("TTT models read every token in order and do not support padding "
                              "(attention_mask has zeros); pass unpadded sequences of equal length")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
+        cache = decoding_state(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = TTTCache(self.config.num_hidden_layers)
-        cache = past_key_values if use_cache else None
+        if use_cache and cache is None:
+            cache = TTTCache(self.config.num_hidden_layers)
+        cache = cache if use_cache else None
 
         hidden_states = inputs_embeds
         all_hidden_states = []
@@ -1104,8 +1135,8 @@ class TTTModel(TTTPreTrainedModel):
             cache.seqlen_offset += inputs_embeds.shape[1]
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **{CACHE_FIELD: cache},
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -1131,11 +1162,14 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         the official default, also in configs without a generation_config.json) is about forward()."""
         return super().generate(*args, use_cache=use_cache, **kwargs)
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values: TTTCache | None = None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
-                return_dict=None, logits_to_keep: int = 0, **kwargs):
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+    def forward(self, input_ids=None, attention_mask=None, cache: TTTCache | None = None, inputs_embeds=None,
+                labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep: int = 0,
+                past_key_values: TTTCache | None = None, cache_position=None, num_items_in_batch=None):
+        """TTTModel.forward's arguments, and `labels` (the loss is the mean cross-entropy of logits[:, :-1]
+        against labels[:, 1:], ignore_index -100, or a sum over `num_items_in_batch` tokens as HF's Trainer
+        asks under gradient accumulation)."""
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, past_key_values=past_key_values,
                              output_hidden_states=output_hidden_states, return_dict=True)
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
@@ -1143,10 +1177,10 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states).float()
         loss = None
         if labels is not None:
-            # mean cross-entropy of logits[:, :-1] against labels[:, 1:] (ignore_index -100)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                        hidden_states=outputs.hidden_states)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if return_dict is not False else output.to_tuple()
 
     @torch.no_grad()

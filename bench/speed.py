@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_ttt import COMPILE_MODES  # noqa: E402
-from ttt import TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM  # noqa: E402
+from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM  # noqa: E402
 from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token  # noqa: E402
 from ttt_train.models import transformer_config  # noqa: E402
 
@@ -186,7 +186,7 @@ def run_decode(args):
             start = time.perf_counter()
             for _ in range(new_tokens):
                 token = out.logits[:, -1:].argmax(-1)
-                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=token, use_cache=True, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         synchronize()
         times.append(time.perf_counter() - start)
     return {"decode_tokens_per_sec": args.batch_size * new_tokens / statistics.median(times[1:])}

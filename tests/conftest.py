@@ -31,3 +31,4 @@ def shakespeare():
 @pytest.fixture
 def llama_tokenizer_dir():
     return shared_path("data/llama2_tokenizer")
+

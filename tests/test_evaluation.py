@@ -83,20 +83,6 @@ def test_evaluate_bad_input(tmp_path, capsys):
     assert exit_info.value.code != 0 and "has no config.json" in capsys.readouterr().err
 
 
-def test_generate_greedy_is_the_argmax_of_the_logits(trained):
-    model_dir = trained / "ttt" / "final_model"
-    args = generate.build_parser().parse_args(["--model_name_or_path", str(model_dir), "--prompt", "Alice has",
-                                               "--max_new_tokens", "12", "--greedy"])
-    out = generate.generate(args, stream=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = generate.data.load_tokenizer(str(model_dir))
-    seq = generate.prompt_ids(tokenizer, "Alice has")
-    with torch.no_grad():
-        for _ in range(12):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
-
-
 def test_generate_streams_sampled_text(trained, capsys):
     generate.main(["--model_name_or_path", str(trained / "transformer" / "final_model"), "--prompt", "Bob",
                    "--max_new_tokens", "8", "--temperature", "0.7", "--top_p", "0.9", "--seed", "3"])

@@ -5,13 +5,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import SHARED
+from helpers import (REFERENCE, REFERENCE_CASES as CASES, assert_close, assert_gradients_close, chunked_prefill_logits,
+                     load_reference, logits_and_gradients, needs_reference, straightforward_then_recomputing)
 import ttt
+from ttt_train.models import enable_activation_checkpointing
 from ttt import (TTT_STANDARD_CONFIGS, TTTBase, TTTCache, TTTConfig, TTTForCausalLM, TTTModel, gelu_tanh_grad,
                  gelu_tanh_second_derivative, linear_scan_op, mlp_scan_op)
 
-REFERENCE = SHARED / "reference"
-CASES = sorted(p.name for p in REFERENCE.iterdir() if p.is_dir()) if REFERENCE.exists() else []
 VARIANTS = [
     dict(ttt_layer_type="linear"),
     dict(ttt_layer_type="mlp"),
@@ -27,15 +27,7 @@ def small_model(**overrides):
     return TTTForCausalLM(config)
 
 
-def load_reference(case):
-    folder = REFERENCE / case
-    config = TTTConfig(**json.loads((folder / "config.json").read_text()))
-    model = TTTForCausalLM(config).eval()
-    model.load_state_dict(load_file(folder / "reference_state_dict.safetensors"), strict=True)
-    return model, load_file(folder / "io.safetensors")
-
-
-@pytest.mark.skipif(not CASES, reason=f"{REFERENCE} is absent (reference fixtures live beside the developers' checkout)")
+@needs_reference
 @pytest.mark.parametrize("case", CASES)
 def test_reference_logits(case):
     model, io = load_reference(case)
@@ -45,18 +37,18 @@ def test_reference_logits(case):
     assert (logits - io["logits"]).abs().max() < 1e-4
 
 
-@pytest.mark.skipif(not CASES, reason=f"{REFERENCE} is absent (reference fixtures live beside the developers' checkout)")
+@needs_reference
 @pytest.mark.parametrize("case", CASES)
 def test_reference_decode_through_cache(case):
     model, io = load_reference(case)
     ids = io["input_ids"]
     cache = TTTCache(model.config.num_hidden_layers)
     with torch.no_grad():
-        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])]
+        steps = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
     assert (torch.cat(steps, 1) - io["decode_logits"]).abs().max() < 1e-4
 
 
-@pytest.mark.skipif(not CASES, reason=f"{REFERENCE} is absent (reference fixtures live beside the developers' checkout)")
+@needs_reference
 def test_official_checkpoint_folder_loads_with_from_pretrained(tmp_path):
     """An official checkpoint folder (config.json + weights under the official names) loads through Auto classes."""
     case = "mlp_mamba_len33"
@@ -79,7 +71,7 @@ def test_decode_equals_prefill(variant):
     with torch.no_grad():
         full = model(ids).logits
         cache = TTTCache(2)
-        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(29)]
+        steps = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(29)]
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
     assert cache.get_seq_length() == 29
 
@@ -91,7 +83,7 @@ def test_chunked_prefill_at_any_offset(variant):
     with torch.no_grad():
         full = model(ids).logits
         cache = TTTCache(2)
-        chunks = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
+        chunks = [model(ids[:, a:b], cache=cache, use_cache=True).logits
                   for a, b in [(0, 3), (3, 14), (14, 15), (15, 33), (33, 40)]]
     assert (torch.cat(chunks, 1) - full).abs().max() < 1e-5
 
@@ -109,7 +101,7 @@ def test_cache_memory_is_constant_in_context_length():
     for length in (17, 100):
         cache = TTTCache(2)
         with torch.no_grad():
-            model(torch.randint(0, 97, (1, length)), past_key_values=cache, use_cache=True)
+            model(torch.randint(0, 97, (1, length)), cache=cache, use_cache=True)
         sizes.append(sum(t.numel() for t in cache.tensors()))
     assert sizes[0] == sizes[1] > 0
 
@@ -176,6 +168,7 @@ def test_standard_sizes():
         assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads) == dims
     with torch.device("meta"):
         model = TTTForCausalLM(TTTConfig.from_size("125m"))
+    model.tie_weights()  # transformers 5.0 leaves a model built on the meta device untied until it is loaded
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 110.3) < 0.1  # the official count, tied
     tiny = TTTForCausalLM(TTTConfig.from_size("tiny", vocab_size=1000))
     body = sum(p.numel() for n, p in tiny.named_parameters() if "embed_tokens" not in n)
@@ -211,7 +204,7 @@ def test_bfloat16_model_decodes_like_its_prefill():
     with torch.no_grad():
         full = model(ids).logits
         cache = TTTCache(2)
-        steps = torch.cat([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(21)], 1)
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(21)], 1)
     assert all(t.dtype == torch.bfloat16 for t in cache.tensors())
     assert (steps - full).abs().max() < 0.05 * full.abs().max()
 
@@ -235,29 +228,6 @@ def test_generate_decodes_through_the_cache(tmp_path, monkeypatch):
     assert lengths == [19, 1, 1, 1]
 
 
-def straightforward_then_recomputing(monkeypatch, run):
-    """[run() with the straightforward scan, run() with the recomputing scans]."""
-    results = []
-    for recomputing in (False, True):
-        monkeypatch.setattr(TTTBase, "recomputing_scan", recomputing)
-        results.append(run())
-    return results
-
-
-def logits_and_gradients(model, ids):
-    model.zero_grad()
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
-
-
-@torch.no_grad()
-def chunked_prefill_logits(model, ids, bounds):
-    """Logits of ids read through one TTTCache in the chunks ids[:, a:b] for (a, b) in bounds."""
-    cache = TTTCache(model.config.num_hidden_layers)
-    return torch.cat([model(ids[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in bounds], 1)
-
-
 @pytest.mark.parametrize("length", [37, 48, 100])
 @pytest.mark.parametrize("variant", VARIANTS, ids=["linear", "mlp", "linear-mamba", "mlp-mamba"])
 def test_recomputing_scan_equals_the_straightforward_loop(monkeypatch, length, variant):
@@ -268,9 +238,27 @@ def test_recomputing_scan_equals_the_straightforward_loop(monkeypatch, length, v
     ids = torch.randint(0, 97, (2, length))
     (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
         monkeypatch, lambda: logits_and_gradients(model, ids))
-    assert (slow_logits - fast_logits).abs().max() < 1e-5
+    assert_close("logits", fast_logits, slow_logits, atol=1e-5)
     # float32 sums over many mini-batches in another order: within 1e-5 of each gradient's largest entry, plus 1e-7
-    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(slow_grads, fast_grads))
+    assert_gradients_close(fast_grads, slow_grads, rtol=1e-5, atol=1e-7)
+
+
+@needs_reference
+@pytest.mark.parametrize("case", ["linear_len37", "mlp_mamba_len33"])
+def test_float64_is_kept_through_the_recomputing_scans(monkeypatch, case):
+    """A float64 model scans in float64 (its scans cast to float32 and back once): the recomputing scans give the
+    straightforward loop's logits and gradients to float64 rounding, and the cache holds float64 states."""
+    model, io = load_reference(case)
+    model.double()
+    ids = io["input_ids"]
+    (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
+        monkeypatch, lambda: logits_and_gradients(model, ids))
+    assert_close("float64 logits", fast_logits, slow_logits, atol=1e-11)
+    assert_gradients_close(fast_grads, slow_grads, rtol=1e-9, atol=1e-13)
+    cache = TTTCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    assert {t.dtype for t in cache.tensors()} == {torch.float64}
 
 
 def scan_inputs(B, H, n, K, f, hidden):
@@ -331,8 +319,9 @@ def test_torch_compile_takes_the_whole_model_with_each_scan_as_one_operator(laye
         logits, grads = logits_and_gradients(compiled, ids)
     scans = [e.name for e in profile.events() if e.name.startswith(f"ttt::{layer_type}_scan")]
     assert sorted(set(scans)) == [f"ttt::{layer_type}_scan", f"ttt::{layer_type}_scan_backward"]
-    assert (logits - eager_logits).abs().max() < 1e-5
-    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(eager_grads, grads))
+    assert_close("compiled logits", logits, eager_logits, atol=1e-5)
+    assert_gradients_close({n.removeprefix("_orig_mod."): g for n, g in grads.items()}, eager_grads, rtol=1e-5,
+                           atol=1e-7)
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
@@ -340,10 +329,11 @@ def test_gradient_checkpointing_keeps_the_gradients_of_the_recomputing_scans(lay
     model = small_model(ttt_layer_type=layer_type)
     ids = torch.randint(0, 97, (2, 8 * 5 + 3))
     logits, grads = logits_and_gradients(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
+    assert all(block.gradient_checkpointing for block in model.model.layers)
     checkpointed_logits, checkpointed_grads = logits_and_gradients(model, ids)
-    assert (logits - checkpointed_logits).abs().max() < 1e-6
-    assert all((a - b).abs().max() <= 1e-6 * a.abs().max() + 1e-8 for a, b in zip(grads, checkpointed_grads))
+    assert_close("logits", checkpointed_logits, logits, atol=1e-6)
+    assert_gradients_close(checkpointed_grads, grads, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])

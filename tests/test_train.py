@@ -182,7 +182,10 @@ def test_packing_state_resumes_exactly():
     state = json.loads(json.dumps(stream.state_dict()))
     expected = [next(stream) for _ in range(10)]
     again = PackedBlocks(docs, tok, "text", 16, 3, seed=0, state=state)
-    assert all(torch.equal(a, b) for a, b in zip(expected, [next(again) for _ in range(10)]))
+    resumed = [next(again) for _ in range(10)]
+    assert len(resumed) == len(expected) == 10
+    for i, (a, b) in enumerate(zip(expected, resumed)):
+        assert torch.equal(a, b), f"block {i} after resuming differs"
     assert state["epoch"] >= 1
 
 
@@ -213,12 +216,6 @@ def test_streaming_hub_style_loading(tmp_path):
 def test_missing_file(tmp_path, capsys):
     fails(capsys, "--dataset_name", str(tmp_path / "nope.txt"), "--output_dir", str(tmp_path / "o"),
           match="does not exist")
-
-
-def test_unknown_hub_dataset(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fails(capsys, "--dataset_name", "no-such-user/no-such-dataset", "--output_dir", str(tmp_path / "o"),
-          match="cannot load dataset 'no-such-user/no-such-dataset'")
 
 
 def test_no_text_column_lists_columns(tmp_path, capsys):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import ttt
-from test_model import chunked_prefill_logits, logits_and_gradients, straightforward_then_recomputing
+from helpers import (assert_close, assert_gradients_close, chunked_prefill_logits, logits_and_gradients,
+                     straightforward_then_recomputing)
 from ttt import TTTBase, TTTConfig, TTTForCausalLM, TTTLinear, TTTMLP, linear_scan_op, mlp_scan_op
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -60,8 +61,9 @@ def assert_scans_agree(scan, inputs, names, use_final_weights):
     order), whether or not the final weights are used (their gradients None when not)."""
     reference = scan(inputs, False)
     outputs = scan(inputs, True)
-    for got, expected in zip(outputs, reference):
-        assert relative_error(got, expected) < 1e-5
+    assert len(outputs) == len(reference) > 0
+    for i, (got, expected) in enumerate(zip(outputs, reference)):
+        assert relative_error(got, expected) < 1e-5, f"output {i}"
     weights = [torch.randn_like(t) for t in reference]
     used = slice(None) if use_final_weights else slice(0, 1)
 
@@ -70,6 +72,7 @@ def assert_scans_agree(scan, inputs, names, use_final_weights):
 
     expected = torch.autograd.grad(loss(reference), inputs)
     got = torch.autograd.grad(loss(outputs), inputs)
+    assert len(got) == len(expected) == len(names)
     for name, g, e in zip(names, got, expected):
         assert relative_error(g, e) < 1e-5, name
 
@@ -134,10 +137,10 @@ def test_model_with_the_triton_scan_equals_the_straightforward_loop(kernels, mon
     (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
         monkeypatch, lambda: logits_and_gradients(model, ids))
     assert kernels.calls == [inner] * 2  # one scan per layer, in the fast pass only
-    assert (slow_logits - fast_logits).abs().max() < 1e-5
+    assert_close("logits", fast_logits, slow_logits, atol=1e-5)
     # float32 sums in another order; tau's gradient (learnable_token_idx), a sum over every mini-batch with
     # cancellation, differs by about 1.5e-5 of its largest entry here, the PyTorch recomputing scan's too
-    assert all((a - b).abs().max() <= 5e-5 * a.abs().max() + 1e-7 for a, b in zip(slow_grads, fast_grads))
+    assert_gradients_close(fast_grads, slow_grads, rtol=5e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
@@ -169,8 +172,9 @@ def test_torch_compile_takes_the_triton_scans_as_operators(kernels, inner):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
     logits, grads = logits_and_gradients(compiled, ids)
     assert kernels.calls == [inner] * 4  # a scan per layer, eager then compiled
-    assert (logits - eager_logits).abs().max() < 1e-5
-    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7 for a, b in zip(eager_grads, grads))
+    assert_close("compiled logits", logits, eager_logits, atol=1e-5)
+    assert_gradients_close({n.removeprefix("_orig_mod."): g for n, g in grads.items()}, eager_grads, rtol=1e-5,
+                           atol=1e-7)
 
 
 def kernel_resources(*args, interpret=False):

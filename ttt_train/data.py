@@ -17,6 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ttt_train import hub
+
 TEXT_COLUMNS = ("text", "content", "article", "body")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 BUILDER_BY_SUFFIX = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -47,6 +49,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def load_tokenizer(name: str):
     if name == BUILTIN_TOKENIZER:
         return byte_tokenizer()
+    hub.resolve(name, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as error:  # the Hub and local loaders raise many types; all mean "cannot load"
@@ -81,24 +84,55 @@ def synthetic_documents(num_docs=3000, seed=1234):
     return datasets.Dataset.from_list(docs)
 
 
+# In .txt files a line that is empty or holds only whitespace ends a document (raw WikiText separates its
+# paragraphs by lines holding one space). `datasets` reads paragraphs split at empty lines only; these split further.
+def split_at_blank_lines(batch):
+    documents = []
+    for text in batch["text"]:
+        for is_text, lines in itertools.groupby(text.split("\n"), key=lambda line: bool(line.strip())):
+            if is_text:
+                documents.append("\n".join(lines))
+    return {"text": documents}
+
+
+def has_text(path: Path) -> bool:
+    """Whether a data file holds anything but whitespace (read until the first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _load_files(source: str, text: bool, streaming: bool, **kwargs):
+    """load_dataset(source) (a builder name with data_files, or a folder); text files as documents."""
+    if not text:
+        return datasets.load_dataset(source, streaming=streaming, **kwargs)
+    raw = datasets.load_dataset(source, streaming=streaming, sample_by="paragraph", encoding="utf-8-sig", **kwargs)
+    return raw.map(split_at_blank_lines, batched=True)
+
+
 def _load_local(path: Path, streaming: bool):
     if path.is_file():
         builder = BUILDER_BY_SUFFIX.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"unsupported file type {path.suffix!r} for {path}; use one of {sorted(BUILDER_BY_SUFFIX)}")
-        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=streaming, **kwargs)
+        if not has_text(path):
+            raise DataError(f"data file {path} is empty" + (" (it holds only whitespace)" if path.stat().st_size else ""))
+        return _load_files(builder, builder == "text", streaming, data_files={"train": str(path)})
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return datasets.load_from_disk(str(path))  # written by Dataset(Dict).save_to_disk
-    suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDER_BY_SUFFIX}
-    if not suffixes:
+    files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDER_BY_SUFFIX]
+    if not files:
         raise DataError(f"dataset folder {path} holds no {'/'.join(sorted(BUILDER_BY_SUFFIX))} files")
+    suffixes = {p.suffix.lower() for p in files}
     builders = {BUILDER_BY_SUFFIX[s] for s in suffixes}
     if len(builders) > 1:
         raise DataError(f"dataset folder {path} mixes file types {sorted(suffixes)}; keep one type per folder")
+    if not any(has_text(p) for p in files):
+        raise DataError(f"dataset folder {path}: every data file in it is empty")
     # A folder laid out like a Hub dataset repo: `datasets` infers the builder and the splits from file names.
-    kwargs = {"sample_by": "paragraph"} if builders == {"text"} else {}
-    return datasets.load_dataset(str(path), streaming=streaming, **kwargs)
+    return _load_files(str(path), builders == {"text"}, streaming)
 
 
 def as_stream(raw):
@@ -113,12 +147,10 @@ def load_raw_dataset(name: str, config: str | None, streaming: bool | None):
     Hub datasets stream unless `streaming` is False."""
     if name == BUILTIN_DATASET:
         return as_stream(synthetic_documents()) if streaming else synthetic_documents()
-    path = Path(name).expanduser()
+    path = Path(hub.resolve(name, "dataset")).expanduser()
     if path.exists():
         raw = _load_local(path, bool(streaming))
         return as_stream(raw) if streaming else raw
-    if name.startswith((".", "/", "~")) or Path(name).suffix.lower() in BUILDER_BY_SUFFIX:
-        raise DataError(f"dataset path {name} does not exist")
     try:
         return datasets.load_dataset(name, config, streaming=streaming is not False)
     except Exception as error:  # offline, unknown id, missing config: `datasets` raises many types

@@ -160,7 +160,7 @@ def train(args):
         config = models.build_config(args, len(tokenizer))
     model = models.build_model(config)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(0.9, 0.95), eps=1e-8, fused=accelerator.device.type == "cuda")
     # The scheduler is not `prepare`d: Accelerate would step it once per process; ours steps once per optimizer step.

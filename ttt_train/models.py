@@ -53,6 +53,16 @@ def build_model(config):
     return AutoModelForCausalLM.from_config(config)
 
 
+def enable_activation_checkpointing(model):
+    """Recompute each block's activations in the backward (non-reentrant). transformers renamed
+    gradient_checkpointing_enable to activation_checkpointing_enable (the old name warns, and goes in v6); the
+    releases before the rename have only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def describe(config) -> str:
     if config.model_type == "ttt":
         return {"linear": "TTT-Linear", "mlp": "TTT-MLP"}[config.ttt_layer_type]

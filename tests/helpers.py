@@ -1,0 +1,76 @@
+"""Helpers shared by the tests: the named tensor comparison, the reference fixtures, and runs of a model with
+one scan or another."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ttt
+from conftest import SHARED
+from ttt import TTTBase, TTTCache
+
+
+def assert_close(name: str, actual, expected, atol: float, rtol: float = 0.0):
+    """Fails naming the tensor `name`, its largest absolute difference, where, and the tolerance
+    (|actual - expected| <= atol + rtol |expected| elementwise). Shapes must match and be non-empty."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert actual.numel() > 0, f"{name}: empty tensor, nothing compared"
+    diff = (actual.double() - expected.double()).abs()
+    bound = atol + rtol * expected.double().abs()
+    if not bool((diff <= bound).all()):
+        worst = int(diff.argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
+        raise AssertionError(f"{name}: max |difference| {diff.max().item():.3g} at {index} exceeds "
+                             f"atol {atol:g} + rtol {rtol:g} (expected scale {expected.abs().max().item():.3g})")
+
+
+REFERENCE = SHARED / "reference"
+# A fixture case is a folder holding these files (other kinds of fixtures may sit beside them).
+REFERENCE_FILES = ("config.json", "reference_state_dict.safetensors", "io.safetensors")
+REFERENCE_CASES = sorted(p.name for p in REFERENCE.glob("*/")
+                         if all((p / name).is_file() for name in REFERENCE_FILES)) if REFERENCE.is_dir() else []
+needs_reference = pytest.mark.skipif(
+    not REFERENCE_CASES, reason=f"{REFERENCE} has no fixture cases (it exists only beside the developers' checkout)")
+
+
+def load_reference(case):
+    """The official model's weights of a fixture case in a TTTForCausalLM (eval mode), and its io tensors."""
+    folder = REFERENCE / case
+    config = ttt.TTTConfig(**json.loads((folder / "config.json").read_text()))
+    model = ttt.TTTForCausalLM(config).eval()
+    model.load_state_dict(load_file(folder / "reference_state_dict.safetensors"), strict=True)
+    return model, load_file(folder / "io.safetensors")
+
+
+def straightforward_then_recomputing(monkeypatch, run):
+    """[run() with the straightforward scan, run() with the recomputing scans]."""
+    results = []
+    for recomputing in (False, True):
+        monkeypatch.setattr(TTTBase, "recomputing_scan", recomputing)
+        results.append(run())
+    return results
+
+
+def logits_and_gradients(model, ids):
+    """The logits and {parameter name: gradient} of the loss on ids."""
+    model.zero_grad()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_gradients_close(actual, expected, rtol, atol):
+    """Each gradient within rtol of its largest entry (sums in another order), plus atol."""
+    assert actual.keys() == expected.keys() and expected
+    for name, grad in expected.items():
+        assert_close(f"gradient of {name}", actual[name], grad, atol=rtol * grad.abs().max().item() + atol)
+
+
+@torch.no_grad()
+def chunked_prefill_logits(model, ids, bounds):
+    """Logits of ids read through one TTTCache in the chunks ids[:, a:b] for (a, b) in bounds."""
+    cache = TTTCache(model.config.num_hidden_layers)
+    return torch.cat([model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in bounds], 1)

@@ -1,0 +1,120 @@
+"""Reading data and names: documents in text files, empty files, `evaluate.py --split all`, local paths against
+Hub ids, and a fast failure when the Hub cannot be reached."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import evaluate
+from conftest import ROOT
+import train_ttt
+from ttt_train import data, hub
+
+# Three documents as raw WikiText writes them: paragraphs separated by lines that hold a single space, a tab-only
+# line, and an ordinary empty line.
+RAW = " = Title = \n \n First paragraph , one line .\n \n Second paragraph ,\n still the second .\n\t\n\nThird .\n"
+DOCUMENTS = [" = Title = ", " First paragraph , one line .", " Second paragraph ,\n still the second .", "Third ."]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streamed"])
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_whitespace_only_lines_separate_documents(tmp_path, streaming, layout):
+    (tmp_path / "corpus").mkdir()
+    path = tmp_path / "corpus" / "train.txt"
+    path.write_text("\ufeff" + RAW)  # with a byte-order mark, as some editors save UTF-8
+    raw = data.load_raw_dataset(str(path if layout == "file" else path.parent), None, streaming)
+    assert [row["text"] for row in raw["train"]] == DOCUMENTS
+
+
+@pytest.mark.parametrize("content", ["", " \n\t\n  \n"], ids=["empty", "whitespace"])
+def test_an_empty_data_file_is_one_clear_error(tmp_path, capsys, content):
+    path = tmp_path / "empty.txt"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        train_ttt.main(["--dataset_name", str(path), "--output_dir", str(tmp_path / "o")])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f": error: data file {path} is empty"
+                                             + (" (it holds only whitespace)" if content else "")), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_split_all_reads_every_document(tmp_path):
+    """A single local file is one split named train; `--split all` evaluates all of it (the default `validation`
+    is the trainer's held-out part, 5% of the documents)."""
+    path = tmp_path / "test.txt"
+    path.write_text("\n \n".join(f" paragraph {i} " + "word " * 40 for i in range(40)))
+    train_ttt.main(["--seq_length", "32", "--per_device_train_batch_size", "2", "--max_train_steps", "1",
+                    "--eval_steps", "0", "--output_dir", str(tmp_path / "run")])
+    model = tmp_path / "run" / "final_model"
+    tokens = len(data.tokenize_documents(data.load_tokenizer(str(model)), [r["text"] for r in
+                                         data.load_raw_dataset(str(path), None, False)["train"]]))
+    results = {}
+    for split in ("all", "validation"):
+        [results[split]] = evaluate.evaluate(evaluate.parse_args(
+            ["--model_name_or_path", str(model), "--dataset_name", str(path), "--split", split, "--seq_length", "32",
+             "--output_dir", str(tmp_path / split)]))
+    assert results["all"]["tokens"] == (tokens // 32) * 31  # every full block of the whole file
+    assert results["validation"]["tokens"] < results["all"]["tokens"] / 10
+
+
+@pytest.mark.parametrize("name, local", [
+    ("allenai/c4", False), ("wikitext", False), ("outputs/nope", True), ("a/b/c", True), ("./x", True),
+    ("~/corpus", True), ("corpus.jsonl", True), ("data/mycorpus", False)])
+def test_what_looks_local(tmp_path, monkeypatch, name, local):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # `outputs/nope` is local because `outputs/` exists here; `data/` does not
+    assert hub.looks_local(name) == local
+
+
+def test_a_missing_local_path_is_reported_at_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    start = time.monotonic()
+    with pytest.raises(SystemExit):
+        train_ttt.main(["--dataset_name", "data/mycorpus", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        train_ttt.main(["--tokenizer_name", "outputs/run/final_model", "--output_dir", str(tmp_path / "o")])
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert "dataset path data/mycorpus does not exist" in err
+    assert "tokenizer path outputs/run/final_model does not exist" in err
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "generate"])
+def test_an_unreachable_hub_fails_fast_naming_hf_hub_offline(tmp_path, monkeypatch, capsys, script):
+    """No network: one connection attempt (here to a closed local port), then one line naming HF_HUB_OFFLINE."""
+    import generate
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    hub.hub_unreachable_reason.cache_clear()
+    argv = {"train": (train_ttt.main, ["--dataset_name", "someone/corpus", "--output_dir", str(tmp_path / "o")]),
+            "evaluate": (evaluate.main, ["--model_name_or_path", "someone/model", "--dataset_name",
+                                         "builtin:synthetic", "--seq_length", "32", "--output_dir", str(tmp_path)]),
+            "generate": (generate.main, ["--model_name_or_path", "someone/model"])}
+    main, args = argv[script]
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code != 0 and time.monotonic() - start < 10
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if "error" in line]  # evaluate/generate: argparse's usage lines before it
+    assert len(errors) == 1 and errors[0] == err[-1] and "HF_HUB_OFFLINE=1" in err[-1], err
+    assert "someone/" in err[-1] and "unreachable" in err[-1]
+    hub.hub_unreachable_reason.cache_clear()
+
+
+def test_offline_hub_lookups_go_to_the_cache_at_once(tmp_path):
+    """HF_HUB_OFFLINE=1 (read by the Hub libraries when they are imported: a process of its own) makes a Hub id
+    that is not in the local cache fail at once, as one line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "train_ttt.py"), "--dataset_name", "someone/corpus",
+                             "--output_dir", str(tmp_path / "o")], env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and time.monotonic() - start < 30
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"{ROOT / 'train_ttt.py'}: error: cannot load dataset 'someone/corpus'"), result.stderr
