@@ -133,8 +133,10 @@ def plot(results, path, seq_length):
 def evaluate(args):
     from transformers import AutoModelForCausalLM
 
+    from ttt_train.metrics import quiet_libraries
     from ttt_train.models import describe
 
+    quiet_libraries()
     docs = evaluation_documents(args)
     text_column = data.detect_text_column(docs, args.text_column)
     results, blocks_by_tokenizer = [], {}

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, TextStreamer
 
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
 from ttt_train import data, hub
+from ttt_train.metrics import quiet_libraries
 
 
 def build_parser():
@@ -59,6 +60,7 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 def generate(args, stream=True):
     """The generate() output: `sequences` (prompt and new tokens) and `logits`, the model's logits at each new
     token before any sampling setting touched them."""
+    quiet_libraries()
     tokenizer = data.load_tokenizer(args.tokenizer_name or args.model_name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()

@@ -4,7 +4,8 @@
 
 training_curves.png: train and eval loss, learning rate and tokens/s against the step, one line per run;
 ttt_statistics.png (TTT runs): per layer, the inner reconstruction loss of each mini-batch's last token under
-W_0, before and after its mini-batch's update (logged at every eval step), against the step.
+W_0, before and after its mini-batch's update (logged at every eval step), against the step; a layer whose
+last-token position factor is clamped to 0 (its inner weights carry nothing across mini-batches) is titled in red.
 """
 
 import argparse
@@ -63,7 +64,11 @@ def plot_ttt_statistics(records, path: Path) -> bool:
     for ax, layer in zip(axes[0], layers):
         for name, label in (("initial", "under W_0"), ("before", "before update"), ("after", "after update")):
             ax.plot(*series(records, f"ttt/layer{layer}/{name}"), marker="o", markersize=3, label=label)
-        ax.set_title(f"layer {layer}: inner loss")
+        factors = series(records, f"ttt/layer{layer}/update_factor")[1]
+        if factors and factors[-1] == 0:  # the end-of-mini-batch update is zero: nothing carries over
+            ax.set_title(f"layer {layer}: inner loss\nupdate clamped to 0 (no carry-over)", color="tab:red")
+        else:
+            ax.set_title(f"layer {layer}: inner loss")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -9,6 +9,7 @@ Every flag can also be a key of the YAML file given to --config; the command lin
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight_decay", type=float, default=0.1)
     t.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     t.add_argument("--max_train_steps", type=int, default=200)
-    t.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    t.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
+                   help="default: the `accelerate launch` config's mixed_precision, else no")
     t.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("performance (train_gpu_optimized.py turns these on)")
@@ -144,6 +146,11 @@ def check_args(args, parser):
         parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     if not 0 < args.validation_split < 1:
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}")
+    if args.mixed_precision is None:  # `accelerate launch` passes its config's setting in the environment
+        args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if args.mixed_precision not in ("no", "fp16", "bf16"):
+            parser.error(f"ACCELERATE_MIXED_PRECISION={args.mixed_precision} (from the launch config) is not one of "
+                         f"no, fp16, bf16")
     for flag, value in (("--mixed_precision fp16", args.mixed_precision == "fp16"), ("--pin_memory", args.pin_memory)):
         if value and not torch.cuda.is_available():
             parser.error(f"{flag} needs a CUDA GPU; none is available here")

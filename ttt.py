@@ -1187,14 +1187,19 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def ttt_statistics(self, input_ids) -> list:
         """Per layer, the inner reconstruction error of each full mini-batch's last token (the JAX code's "TTT
         statistics", as in the paper's Fig. 14): under the sequence's initial inner weights W_0 (`initial`), the
-        weights at the start of its mini-batch (`before`), and after that mini-batch's update (`after`).
-        Returns [{"initial": [...], "before": [...], "after": [...]} per layer], one value per mini-batch."""
+        weights at the start of its mini-batch (`before`), and after that mini-batch's update (`after`); and
+        `update_factor`, c_{K-1}: the position factor of a mini-batch's last token, which scales the update the
+        next mini-batch starts from (0 when the learned offset tau_{K-1} <= -1/K clamps it: then the inner
+        weights carry nothing from one mini-batch to the next, as in the official formula).
+        Returns [{"initial": [...], "before": [...], "after": [...], "update_factor": [c]} per layer], one value
+        per mini-batch."""
         layers = [block.seq_modeling_block for block in self.model.layers]
         for layer in layers:
             layer.statistics = []
         try:
             self.model(input_ids=input_ids, use_cache=False)
-            return [dict(zip(("initial", "before", "after"), map(list, zip(*layer.statistics)))) for layer in layers]
+            return [{**dict(zip(("initial", "before", "after"), map(list, zip(*layer.statistics)))),
+                     "update_factor": [layer.position_factor(input_ids.device)[-1].item()]} for layer in layers]
         finally:
             for layer in layers:
                 layer.statistics = None

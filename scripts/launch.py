@@ -103,8 +103,7 @@ def main(argv=None):
         print("launch: no GPU found; the run goes to the CPU as one process", file=sys.stderr)
     command = build_command(args.size, args.layer, num_gpus, extra)
     print(shlex.join(command), flush=True)
-    if not args.dry_run:
-        os.chdir(ROOT)
+    if not args.dry_run:  # from where the user is: their relative paths (data, output_dir) mean what they wrote
         os.execvp(command[0], command)
 
 

@@ -89,6 +89,19 @@ def test_gpu_trainer_says_it_runs_on_the_cpu(tmp_path):
     assert (tmp_path / "run" / "final_model" / "model.safetensors").exists()
 
 
+def test_launcher_paths_are_relative_to_where_it_is_run(tmp_path):
+    """A launcher run from another folder reads `corpus.txt` and writes `out/` there, as any command would."""
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"document {i} " + "text " * 30 for i in range(40)))
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "train_125m_c4.sh"), "--num_gpus", "0", "--dataset_name", "corpus.txt",
+         "--dataset_config", "", "--tokenizer_name", "builtin:bytes", "--model_size", "tiny", "--seq_length", "32",
+         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_train_steps", "2",
+         "--eval_steps", "0", "--max_eval_samples", "2", "--report_to", "none", "--output_dir", "out"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "final_model" / "model.safetensors").exists()
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,7 +128,8 @@ def test_two_processes_save_resume_and_match_the_single_process_schedule(tmp_pat
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(ROOT / "accelerate_config.yaml"), "--num_processes", "2", "--main_process_port", str(free_port())]
 
-    assert "on 2 process(es)" in train(two(), tmp_path / "ddp")
+    started = train(two(), tmp_path / "ddp")
+    assert "on 2 process(es)" in started and "bf16 mixed precision" in started  # the config's precision
     state = json.loads((tmp_path / "ddp" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["data"]) == 2
     assert state["data"][0]["leftover"] != state["data"][1]["leftover"]  # each rank packed its own documents

@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,7 +66,7 @@ def test_loss_falls_on_tinyshakespeare(tmp_path, shakespeare, llama_tokenizer_di
             assert abs(record["eval_perplexity"] - torch.tensor(record["eval_loss"]).exp().item()) < 1e-3
         else:
             assert set(record) == {"step"} | {f"ttt/layer{i}/{n}" for i in range(4)
-                                              for n in ("initial", "before", "after")}
+                                              for n in ("initial", "before", "after", "update_factor")}
     # TTT statistics of the trained model: each layer's inner update lowers the inner loss of the token it saw
     last_stats = [r for r in records if "ttt/layer0/after" in r][-1]
     assert last_stats["step"] == 40
@@ -83,6 +85,9 @@ def test_resume_gives_the_same_losses(tmp_path, model_type):
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-10", resumed / "checkpoint-10")
     run(tmp_path, *common, "--resume_from_checkpoint", "latest", out="resumed")
+    # the weights are stored once (model.safetensors); Accelerate's state holds only the rest
+    assert sorted(p.name for p in (full / "checkpoint-10" / "training_state").iterdir()) == [
+        "custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"]
     expected, got = losses(full), losses(resumed)
     assert sorted(got) == list(range(11, 21))
     assert all(got[s] == expected[s] for s in range(11, 21)), (got, expected)
@@ -353,3 +358,70 @@ def test_prefetched_batches_and_state_equal_the_plain_stream():
         assert ahead.state_dict() == plain.state_dict()
     finally:
         ahead.close()
+
+
+# ---------------------------------------------------------------- the console, precision, trackers, statistics
+
+def test_the_console_shows_the_runs_lines_and_one_progress_bar(tmp_path):
+    """Saving, resuming and finishing print nothing but the run's own lines (stdout) and its progress bar (stderr):
+    no library progress bars ("Writing model shards", "Loading weights"), notices or deprecation warnings."""
+    out = tmp_path / "run"
+    base = [sys.executable, str(ROOT / "train_ttt.py"), *FAST, "--output_dir", str(out), "--save_checkpoint_freq", "2"]
+    stderr = ""
+    for extra in (["--max_train_steps", "2"], ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]):
+        result = subprocess.run([*base, *extra], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr
+        stderr += result.stderr
+        assert result.stdout.splitlines()[0].startswith("resumed from" if "latest" in extra else "model: TTT-Linear")
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and all(re.fullmatch(r"\d+%\|.*\| \d+/\d+ \[.*\]", line) for line in lines), lines
+    assert {int(line.split("/")[1].split()[0]) for line in lines} == {2, 4}  # the run's own bar only
+
+
+def test_the_start_up_line_says_where_and_how_the_run_computes(tmp_path, capsys):
+    run(tmp_path, "--max_train_steps", "1")
+    assert "on CPU (one process), float32 (no mixed precision)" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize("environment, flags, expected", [
+    ({}, [], "no"), ({"ACCELERATE_MIXED_PRECISION": "bf16"}, [], "bf16"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, ["--mixed_precision", "no"], "no")])
+def test_the_launch_configs_precision_is_kept_unless_a_flag_overrides_it(monkeypatch, environment, flags, expected):
+    """`accelerate launch --config_file accelerate_config.yaml` passes the config's mixed_precision (bf16) in the
+    environment; the trainer takes it unless --mixed_precision is given (the two-process test launches so)."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert train_ttt.parse_args([*FAST, *flags]).mixed_precision == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (optional)")
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_MODE="online", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+               NETRC=str(tmp_path / "netrc"))
+    result = subprocess.run([sys.executable, str(ROOT / "train_ttt.py"), *FAST, "--max_train_steps", "1",
+                             "--report_to", "wandb", "--output_dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                            timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--report_to wandb: the tracker cannot start" in errors[0] and "wandb login" in errors[0]
+
+
+def test_a_clamped_update_factor_is_reported(tmp_path, capsys):
+    """c_{K-1} = max(0, 1/K + tau_{K-1}) = 0 stops the inner weights carrying anything across mini-batches: the
+    statistics report it per layer, and the trainer says so once."""
+    from ttt import TTTConfig
+    from ttt_train.loop import clamped_layers
+
+    torch.manual_seed(0)
+    model = TTTForCausalLM(TTTConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, mini_batch_size=8))
+    with torch.no_grad():
+        model.model.layers[1].seq_modeling_block.learnable_token_idx[-1] = -0.2  # 1/8 - 0.2 < 0
+    layers = model.ttt_statistics(torch.randint(0, 97, (1, 24)))
+    assert layers[0]["update_factor"] == [pytest.approx(0.125)] and layers[1]["update_factor"] == [0.0]
+    stats = {f"ttt/layer{i}/{k}": sum(v) / len(v) for i, layer in enumerate(layers) for k, v in layer.items()}
+    assert clamped_layers(stats) == [1]

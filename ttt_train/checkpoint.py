@@ -1,8 +1,8 @@
 """Checkpoints: `checkpoint-<step>/` (the last few kept), `milestone-<step>/` (kept), `final_model/`.
 
 Each checkpoint holds the model in `save_pretrained` form and the tokenizer (so it loads with
-`TTTForCausalLM.from_pretrained`), Accelerate's training state under `training_state/` (model, optimizer,
-scheduler, every process's RNG states), and `trainer_state.json` (step, data position of every process, arguments,
+`TTTForCausalLM.from_pretrained`), Accelerate's training state under `training_state/` (optimizer, scheduler,
+every process's RNG states; the weights only under FSDP, sharded, since elsewhere model.safetensors has them), and `trainer_state.json` (step, data position of every process, arguments,
 and a manifest of file sizes). It is written to a hidden `.<name>.partial/` folder and renamed into place, so an
 interrupted save never leaves a half-written checkpoint under a real name nor touches an existing one.
 """
@@ -12,6 +12,9 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
 
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE_DIR = "training_state"
@@ -44,7 +47,13 @@ def save_checkpoint(accelerator, folder: Path, model, tokenizer, trainer_state: 
         shutil.rmtree(partial)  # left by a save that was killed; never a real checkpoint
     accelerator.wait_for_everyone()
     if with_training_state:
-        accelerator.save_state(str(partial / TRAINING_STATE_DIR))
+        # The weights are stored once, in the top-level model.safetensors; Accelerate keeps only the rest (FSDP
+        # still writes its sharded model, which its resume reads).
+        handle = accelerator.register_save_state_pre_hook(lambda models, weights, directory: weights.clear())
+        try:
+            accelerator.save_state(str(partial / TRAINING_STATE_DIR))
+        finally:
+            handle.remove()
     # torch.compile wraps the model as `_orig_mod`; the saved model must carry the plain parameter names
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
@@ -105,8 +114,27 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     return found[-1][1]
 
 
-def load_training_state(accelerator, folder: Path):
-    accelerator.load_state(str(Path(folder) / TRAINING_STATE_DIR))
+def load_training_state(accelerator, model, folder: Path):
+    """The model's weights (from the top-level model.safetensors, except under FSDP, whose sharded state Accelerate
+    loads), the optimizer, scheduler and RNG states."""
+    folder = Path(folder)
+    handle = accelerator.register_load_state_pre_hook(lambda models, directory: models.clear())
+    try:
+        accelerator.load_state(str(folder / TRAINING_STATE_DIR))
+    finally:
+        handle.remove()
+    if accelerator.distributed_type != DistributedType.FSDP:
+        load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), folder / "model.safetensors")
+
+
+def load_weights(model, path: Path):
+    """Every parameter and buffer of `model` from a safetensors file written by save_pretrained, which stores
+    tied parameters once (e.g. lm_head.weight as model.embed_tokens.weight)."""
+    missing, unexpected = model.load_state_dict(load_file(path, device="cpu"), strict=False)
+    loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name not in missing}
+    untied = [name for name in missing if id(model.get_parameter(name)) not in loaded]
+    if untied or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {untied[:3]}, unexpected {unexpected[:3]}")
 
 
 def prune_checkpoints(output_dir: Path, keep: int):

@@ -16,7 +16,7 @@ from transformers import get_scheduler
 
 from ttt_train import checkpoint as ckpt
 from ttt_train import data, models
-from ttt_train.metrics import (MetricsLog, gpu_peak_tflops, perplexity, tracker_config, trackers,
+from ttt_train.metrics import (MetricsLog, gpu_peak_tflops, perplexity, quiet_libraries, tracker_config, trackers,
                                training_flops_per_token)
 
 # Flags whose change on resume is allowed (a curriculum) and reported.
@@ -98,6 +98,12 @@ def ttt_statistics(model, blocks, accelerator, args) -> dict:
             for i, layer in enumerate(layers) for name, values in layer.items() if values}
 
 
+def clamped_layers(statistics: dict) -> list:
+    """The TTT layers whose end-of-mini-batch update is zero (update_factor clamped to 0)."""
+    return [int(key.split("/")[1][len("layer"):]) for key, value in statistics.items()
+            if key.endswith("/update_factor") and value == 0]
+
+
 def resume_data_states(saved: list, world_size: int, accelerator) -> list:
     """Per-process data positions. With a different process count the global document position is kept
     (approximately: packing leftovers are dropped)."""
@@ -122,7 +128,33 @@ def compile_plugin(args) -> TorchDynamoPlugin:
     return TorchDynamoPlugin(backend="inductor" if args.torch_compile else "no", mode=args.torch_compile_mode)
 
 
+PARALLELISM_WORDS = {"NO": "one process", "MULTI_GPU": "data parallel (DDP)", "MULTI_CPU": "data parallel on CPUs",
+                     "FSDP": "fully sharded data parallel (FSDP)"}
+PRECISION_WORDS = {"no": "float32 (no mixed precision)", "bf16": "bf16 mixed precision",
+                   "fp16": "fp16 mixed precision with loss scaling"}
+
+
+def describe_setup(accelerator) -> str:
+    """The start-up line's account of where and how the run computes, in words."""
+    kind = accelerator.distributed_type.value
+    return (f"on {accelerator.device.type.upper()} ({PARALLELISM_WORDS.get(kind, kind)}), "
+            f"{PRECISION_WORDS[accelerator.mixed_precision]}")
+
+
+def start_trackers(accelerator, args, output_dir):
+    """TensorBoard / W&B: a tracker that cannot start (e.g. W&B not logged in) is one error line."""
+    try:
+        accelerator.init_trackers(args.wandb_project, config=tracker_config(args),
+                                  init_kwargs={"wandb": {"name": args.wandb_run_name, "dir": str(output_dir)}})
+    except Exception as error:  # each tracker library raises its own types; all mean "cannot log there"
+        hint = ("; log in with `wandb login` (or set WANDB_API_KEY), or run with WANDB_MODE=offline"
+                if "wandb" in trackers(args.report_to) else "")
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--report_to {args.report_to}: the tracker cannot start: {message}{hint}") from error
+
+
 def train(args):
+    quiet_libraries()
     output_dir = Path(args.output_dir)
     checkpoint = None
     if args.resume_from_checkpoint:
@@ -170,7 +202,7 @@ def train(args):
 
     step, elapsed_before, data_states = 0, 0.0, [None] * accelerator.num_processes
     if checkpoint:
-        ckpt.load_training_state(accelerator, checkpoint)
+        ckpt.load_training_state(accelerator, model, checkpoint)
         step, elapsed_before = resume_state["step"], resume_state.get("elapsed", 0.0)
         data_states = resume_data_states(resume_state["data"], accelerator.num_processes, accelerator)
         if args.learning_rate != resume_state["args"]["learning_rate"]:
@@ -189,8 +221,7 @@ def train(args):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
-    accelerator.init_trackers(args.wandb_project, config=tracker_config(args),
-                              init_kwargs={"wandb": {"name": args.wandb_run_name, "dir": str(output_dir)}})
+    start_trackers(accelerator, args, output_dir)
     log = MetricsLog(accelerator, output_dir)
 
     def save(folder, with_training_state=True):
@@ -206,10 +237,11 @@ def train(args):
     flops_per_token = training_flops_per_token(config, params, args.seq_length)
     accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters; "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
-                      f"device {accelerator.device}, {accelerator.distributed_type.value}, {args.mixed_precision}")
+                      f"{describe_setup(accelerator)}")
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
     start_time = window_start = time.time()
     window_loss, window_steps, last_saved = torch.zeros((), device=accelerator.device), 0, None
+    warned_clamped = set()
     with StopRequest() as stop:
         model.train()
         while step < args.max_train_steps:
@@ -247,7 +279,15 @@ def train(args):
                 eval_loss = evaluate(model, eval_set, accelerator, args.per_device_eval_batch_size)
                 log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
                 if config.model_type == "ttt":
-                    log.log({"step": step, **ttt_statistics(model, eval_set, accelerator, args)})
+                    statistics = ttt_statistics(model, eval_set, accelerator, args)
+                    log.log({"step": step, **statistics})
+                    newly_clamped = sorted(set(clamped_layers(statistics)) - warned_clamped)
+                    if newly_clamped:
+                        warned_clamped.update(newly_clamped)
+                        accelerator.print(
+                            f"note: TTT layer(s) {', '.join(map(str, newly_clamped))}: the last token's position "
+                            f"factor is clamped to 0 (learned offset <= -1/mini_batch_size), so the inner weights "
+                            f"carry nothing from one mini-batch to the next (the official formula does the same)")
             stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device), "sum") > 0
             if args.save_milestone_freq and step % args.save_milestone_freq == 0:
                 save(f"milestone-{step}")

@@ -42,6 +42,19 @@ class MetricsLog:
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
+def quiet_libraries():
+    """The console shows the run's own lines and its one progress bar: the libraries' progress bars (loading and
+    writing weights, building dataset caches) and their notices that say nothing to the user are turned off.
+    Their warnings about the user's input stay."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
