@@ -9,6 +9,7 @@ Every flag can also be a key of the YAML file given to --config; the command lin
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model (unset flags take the official defaults; on resume they come from the checkpoint)")
     m.add_argument("--model_type", choices=["ttt", "transformer"],
                    help="ttt (default), or the Transformer++ baseline of the same size")
-    m.add_argument("--model_size", default="tiny", choices=list(TTT_STANDARD_CONFIGS))
+    m.add_argument("--model_size", choices=list(TTT_STANDARD_CONFIGS),
+                   help="default: tiny, or on resume the checkpoint's (a different one is refused)")
     m.add_argument("--ttt_layer_type", choices=TTT_LAYER_TYPES)
     m.add_argument("--ttt_base_lr", type=float, help="eta_base of the inner learning rate (paper: 1 linear, 0.1 mlp)")
     m.add_argument("--mini_batch_size", type=int, help="TTT mini-batch size K (default 16)")
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                    help="default: the `accelerate launch` config's mixed_precision, else no")
     t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--on_nonfinite", default="stop", choices=["stop", "skip"],
+                   help="a non-finite loss or gradient norm: stop the run (default; nothing from the step is "
+                        "saved), or skip the step's update (the run stops after 10 such steps in a row)")
 
     g = p.add_argument_group("performance (train_gpu_optimized.py turns these on)")
     g.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
@@ -104,21 +109,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def yaml_argv(values: dict, parser, path: str) -> list:
+    """The YAML mapping as command-line arguments, each value checked against its flag's type, so that it is
+    parsed exactly as if it had been typed (and typed flags after it win)."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    unknown = sorted(set(values) - set(actions) - {"config"})
+    if unknown:
+        parser.error(f"--config {path}: unknown keys {unknown} (keys are flag names)")
+    argv = []
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {key} must be true or false, got {value!r}")
+            argv.append(flag if value else f"--no-{flag[2:]}")
+            continue
+        expected = {int: (int,), float: (int, float)}.get(action.type, (str,))
+        if value is None or isinstance(value, bool) or not isinstance(value, expected):
+            kind = {int: "an integer", float: "a number"}.get(action.type, "a string")
+            parser.error(f"--config {path}: {key} must be {kind}, got {value!r}")
+        argv += [flag, str(value)]
+    return argv
+
+
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.config:
         try:
-            values = yaml.safe_load(open(args.config)) or {}
-        except (OSError, yaml.YAMLError) as error:
-            parser.error(f"cannot read --config {args.config}: {error}")
+            with open(args.config, encoding="utf-8") as f:
+                values = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            parser.error(f"cannot read --config {args.config}: {str(error).splitlines()[0]}")
         if not isinstance(values, dict):
             parser.error(f"--config {args.config}: expected a mapping of flag names to values")
-        unknown = sorted(set(values) - {a.dest for a in parser._actions})
-        if unknown:
-            parser.error(f"--config {args.config}: unknown keys {unknown} (keys are flag names)")
-        parser.set_defaults(**values)
-        args = parser.parse_args(argv)
+        args = parser.parse_args([*yaml_argv(values, parser, args.config),
+                                  *(sys.argv[1:] if argv is None else argv)])
     check_args(args, parser)
     return args
 
@@ -130,12 +159,25 @@ def check_args(args, parser):
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for action in parser._actions:  # every float flag: a finite number (inf and nan parse as floats)
+        value = getattr(args, action.dest, None)
+        if action.type is float and value is not None and not math.isfinite(value):
+            parser.error(f"--{action.dest} must be a finite number, got {value}")
     for name in ["save_checkpoint_freq", "save_milestone_freq", "eval_steps", "weight_decay", "max_grad_norm",
-                 "lr_end", "lr_warmup_steps", "streaming_eval_docs"]:
+                 "lr_end", "lr_warmup_steps", "streaming_eval_docs", "seed"]:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ["ttt_base_lr", "mini_batch_size", "conv_kernel", "sliding_window"]:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.scan_checkpoint_group_size is not None and args.scan_checkpoint_group_size < 0:
+        parser.error(f"--scan_checkpoint_group_size must be >= 0, got {args.scan_checkpoint_group_size}")
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.lr_warmup_steps is not None and args.lr_warmup_steps > args.max_train_steps:
+        parser.error(f"--lr_warmup_steps ({args.lr_warmup_steps}) exceeds --max_train_steps ({args.max_train_steps})")
+    if args.model_size is None and not args.resume_from_checkpoint:
+        args.model_size = "tiny"
     if args.lr_end > args.learning_rate:
         parser.error(f"--lr_end ({args.lr_end}) must not exceed --learning_rate ({args.learning_rate})")
     if args.lr_warmup_steps is not None and args.warmup_ratio is not None:

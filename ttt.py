@@ -107,8 +107,13 @@ class TTTConfig(PreTrainedConfig):
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "mini_batch_size", "conv_kernel"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{field} must be a positive integer (>= 1), got {value!r}")
+        for field in ("ttt_base_lr", "rms_norm_eps", "rope_theta", "initializer_range"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"{field} must be a finite number > 0, got {value!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -119,12 +124,9 @@ class TTTConfig(PreTrainedConfig):
                 f"hidden_size / num_attention_heads must be even for RoPE, got "
                 f"{self.hidden_size // self.num_attention_heads}"
             )
-        if self.scan_checkpoint_group_size < 0:
-            raise ValueError(
-                f"scan_checkpoint_group_size must be >= 0 (0 disables it), got {self.scan_checkpoint_group_size}"
-            )
-        if self.ttt_base_lr <= 0:
-            raise ValueError(f"ttt_base_lr must be > 0, got {self.ttt_base_lr}")
+        group = self.scan_checkpoint_group_size
+        if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+            raise ValueError(f"scan_checkpoint_group_size must be an integer >= 0 (0 disables it), got {group!r}")
         super().__post_init__(**kwargs)
 
     @classmethod
@@ -1111,6 +1113,14 @@ class TTTModel(TTTPreTrainedModel):
         argument is a TypeError: nothing a caller passes is dropped unread."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"expected a (batch, length) input with length >= 1, got shape {tuple(tokens.shape)}")
+        if input_ids is not None and not torch.compiler.is_compiling():  # a compiled graph does not sync here
+            low, high = input_ids.min().item(), input_ids.max().item()
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("TTT models read every token in order and do not support padding "
                              "(attention_mask has zeros); pass unpadded sequences of equal length")

@@ -1,19 +1,34 @@
-"""Checkpoints: `checkpoint-<step>/` (the last few kept), `milestone-<step>/` (kept), `final_model/`.
+"""Checkpoints: `checkpoint-<step>/` (the last few kept), `milestone-<step>/` (kept), `final_model/`; and the
+run's ownership of its output directory.
 
 Each checkpoint holds the model in `save_pretrained` form and the tokenizer (so it loads with
-`TTTForCausalLM.from_pretrained`), Accelerate's training state under `training_state/` (optimizer, scheduler,
-every process's RNG states; the weights only under FSDP, sharded, since elsewhere model.safetensors has them), and `trainer_state.json` (step, data position of every process, arguments,
-and a manifest of file sizes). It is written to a hidden `.<name>.partial/` folder and renamed into place, so an
-interrupted save never leaves a half-written checkpoint under a real name nor touches an existing one.
+`TTTForCausalLM.from_pretrained`), Accelerate's training state under `training_state/` (optimizer and every
+process's RNG states; the weights only under FSDP, sharded, since elsewhere model.safetensors has them), and
+`trainer_state.json` (step, the learning-rate scheduler's state, data position of every process, arguments,
+and a manifest of every file's size and SHA-256). It is written to a hidden `.<name>.partial/` folder and renamed
+into place, so an interrupted save never leaves a half-written checkpoint under a real name nor touches an
+existing one.
+
+A checkpoint is untrusted input: resuming verifies every file against the manifest, reads JSON and safetensors,
+and lets Accelerate read only the optimizer and RNG files, which it loads with `torch.load(weights_only=True)`.
+No file of a checkpoint is ever unpickled with code execution (Accelerate's `custom_checkpoint_*.pkl`, which it
+would load with `weights_only=False`, is neither written nor read).
 """
 
+import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 TRAINER_STATE = "trainer_state.json"
@@ -21,15 +36,28 @@ TRAINING_STATE_DIR = "training_state"
 REQUIRED_FILES = ("config.json", "model.safetensors", TRAINER_STATE, f"{TRAINING_STATE_DIR}/optimizer.bin",
                   f"{TRAINING_STATE_DIR}/random_states_0.pkl")
 CHECKPOINT_NAME = re.compile(r"^(checkpoint|milestone)-(\d+)$")
+UNSAFE_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # Accelerate unpickles these with weights_only=False
+LOCK_FILE = ".lock"
+ABANDONED_DIR = "abandoned"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or corrupt: the message names the file."""
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _manifest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != TRAINER_STATE}
+    """{relative path: {"size", "sha256"}} of every file but the trainer state (which holds the manifest)."""
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != TRAINER_STATE}
 
 
 def _write_json(path: Path, data):
@@ -71,8 +99,14 @@ def save_checkpoint(accelerator, folder: Path, model, tokenizer, trainer_state: 
     accelerator.wait_for_everyone()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
 def validate_checkpoint(folder: Path) -> dict:
-    """The checkpoint's trainer state, after checking every file is present with its recorded size."""
+    """The checkpoint's trainer state, after checking every file is present with its recorded size and SHA-256
+    (checkpoints written before checksums were recorded: its size), and that no file is there that Accelerate
+    would unpickle unsafely."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
@@ -81,16 +115,80 @@ def validate_checkpoint(folder: Path) -> dict:
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
     try:
         state = json.loads((folder / TRAINER_STATE).read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {TRAINER_STATE} is not valid JSON ({error})")
-    for name, size in state.get("manifest", {}).items():
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "args" not in state:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {TRAINER_STATE} lacks the step or the arguments")
+    manifest = state.get("manifest", {})
+    for name, recorded in manifest.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+        size, digest = (recorded, None) if isinstance(recorded, int) else (recorded["size"], recorded["sha256"])
         if path.stat().st_size != size:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
                                   f"{size} were written")
+        if digest is not None and sha256(path) != digest:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match the SHA-256 recorded "
+                                  f"when it was written")
+    for path in (folder / TRAINING_STATE_DIR).iterdir():
+        if UNSAFE_PICKLE.match(path.name) and "scheduler" in state:
+            raise CheckpointError(f"checkpoint {folder}: {TRAINING_STATE_DIR}/{path.name} was not written by this "
+                                  f"trainer; refusing it (it would run code when loaded)")
     return state
+
+
+def _safe_view(training_state: Path) -> Path:
+    """A temporary folder of links to the files of `training_state` that Accelerate loads safely: all but its
+    custom_checkpoint_*.pkl (older checkpoints of this trainer hold the scheduler there; its state is rebuilt)."""
+    view = Path(tempfile.mkdtemp(prefix="ttt-resume-"))
+    for path in training_state.iterdir():
+        if not UNSAFE_PICKLE.match(path.name):
+            (view / path.name).symlink_to(path.resolve())
+    return view
+
+
+def load_training_state(accelerator, model, scheduler, folder: Path, state: dict):
+    """The model's weights (from the top-level model.safetensors, except under FSDP, whose sharded state Accelerate
+    loads), the optimizer and RNG states, and the scheduler's state (from trainer_state.json)."""
+    folder = Path(folder)
+    view = _safe_view(folder / TRAINING_STATE_DIR)
+    handle = accelerator.register_load_state_pre_hook(lambda models, directory: models.clear())
+    try:
+        accelerator.load_state(str(view))
+    except Exception as error:  # torch.load's refusals, truncated archives: all mean an unusable file
+        raise CheckpointError(f"checkpoint {folder}: cannot load {TRAINING_STATE_DIR}/: "
+                              f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+    finally:
+        handle.remove()
+        shutil.rmtree(view, ignore_errors=True)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), folder / "model.safetensors")
+    if "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    else:  # a checkpoint of an earlier version: the schedule is a function of the step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(state["step"]):
+                scheduler.step()
+
+
+def load_weights(model, path: Path):
+    """Every parameter and buffer of `model` from a safetensors file written by save_pretrained, which stores
+    tied parameters once (e.g. lm_head.weight as model.embed_tokens.weight)."""
+    try:
+        weights = load_file(path, device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name not in missing}
+    untied = [name for name in missing if id(model.get_parameter(name)) not in loaded]
+    if untied or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {untied[:3]}, unexpected {unexpected[:3]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output directory
 
 
 def list_checkpoints(output_dir: Path, kinds=("checkpoint", "milestone")) -> list:
@@ -101,6 +199,14 @@ def list_checkpoints(output_dir: Path, kinds=("checkpoint", "milestone")) -> lis
         if match and match.group(1) in kinds and (path / TRAINER_STATE).is_file():
             found.append((int(match.group(2)), match.group(1) == "checkpoint", path))
     return [(step, path) for step, _, path in sorted(found)]
+
+
+def foreign_folders(output_dir: Path) -> list:
+    """checkpoint-N / milestone-N folders without a trainer state: not written (completely) by this trainer, and
+    in the way of the names a run saves under."""
+    return sorted(p.name for p in Path(output_dir).iterdir()
+                  if CHECKPOINT_NAME.match(p.name) and not (p / TRAINER_STATE).is_file()) \
+        if Path(output_dir).is_dir() else []
 
 
 def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
@@ -114,30 +220,74 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     return found[-1][1]
 
 
-def load_training_state(accelerator, model, folder: Path):
-    """The model's weights (from the top-level model.safetensors, except under FSDP, whose sharded state Accelerate
-    loads), the optimizer, scheduler and RNG states."""
-    folder = Path(folder)
-    handle = accelerator.register_load_state_pre_hook(lambda models, directory: models.clear())
-    try:
-        accelerator.load_state(str(folder / TRAINING_STATE_DIR))
-    finally:
-        handle.remove()
-    if accelerator.distributed_type != DistributedType.FSDP:
-        load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), folder / "model.safetensors")
+def clean_interrupted_saves(output_dir: Path) -> list:
+    """Folders a killed save left behind: `.X.partial` (incomplete) is removed; `.X.previous` (the earlier X,
+    moved aside while the new one was renamed in) is put back if X is missing, else removed. Returns messages."""
+    notes = []
+    for path in sorted(Path(output_dir).glob(".*.previous")):
+        target = path.with_name(path.name[1:-len(".previous")])
+        if target.exists():
+            shutil.rmtree(path)
+        else:
+            os.replace(path, target)
+            notes.append(f"restored {target.name} from an interrupted save")
+    for path in sorted(Path(output_dir).glob(".*.partial")):
+        shutil.rmtree(path)
+        notes.append(f"removed {path.name}, left by an interrupted save")
+    return notes
 
 
-def load_weights(model, path: Path):
-    """Every parameter and buffer of `model` from a safetensors file written by save_pretrained, which stores
-    tied parameters once (e.g. lm_head.weight as model.embed_tokens.weight)."""
-    missing, unexpected = model.load_state_dict(load_file(path, device="cpu"), strict=False)
-    loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name not in missing}
-    untied = [name for name in missing if id(model.get_parameter(name)) not in loaded]
-    if untied or unexpected:
-        raise CheckpointError(f"{path} does not match the model: missing {untied[:3]}, unexpected {unexpected[:3]}")
+def branch_from(output_dir: Path, step: int) -> Path | None:
+    """Resuming from step `step` while the output directory holds later checkpoints or milestones (or a final
+    model) of an abandoned continuation: those move to `abandoned/<time>/` (never deleted), so that `latest` and
+    retention follow the new branch. Returns that folder, or None when nothing was later."""
+    later = [path for s, path in list_checkpoints(output_dir) if s > step]
+    if (Path(output_dir) / "final_model").exists():
+        later.append(Path(output_dir) / "final_model")
+    if not later:
+        return None
+    destination = Path(output_dir) / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    destination.mkdir(parents=True, exist_ok=False)
+    for path in later:
+        os.replace(path, destination / path.name)
+    return destination
 
 
 def prune_checkpoints(output_dir: Path, keep: int):
-    """Deletes all but the newest `keep` checkpoint-* folders (milestones are never deleted)."""
+    """Deletes all but the newest `keep` checkpoint-* folders (milestones are never deleted). It runs right after
+    a save, and a resumed run's later-step leftovers were moved aside (branch_from), so the newest are this run's
+    and the checkpoint it resumed from goes only once a newer one of the run is complete."""
     for _, path in list_checkpoints(output_dir, kinds=("checkpoint",))[:-keep or None]:
         shutil.rmtree(path)
+
+
+class RunLock:
+    """Exclusive ownership of an output directory while a run (all its processes) works in it: an advisory lock
+    (flock) on `<output_dir>/.lock`, held by the main process, released by the kernel when the process ends, even
+    by kill -9. The file records who holds it; a lock left by a dead process is simply taken over."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.file = None
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            self.file = None
+            raise CheckpointError(f"output_dir {self.path.parent} is in use by a running trainer ({holder}); "
+                                  f"wait for it to finish, stop it, or choose another --output_dir")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing releases the flock
+            self.file = None

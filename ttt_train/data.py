@@ -59,6 +59,18 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def check_same_tokenizer(tokenizer, saved, name: str, checkpoint):
+    """A tokenizer given on resume must be the checkpoint's: the same vocabulary (every token and its id) and the
+    same special tokens, not only the same size."""
+    if tokenizer.get_vocab() != saved.get_vocab():
+        raise DataError(f"--tokenizer_name {name} is not the tokenizer checkpoint {checkpoint} was trained with "
+                        f"(their vocabularies differ); resume without --tokenizer_name to use the saved one")
+    special = ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id")
+    if [getattr(tokenizer, k) for k in special] != [getattr(saved, k) for k in special]:
+        raise DataError(f"--tokenizer_name {name}: its special tokens differ from those of checkpoint {checkpoint}'s "
+                        f"tokenizer; resume without --tokenizer_name to use the saved one")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Documents
 

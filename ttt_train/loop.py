@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, gather_object, set_seed
+from accelerate.utils import TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ttt_train import checkpoint as ckpt
 from ttt_train import data, models
-from ttt_train.metrics import (MetricsLog, gpu_peak_tflops, perplexity, quiet_libraries, tracker_config, trackers,
+from ttt_train.metrics import (METRICS_FILE, MetricsLog, gpu_peak_tflops, perplexity, quiet_libraries, tracker_config, trackers,
                                training_flops_per_token)
 
 # Flags whose change on resume is allowed (a curriculum) and reported.
@@ -24,6 +24,11 @@ RESUMABLE_CHANGES = ("seq_length", "per_device_train_batch_size", "gradient_accu
                      "learning_rate", "lr_end", "lr_warmup_steps", "warmup_ratio", "lr_scheduler_type",
                      "weight_decay", "max_grad_norm", "mixed_precision")
 SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "polynomial", "constant": "constant_with_warmup"}
+MAX_SKIPPED_IN_A_ROW = 10  # --on_nonfinite skip: more non-finite steps in a row than this stop the run
+
+
+class DivergenceError(ValueError):
+    """A non-finite loss or gradient norm: the run stops without saving anything from it."""
 
 
 class StopRequest:
@@ -153,29 +158,79 @@ def start_trackers(accelerator, args, output_dir):
         raise ValueError(f"--report_to {args.report_to}: the tracker cannot start: {message}{hint}") from error
 
 
+def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
+    """The main process takes the output directory's lock, restores what a killed save left, and checks what the
+    directory holds against what was asked (a fresh run, or a resume); every process gets the outcome. Returns
+    (checkpoint or None, its trainer state or None)."""
+    outcome = [None, None, None]  # error, checkpoint, notes
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            outcome[2] = ckpt.clean_interrupted_saves(output_dir)
+            foreign = ckpt.foreign_folders(output_dir)
+            if foreign:
+                raise ckpt.CheckpointError(f"output_dir {output_dir} holds {', '.join(foreign)} without "
+                                           f"{ckpt.TRAINER_STATE} (not a complete checkpoint of this trainer); "
+                                           f"move it elsewhere")
+            if args.resume_from_checkpoint:
+                outcome[1] = str(ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir))
+            elif (ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists()
+                  or (output_dir / METRICS_FILE).exists()):
+                raise ValueError(f"output_dir {output_dir} already holds a run (checkpoints, final_model or "
+                                 f"{METRICS_FILE}); pass --resume_from_checkpoint latest to continue it, or choose "
+                                 f"another --output_dir")
+        except ValueError as error:
+            outcome[0] = str(error)
+    outcome = broadcast_object_list(outcome) if accelerator.num_processes > 1 else outcome
+    error, checkpoint, notes = outcome
+    if error:
+        raise ValueError(error)
+    for note in notes or []:
+        accelerator.print(f"{output_dir}: {note}")
+    if checkpoint is None:
+        return None, None
+    return Path(checkpoint), ckpt.validate_checkpoint(checkpoint)
+
+
 def train(args):
+    """Set-up, each step that can fail on bad input before any model is built, then the step loop."""
     quiet_libraries()
     output_dir = Path(args.output_dir)
-    checkpoint = None
-    if args.resume_from_checkpoint:
-        checkpoint = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-        resume_state = ckpt.validate_checkpoint(checkpoint)
-    elif ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists():
-        raise ValueError(f"output_dir {output_dir} already holds a run (checkpoints or final_model); pass "
-                         f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
-
     # Without CUDA, Accelerate joins a multi-process launch (gloo) only when told it runs on the CPU.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers(args.report_to) or None,
                               project_dir=str(output_dir), cpu=multi_process_cpu,
                               dynamo_plugin=compile_plugin(args))
+    lock = ckpt.RunLock(output_dir)
+    created = not output_dir.exists()
+    try:
+        return _train(args, accelerator, output_dir, lock)
+    finally:
+        lock.release()
+        if created and accelerator.is_main_process and [p.name for p in output_dir.iterdir()] == [ckpt.LOCK_FILE]:
+            (output_dir / ckpt.LOCK_FILE).unlink()  # a run that stopped on bad input leaves no folder behind
+            output_dir.rmdir()
+
+
+def _train(args, accelerator, output_dir, lock):
+    checkpoint, resume_state = claim_output_dir(accelerator, args, output_dir, lock)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     set_seed(args.seed)
 
     # Everything that reads user input, before any model is built.
+    given_tokenizer = args.tokenizer_name
     if args.tokenizer_name is None:  # a resumed run keeps the tokenizer saved with its checkpoint
         args.tokenizer_name = str(checkpoint) if checkpoint else data.BUILTIN_TOKENIZER
     tokenizer = data.load_tokenizer(args.tokenizer_name)
+    if checkpoint:
+        config = models.checkpoint_config(args, checkpoint, resume_state["args"])
+        if given_tokenizer is not None:
+            data.check_same_tokenizer(tokenizer, data.load_tokenizer(str(checkpoint)), given_tokenizer, checkpoint)
+        # a checkpoint at the last step without a final model (a kill while it was written) finishes the run below
+        if resume_state["step"] > args.max_train_steps or (resume_state["step"] == args.max_train_steps
+                                                           and (output_dir / "final_model").exists()):
+            raise ValueError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
+                                 f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
     raw = data.load_raw_dataset(args.dataset_name, args.dataset_config or None, args.streaming)
     train_docs, eval_docs = data.split_train_validation(raw, args.validation_split, args.streaming_eval_docs,
                                                         args.seed)
@@ -183,53 +238,56 @@ def train(args):
     data.check_not_empty(train_docs, text_column, "training")
     eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
 
-    if checkpoint:
-        config = models.checkpoint_config(args, checkpoint)
-        if config.vocab_size < len(tokenizer):
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but checkpoint {checkpoint} was trained with "
-                             f"vocab_size {config.vocab_size}")
-    else:
+    if not checkpoint:
         config = models.build_config(args, len(tokenizer))
     model = models.build_model(config)
     if args.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(0.9, 0.95), eps=1e-8, fused=accelerator.device.type == "cuda")
-    # The scheduler is not `prepare`d: Accelerate would step it once per process; ours steps once per optimizer step.
+    # The scheduler is neither `prepare`d (Accelerate would step it once per process; ours steps once per optimizer
+    # step) nor registered for Accelerate's checkpointing (which unpickles it): its state goes into trainer_state.
     scheduler = build_scheduler(args, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step, elapsed_before, data_states = 0, 0.0, [None] * accelerator.num_processes
     if checkpoint:
-        ckpt.load_training_state(accelerator, model, checkpoint)
+        ckpt.load_training_state(accelerator, model, scheduler, checkpoint, resume_state)
         step, elapsed_before = resume_state["step"], resume_state.get("elapsed", 0.0)
         data_states = resume_data_states(resume_state["data"], accelerator.num_processes, accelerator)
         if args.learning_rate != resume_state["args"]["learning_rate"]:
             scheduler.base_lrs = [args.learning_rate] * len(scheduler.base_lrs)
         changes = describe_changes(args, resume_state["args"])
         accelerator.print(f"resumed from {checkpoint} at step {step}" + (f"; changed: {changes}" if changes else ""))
-    if step >= args.max_train_steps:
-        raise ValueError(f"checkpoint {checkpoint} is at step {step}, not before --max_train_steps "
-                         f"{args.max_train_steps}; raise --max_train_steps to train further")
 
     train_batches = data.PackedBlocks(train_docs, tokenizer, text_column, args.seq_length,
                                       args.per_device_train_batch_size, args.seed, accelerator.process_index,
                                       accelerator.num_processes, state=data_states[accelerator.process_index])
-    if args.data_prefetch:
-        train_batches = data.Prefetcher(train_batches, args.data_prefetch, args.pin_memory)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint:
+            abandoned = ckpt.branch_from(output_dir, step)
+            if abandoned:
+                accelerator.print(f"resuming from step {step}: the later checkpoints of the abandoned continuation "
+                                  f"moved to {abandoned}")
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
-    start_trackers(accelerator, args, output_dir)
-    log = MetricsLog(accelerator, output_dir)
+    log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
 
     def save(folder, with_training_state=True):
         state = {"step": step, "elapsed": elapsed_before + time.time() - start_time, "args": vars(args),
-                 "world_size": accelerator.num_processes,
-                 "data": gather_object([train_batches.state_dict()])}
+                 "world_size": accelerator.num_processes}
+        if with_training_state:  # what resuming needs; a final model carries no training text (packing leftover)
+            state.update(scheduler=scheduler.state_dict(), data=gather_object([train_batches.state_dict()]))
         ckpt.save_checkpoint(accelerator, output_dir / folder, model, tokenizer, state, with_training_state)
 
+    start_time = time.time()
+    if checkpoint and step >= args.max_train_steps:  # a kill while the final model was written: write it now
+        save("final_model", with_training_state=False)
+        accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / 'final_model'}")
+        return step
+
+    if args.data_prefetch:
+        train_batches = data.Prefetcher(train_batches, args.data_prefetch, args.pin_memory)
+    start_trackers(accelerator, args, output_dir)
     accum = args.gradient_accumulation_steps
     tokens_per_step = args.per_device_train_batch_size * args.seq_length * accum * accelerator.num_processes
     params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
@@ -241,26 +299,47 @@ def train(args):
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
     start_time = window_start = time.time()
     window_loss, window_steps, last_saved = torch.zeros((), device=accelerator.device), 0, None
-    warned_clamped = set()
+    warned_clamped, skipped_in_a_row = set(), 0
     with StopRequest() as stop:
         model.train()
         while step < args.max_train_steps:
             # one optimizer step: forward/backward over the accumulated micro-batches, clip, AdamW, schedule
+            step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(accum):
                 input_ids = next(train_batches).to(accelerator.device, non_blocking=args.pin_memory)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
                     loss = model(input_ids=input_ids, labels=input_ids).loss
                     accelerator.backward(loss / accum)
-                window_loss += loss.detach() / accum
+                step_loss += loss.detach() / accum
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-            optimizer.step()
+            # one synchronisation per step: a stop request, or a non-finite loss or gradient norm, on any process
+            flags = torch.stack([torch.tensor(float(stop.requested), device=accelerator.device),
+                                 (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).float()])
+            stop_now, nonfinite = (accelerator.reduce(flags, "sum") > 0).tolist()
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)
+                skipped_in_a_row += 1
+                what = f"step {step + 1}: loss {step_loss.item():.4g}, gradient norm {float(grad_norm):.4g}"
+                if args.on_nonfinite == "stop" or skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+                    saved = ckpt.list_checkpoints(output_dir)
+                    raise DivergenceError(
+                        f"training diverged at {what} (not finite); nothing was saved from it"
+                        + (f"; the last checkpoint, {saved[-1][1].name}, is from before" if saved else "")
+                        + ("" if args.on_nonfinite == "stop" else
+                           f"; {skipped_in_a_row} steps in a row were not finite")
+                        + "; lower --learning_rate, or check the data and --max_grad_norm")
+                log.log({"step": step + 1, "skipped": f"not finite: {what}"})
+            else:
+                skipped_in_a_row = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                window_loss += step_loss
+                window_steps += 1
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_steps += 1
             progress.update(1)
 
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
+            if (step % args.logging_steps == 0 or step == args.max_train_steps) and window_steps:
                 now = time.time()
                 mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
                 record = {"step": step, "loss": mean_loss,
@@ -288,7 +367,6 @@ def train(args):
                             f"note: TTT layer(s) {', '.join(map(str, newly_clamped))}: the last token's position "
                             f"factor is clamped to 0 (learned offset <= -1/mini_batch_size), so the inner weights "
                             f"carry nothing from one mini-batch to the next (the official formula does the same)")
-            stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device), "sum") > 0
             if args.save_milestone_freq and step % args.save_milestone_freq == 0:
                 save(f"milestone-{step}")
             if (args.save_checkpoint_freq and step % args.save_checkpoint_freq == 0) or stop_now \

@@ -4,6 +4,7 @@ values to Accelerate's trackers (TensorBoard, W&B)."""
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -27,9 +28,18 @@ def tracker_config(args) -> dict:
 
 
 class MetricsLog:
-    def __init__(self, accelerator, output_dir: Path):
+    """One line per step and event. A run resumed at step N first drops the lines after N (written by the
+    interrupted segment, which the resumed run redoes), rewriting the file atomically."""
+
+    def __init__(self, accelerator, output_dir: Path, resumed_at: int | None = None):
         self.accelerator = accelerator
         self.path = Path(output_dir) / METRICS_FILE
+        if resumed_at is not None and accelerator.is_main_process and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
 
     def log(self, record: dict):
         """record: a dict with a "step"; floats are rounded for the console only."""
