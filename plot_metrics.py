@@ -9,7 +9,6 @@ last-token position factor is clamped to 0 (its inner weights carry nothing acro
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ttt_train.metrics import METRICS_FILE  # noqa: E402
+from ttt_train.metrics import METRICS_FILE, parse_line  # noqa: E402
 
 
 def read_metrics(run: Path) -> list:
@@ -26,8 +25,7 @@ def read_metrics(run: Path) -> list:
     if not path.is_file():
         raise ValueError(f"{path} does not exist (is {run} a training output_dir?)")
     records = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in filter(None, map(parse_line, path.read_text().splitlines())):  # skips a line cut by a kill
         records.setdefault(record["step"], {}).update(record)  # a resumed run's later line wins
     return [records[step] for step in sorted(records)]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_ttt
 import ttt
 from conftest import SHARED
 from ttt import TTTBase, TTTCache
@@ -74,3 +75,35 @@ def chunked_prefill_logits(model, ids, bounds):
     """Logits of ids read through one TTTCache in the chunks ids[:, a:b] for (a, b) in bounds."""
     cache = TTTCache(model.config.num_hidden_layers)
     return torch.cat([model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in bounds], 1)
+
+
+# ---------------------------------------------------------------- training runs of the tiny model (train_ttt.py)
+
+FAST = ["--model_size", "tiny", "--seq_length", "64", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "4", "--max_eval_samples", "4", "--logging_steps", "1", "--eval_steps", "0"]
+
+
+def run(tmp_path, *extra, out="run"):
+    train_ttt.main([*FAST, "--output_dir", str(tmp_path / out), *extra])
+    return tmp_path / out
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(folder):
+    return {r["step"]: r["loss"] for r in metrics(folder) if "loss" in r}
+
+
+def fails(capsys, *argv, match):
+    """The run exits non-zero with exactly one error line (besides `datasets` progress bars) containing `match`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_ttt.main(list(argv))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, err
+    assert match in errors[0], err
+    return errors[0]

@@ -13,38 +13,9 @@ import pytest
 import torch
 
 from conftest import ROOT
+from helpers import FAST, fails, losses, metrics, run
 import train_ttt
 from ttt import TTTForCausalLM
-
-FAST = ["--model_size", "tiny", "--seq_length", "64", "--per_device_train_batch_size", "2",
-        "--per_device_eval_batch_size", "4", "--max_eval_samples", "4", "--logging_steps", "1", "--eval_steps", "0"]
-
-
-def run(tmp_path, *extra, out="run"):
-    train_ttt.main([*FAST, "--output_dir", str(tmp_path / out), *extra])
-    return tmp_path / out
-
-
-def metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(folder):
-    return {r["step"]: r["loss"] for r in metrics(folder) if "loss" in r}
-
-
-def fails(capsys, *argv, match):
-    """The run exits non-zero with exactly one error line (besides `datasets` progress bars) containing `match`."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train_ttt.main(list(argv))
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err
-    errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, err
-    assert match in errors[0], err
-    return errors[0]
-
 
 def test_loss_falls_on_tinyshakespeare(tmp_path, shakespeare, llama_tokenizer_dir):
     folder = run(tmp_path, "--dataset_name", str(shakespeare), "--tokenizer_name", str(llama_tokenizer_dir),

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 from accelerate.utils import DistributedType
+from accelerate.utils.other import load as accelerate_load  # torch.load(weights_only=True) + numpy's RNG types
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -155,6 +156,9 @@ def load_training_state(accelerator, model, scheduler, folder: Path, state: dict
     view = _safe_view(folder / TRAINING_STATE_DIR)
     handle = accelerator.register_load_state_pre_hook(lambda models, directory: models.clear())
     try:
+        # Accelerate ignores RNG files it cannot load; a resume that is not exact must not pass silently
+        for path in sorted(view.glob("random_states_*.pkl")):
+            accelerate_load(path)
         accelerator.load_state(str(view))
     except Exception as error:  # torch.load's refusals, truncated archives: all mean an unusable file
         raise CheckpointError(f"checkpoint {folder}: cannot load {TRAINING_STATE_DIR}/: "

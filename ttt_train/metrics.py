@@ -27,6 +27,15 @@ def tracker_config(args) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
 
 
+def parse_line(line: str) -> dict | None:
+    """A metrics.jsonl record, or None for a blank line or one cut short (a process killed while writing it)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """One line per step and event. A run resumed at step N first drops the lines after N (written by the
     interrupted segment, which the resumed run redoes), rewriting the file atomically."""
@@ -36,7 +45,7 @@ class MetricsLog:
         self.path = Path(output_dir) / METRICS_FILE
         if resumed_at is not None and accelerator.is_main_process and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
+                    if (record := parse_line(line)) is not None and record.get("step", 0) <= resumed_at]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)

@@ -1,0 +1,373 @@
+"""Checkpoints and runs a user can trust: no code from a checkpoint, one owner per output directory, branches
+on resume, the divergence guard, integrity, kills at any moment, and one clear line for bad input. Kills and
+concurrency use real processes."""
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import train_ttt
+import ttt
+from conftest import ROOT
+from helpers import FAST, fails, losses, metrics, run
+from ttt_train import checkpoint as ckpt
+
+TRAINER = [sys.executable, str(ROOT / "train_ttt.py"), *FAST]
+
+
+class Payload:
+    """Unpickling it creates the file MARKER: the proof that a checkpoint ran code."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["TTT_TEST_MARKER"]),))
+
+
+def checkpoint_files(folder: Path) -> list:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run of 4 steps with checkpoint-2 and checkpoint-4, copied by each test that changes it."""
+    folder = tmp_path_factory.mktemp("saved") / "run"
+    train_ttt.main([*FAST, "--output_dir", str(folder), "--max_train_steps", "4", "--save_checkpoint_freq", "2"])
+    return folder
+
+
+def copy_of(saved_run, tmp_path) -> Path:
+    folder = tmp_path / "run"
+    shutil.copytree(saved_run, folder)
+    shutil.rmtree(folder / "final_model")
+    shutil.rmtree(folder / "checkpoint-4")
+    return folder
+
+
+def resume(folder, *extra, steps=4):
+    return [*FAST, "--output_dir", str(folder), "--max_train_steps", str(steps), "--resume_from_checkpoint",
+            "latest", *extra]
+
+
+# ---------------------------------------------------------------- 1. no code from a checkpoint
+
+@pytest.mark.parametrize("replace_manifest_entry", [False, True], ids=["as-written", "manifest-forged"])
+def test_a_pickle_planted_in_any_checkpoint_file_never_runs(saved_run, tmp_path, monkeypatch, capsys,
+                                                            replace_manifest_entry):
+    """Each file of a checkpoint in turn (and Accelerate's custom_checkpoint_0.pkl, which it would unpickle with
+    weights_only=False) is replaced by a pickle that creates a marker file when loaded. Resuming refuses it
+    (checksums; or, with the manifest forged to match, the loaders' own refusals) or ignores it; the payload
+    never runs. As-written: every case is refused with one error line."""
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TTT_TEST_MARKER", str(marker))
+    names = checkpoint_files(saved_run / "checkpoint-2") + ["training_state/custom_checkpoint_0.pkl"]
+    outcomes = {}
+    for name in names:
+        folder = copy_of(saved_run, tmp_path / name.replace("/", "_"))
+        target = folder / "checkpoint-2" / name
+        target.write_bytes(pickle.dumps(Payload()))
+        if replace_manifest_entry and name != ckpt.TRAINER_STATE:
+            state_path = folder / "checkpoint-2" / ckpt.TRAINER_STATE
+            state = json.loads(state_path.read_text())
+            state["manifest"][name] = {"size": target.stat().st_size, "sha256": ckpt.sha256(target)}
+            state_path.write_text(json.dumps(state))
+        capsys.readouterr()
+        try:
+            train_ttt.main(resume(folder))
+            outcome = "resumed"
+        except SystemExit as exit_info:
+            assert exit_info.code == 1
+            errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+            assert len(errors) == 1 and "checkpoint" in errors[0], (name, errors)
+            outcome = "refused"
+        assert not marker.exists(), f"a pickle in {name} ran code"
+        outcomes[name] = outcome
+    assert len(outcomes) == len(names) >= 9
+    if not replace_manifest_entry:
+        assert set(outcomes.values()) == {"refused"}, outcomes
+    else:  # the loaders refuse what they read; generation_config.json is not read by the trainer
+        assert {n for n, o in outcomes.items() if o == "resumed"} == {"generation_config.json"}, outcomes
+
+
+# ---------------------------------------------------------------- 2. one owner per output directory, branches
+
+def test_two_trainers_on_one_output_dir(tmp_path):
+    """The second process is refused at once with one line naming the first; the first finishes untouched."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([*TRAINER, "--output_dir", str(out), "--max_train_steps", "100000",
+                              "--save_checkpoint_freq", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.2)
+    second = subprocess.run([*TRAINER, "--output_dir", str(out), "--max_train_steps", "3", "--resume_from_checkpoint",
+                             "latest"], capture_output=True, text=True, timeout=120)
+    first.send_signal(signal.SIGTERM)
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, output
+    assert second.returncode == 1
+    errors = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and f"output_dir {out} is in use by a running trainer (pid {first.pid}" in errors[0]
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1))  # one writer
+
+
+def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*TRAINER, "--output_dir", str(out), "--max_train_steps", "100000",
+                             "--save_checkpoint_freq", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.list_checkpoints(out):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert (out / ckpt.LOCK_FILE).exists()
+    step = ckpt.list_checkpoints(out)[-1][0]
+    train_ttt.main(resume(out, steps=step + 2))
+    assert (out / "final_model").exists()
+
+
+def test_resuming_an_older_checkpoint_starts_a_branch(tmp_path, capsys):
+    """Resume from checkpoint-2 while the abandoned continuation's checkpoint-4/-6 exist, keeping 1 checkpoint:
+    those move to abandoned/, and the new branch's checkpoints and `latest` are the ones kept."""
+    out = run(tmp_path, "--max_train_steps", "6", "--save_checkpoint_freq", "2", "--save_total_limit", "5")
+    shutil.rmtree(out / "final_model")
+    abandoned_loss = losses(out)[5]
+    train_ttt.main([*FAST, "--output_dir", str(out), "--max_train_steps", "5", "--save_checkpoint_freq", "2",
+                    "--save_total_limit", "1", "--learning_rate", "1e-3", "--resume_from_checkpoint",
+                    str(out / "checkpoint-2")])
+    assert "moved to" in capsys.readouterr().out
+    [moved] = (out / ckpt.ABANDONED_DIR).iterdir()
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-5"]  # limit 1: the branch's newest
+    assert json.loads((out / "checkpoint-5" / ckpt.TRAINER_STATE).read_text())["args"]["learning_rate"] == 1e-3
+    assert losses(out)[5] != abandoned_loss  # metrics.jsonl holds the branch's step 5, once
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- 3. divergence
+
+@pytest.fixture
+def nan_at_step(monkeypatch):
+    """The loss of the n-th forward in training mode becomes NaN (its gradients too)."""
+    def arm(*bad_calls):
+        calls = {"n": 0}
+        forward = ttt.TTTForCausalLM.forward
+
+        def poisoned(self, *args, **kwargs):
+            out = forward(self, *args, **kwargs)
+            if self.training:
+                calls["n"] += 1
+                if calls["n"] in bad_calls:
+                    out.loss = out.loss * float("nan")
+            return out
+
+        monkeypatch.setattr(ttt.TTTForCausalLM, "forward", poisoned)
+    return arm
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, capsys, nan_at_step):
+    nan_at_step(5)
+    err = fails(capsys, *FAST, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "8",
+                "--save_checkpoint_freq", "2", "--save_total_limit", "1", match="training diverged at step 5")
+    assert "checkpoint-4" in err
+    out = tmp_path / "run"
+    assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-4"] and not (out / "final_model").exists()
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-4" / "model.safetensors").values())
+
+
+def test_skip_mode_skips_a_non_finite_step(tmp_path, nan_at_step):
+    nan_at_step(3)
+    out = run(tmp_path, "--max_train_steps", "5", "--on_nonfinite", "skip")
+    skipped = [r for r in metrics(out) if "skipped" in r]
+    assert [r["step"] for r in skipped] == [3] and "not finite" in skipped[0]["skipped"]
+    assert all(torch.isfinite(t).all() for t in load_file(out / "final_model" / "model.safetensors").values())
+
+
+@pytest.mark.parametrize("flag, value", [("--learning_rate", "inf"), ("--ttt_base_lr", "nan"),
+                                          ("--max_grad_norm", "nan"), ("--lr_end", "nan"), ("--weight_decay", "-inf")])
+def test_non_finite_flags_are_refused(tmp_path, capsys, flag, value):
+    fails(capsys, *FAST, flag, value, "--output_dir", str(tmp_path / "o"), match=f"{flag}")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- 5. integrity
+
+@pytest.mark.parametrize("name", ["model.safetensors", "training_state/optimizer.bin",
+                                  "training_state/random_states_0.pkl", "tokenizer.json"])
+def test_a_flipped_byte_is_named(saved_run, tmp_path, capsys, name):
+    folder = copy_of(saved_run, tmp_path)
+    path = folder / "checkpoint-2" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size
+    path.write_bytes(bytes(data))
+    fails(capsys, *resume(folder), match=f"{name} does not match the SHA-256")
+
+
+def test_a_corrupt_trainer_state_is_one_line(saved_run, tmp_path, capsys):
+    folder = copy_of(saved_run, tmp_path)
+    path = folder / "checkpoint-2" / ckpt.TRAINER_STATE
+    path.write_bytes(path.read_bytes()[:100])
+    fails(capsys, *resume(folder), match=f"{ckpt.TRAINER_STATE} is not valid JSON")
+
+
+# ---------------------------------------------------------------- 6. kills at any moment
+
+def test_kill_9_at_random_moments_then_resume_completes(tmp_path):
+    """Three SIGKILLs at random moments (during steps, saves, the final model), then `latest` finishes the run,
+    with one metrics line per step and no temporary folders left."""
+    out, steps = tmp_path / "run", 14
+    command = [*TRAINER, "--output_dir", str(out), "--max_train_steps", str(steps), "--save_checkpoint_freq", "1",
+               "--save_total_limit", "2"]
+    rng = random.Random(0)
+    for attempt in range(3):
+        resume_flag = ["--resume_from_checkpoint", "latest"] if ckpt.list_checkpoints(out) else []
+        lines = lambda: (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0  # noqa: E731
+        before = lines()
+        proc = subprocess.Popen([*command, *resume_flag], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120  # once it trains (a step a few tenths of a second, a save each step)
+        while proc.poll() is None and time.time() < deadline and lines() <= before:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 1.5))
+        proc.kill()
+        proc.wait()
+    if (out / "final_model").exists():  # it may have finished before a kill: start a fresh branch to finish
+        shutil.rmtree(out / "final_model")
+    resume_flag = ["--resume_from_checkpoint", "latest"] if ckpt.list_checkpoints(out) else []
+    result = subprocess.run([*command, *resume_flag], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "final_model" / "model.safetensors").exists()
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".partial", ".previous"))]
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, steps + 1))
+
+
+def test_a_kill_while_the_final_model_is_written_is_finished_by_resume(saved_run, tmp_path, capsys):
+    """checkpoint-4 is the last step; final_model was being written (a .partial folder) when the process died."""
+    folder = tmp_path / "run"
+    shutil.copytree(saved_run, folder)
+    os.replace(folder / "final_model", folder / ".final_model.partial")
+    capsys.readouterr()
+    train_ttt.main(resume(folder))
+    out = capsys.readouterr().out
+    assert "removed .final_model.partial" in out and "wrote" in out
+    assert (folder / "final_model" / "model.safetensors").exists()
+    assert not (folder / ".final_model.partial").exists()
+    fails(capsys, *resume(folder), match="raise --max_train_steps")  # now complete: nothing left to do
+
+
+def test_a_checkpoint_moved_aside_mid_rename_is_restored(saved_run, tmp_path, capsys):
+    """Killed between moving checkpoint-4 aside and renaming its replacement in: it is put back."""
+    folder = tmp_path / "run"
+    shutil.copytree(saved_run, folder)
+    os.replace(folder / "checkpoint-4", folder / ".checkpoint-4.previous")
+    shutil.rmtree(folder / "final_model")
+    train_ttt.main(resume(folder, steps=6))
+    assert "restored checkpoint-4" in capsys.readouterr().out
+    assert sorted(losses(folder)) == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- 7. resume mismatches
+
+def test_resume_refuses_another_model_size(saved_run, tmp_path, capsys):
+    folder = copy_of(saved_run, tmp_path)
+    argv = [a if a != "tiny" else "125m" for a in resume(folder)]
+    fails(capsys, *argv, match="--model_size 125m conflicts with checkpoint")
+
+
+def test_resume_refuses_another_tokenizer_of_the_same_size(saved_run, tmp_path, capsys):
+    from ttt_train.data import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    vocab = tokenizer.get_vocab()
+    swapped = tmp_path / "swapped"
+    tokenizer.save_pretrained(swapped)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    a, b = "a", "b"  # two tokens trade ids: the same size, another tokenizer
+    spec["model"]["vocab"][a], spec["model"]["vocab"][b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    folder = copy_of(saved_run, tmp_path)
+    fails(capsys, *resume(folder, "--tokenizer_name", str(swapped)), match="vocabularies differ")
+
+
+# ---------------------------------------------------------------- 8. bad values
+
+@pytest.mark.parametrize("values, words", [
+    ({"seq_length": True}, "seq_length must be an integer"), ({"learning_rate": "fast"}, "learning_rate must be a"),
+    ({"output_dir": 5}, "output_dir must be a string"), ({"dataset_name": None}, "dataset_name must be a string"),
+    ({"pre_conv": "yes"}, "pre_conv must be true or false"), ({"max_train_steps": 2.5}, "must be an integer")])
+def test_yaml_values_of_the_wrong_type_are_refused(tmp_path, capsys, values, words):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(values))
+    fails(capsys, "--config", str(config), "--output_dir", str(tmp_path / "o"), match=words)
+
+
+def test_a_binary_yaml_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"\xff\xfe\x00binary")
+    fails(capsys, "--config", str(config), match="cannot read --config")
+
+
+def test_warm_up_longer_than_the_run_is_refused(tmp_path, capsys):
+    fails(capsys, *FAST, "--max_train_steps", "5", "--lr_warmup_steps", "10", "--output_dir", str(tmp_path / "o"),
+          match="--lr_warmup_steps (10) exceeds --max_train_steps (5)")
+
+
+@pytest.mark.parametrize("field, value", [("mini_batch_size", True), ("ttt_base_lr", float("nan")),
+                                           ("rms_norm_eps", -1.0), ("rope_theta", 0.0), ("num_hidden_layers", 2.0)])
+def test_config_fields_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        ttt.TTTConfig(**{field: value})
+
+
+def test_empty_input_and_out_of_vocabulary_ids_are_clear_errors():
+    model = ttt.TTTForCausalLM(ttt.TTTConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, mini_batch_size=4))
+    with pytest.raises(ValueError, match="length >= 1"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="token id 50, outside the vocabulary"):
+        model(torch.tensor([[1, 50]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 3]]))
+
+
+# ---------------------------------------------------------------- 9. output hygiene
+
+def test_a_fresh_run_refuses_a_directory_with_old_metrics(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    fails(capsys, *FAST, "--output_dir", str(tmp_path / "o"), match="already holds a run")
+    assert (tmp_path / "o" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
+
+
+def test_a_checkpoint_folder_without_trainer_state_is_never_overwritten(tmp_path, capsys):
+    (tmp_path / "o" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "o" / "checkpoint-2" / "notes.txt").write_text("mine")
+    fails(capsys, *FAST, "--output_dir", str(tmp_path / "o"), match="checkpoint-2 without trainer_state.json")
+    assert (tmp_path / "o" / "checkpoint-2" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_keeps_one_metrics_line_per_step(saved_run, tmp_path):
+    folder = copy_of(saved_run, tmp_path)  # metrics.jsonl has steps 3 and 4 after checkpoint-2
+    with (folder / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by a kill
+    train_ttt.main(resume(folder, steps=5))
+    steps = [r["step"] for r in metrics(folder) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in metrics(folder) if "eval_loss" in r] == [5]
+
+
+def test_the_final_model_carries_no_training_text(saved_run):
+    state = json.loads((saved_run / "final_model" / ckpt.TRAINER_STATE).read_text())
+    assert "data" not in state and "scheduler" not in state and state["step"] == 4
