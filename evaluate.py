@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import datasets
@@ -59,6 +60,12 @@ def check_args(args, parser):
     args.bucket_size = args.bucket_size or max(1, args.seq_length // 16)
     if args.bucket_size <= 0:
         parser.error(f"--bucket_size must be positive, got {args.bucket_size}")
+    try:  # where the results go, before any model is evaluated
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.output_dir):
+            pass
+    except OSError as error:
+        parser.error(f"cannot write to --output_dir {args.output_dir}: {error.strerror or error}")
     for path in args.model_name_or_path:
         try:
             hub.resolve(path, "model")
@@ -131,8 +138,6 @@ def plot(results, path, seq_length):
 
 
 def evaluate(args):
-    from transformers import AutoModelForCausalLM
-
     from ttt_train.metrics import quiet_libraries
     from ttt_train.models import describe
 
@@ -147,10 +152,7 @@ def evaluate(args):
             blocks_by_tokenizer[tokenizer_name] = data.eval_blocks(docs, tokenizer, text_column, args.seq_length,
                                                                    args.max_eval_tokens // args.seq_length)
         blocks = blocks_by_tokenizer[tokenizer_name]
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot load model {model_dir}: {str(error).splitlines()[0]}") from error
+        model = data.load_model(model_dir, dtype=torch.float32)
         if int(blocks.max()) >= model.config.vocab_size:
             raise ValueError(f"tokenizer {tokenizer_name} produces ids beyond model {model_dir}'s vocabulary")
         totals = position_losses(model, blocks, args.batch_size)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TextStreamer
+from transformers import TextStreamer
 
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
 from ttt_train import data, hub
@@ -62,10 +62,10 @@ def generate(args, stream=True):
     token before any sampling setting touched them."""
     quiet_libraries()
     tokenizer = data.load_tokenizer(args.tokenizer_name or args.model_name_or_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).eval()
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load model {args.model_name_or_path}: {str(error).splitlines()[0]}") from error
+    model = data.load_model(args.model_name_or_path)
+    if len(tokenizer) > model.config.vocab_size:
+        raise data.DataError(f"tokenizer {args.tokenizer_name or args.model_name_or_path} has {len(tokenizer)} tokens, "
+                             f"more than model {args.model_name_or_path}'s vocabulary of {model.config.vocab_size}")
     torch.manual_seed(args.seed)
     sampling = {} if args.greedy else dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None

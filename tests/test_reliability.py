@@ -371,3 +371,111 @@ def test_resume_keeps_one_metrics_line_per_step(saved_run, tmp_path):
 def test_the_final_model_carries_no_training_text(saved_run):
     state = json.loads((saved_run / "final_model" / ckpt.TRAINER_STATE).read_text())
     assert "data" not in state and "scheduler" not in state and state["step"] == 4
+
+
+# ---------------------------------------------------------------- 10. common mistakes: one line each
+
+@pytest.mark.parametrize("name, content, words", [
+    ("binary.txt", b"\x00\x01\xff\xfe binary \x00", "is not UTF-8 text"),
+    ("latin1.txt", "caf\xe9 au lait\n\nmore\n".encode("latin-1"), "is not UTF-8 text"),
+    ("cut.jsonl", b'{"text": "a"}\n{"text": \n', "cannot read data"),
+    ("cut.json", b'[{"text": "a"}, ', "cannot read data"),
+    ("numbers.jsonl", b'{"text": 5}\n{"text": 7}\n', "holds int64 values, not text")])
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streamed"])
+def test_unreadable_data_files(tmp_path, capsys, name, content, words, streaming):
+    path = tmp_path / name
+    path.write_bytes(content)
+    fails(capsys, *FAST, "--dataset_name", str(path), *(["--streaming"] if streaming else []),
+          "--output_dir", str(tmp_path / "o"), match=words)
+
+
+def test_a_small_stream_held_out_entirely_says_why(tmp_path, capsys):
+    path = tmp_path / "small.txt"
+    path.write_text("\n\n".join(f"document {i}" for i in range(20)))
+    fails(capsys, *FAST, "--dataset_name", str(path), "--streaming", "--output_dir", str(tmp_path / "o"),
+          match="lower --streaming_eval_docs")
+
+
+def test_an_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "o").write_text("x")
+    fails(capsys, *FAST, "--output_dir", str(tmp_path / "o"), match="is a file, not a folder")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of the given size (root only; skipped where mounting is not allowed)."""
+    mounted = []
+
+    def make(megabytes):
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", "--lazy", str(point)], capture_output=True)  # lazily: a leaked handle may hold it
+
+
+def test_a_disk_without_room_for_one_checkpoint_is_refused_before_any_work(small_disk, capsys):
+    disk = small_disk(8)  # a tiny-model checkpoint takes about 33 MiB
+    fails(capsys, *FAST, "--output_dir", str(disk / "run"), match="one checkpoint of this model takes about")
+
+
+def test_a_disk_that_fills_during_a_save(small_disk):
+    """Room for one checkpoint, not two: the second save fails with one line; checkpoint-1 stays whole."""
+    disk = small_disk(50)
+    result = subprocess.run([*TRAINER, "--output_dir", str(disk / "run"), "--max_train_steps", "4",
+                             "--save_checkpoint_freq", "1"], capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.replace("\r", "\n").splitlines() if "error" in line]
+    assert result.returncode == 1 and len(errors) == 1 and "cannot write" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert [p.name for _, p in ckpt.list_checkpoints(disk / "run")] == ["checkpoint-1"]
+    ckpt.validate_checkpoint(disk / "run" / "checkpoint-1")
+    assert not list((disk / "run").glob(".*.partial"))
+
+
+def test_evaluate_and_generate_refuse_bad_models_at_once(saved_run, tmp_path, capsys):
+    import evaluate
+    import generate
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(saved_run / "final_model", corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage")
+    not_finite = tmp_path / "nan"
+    model = ttt.TTTForCausalLM.from_pretrained(saved_run / "final_model")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(not_finite)
+    shutil.copy(saved_run / "final_model" / "tokenizer.json", not_finite)
+    shutil.copy(saved_run / "final_model" / "tokenizer_config.json", not_finite)
+    cases = [
+        (evaluate.main, ["--model_name_or_path", str(corrupt), "--dataset_name", "builtin:synthetic",
+                         "--seq_length", "32", "--output_dir", str(tmp_path / "e")], "cannot load model"),
+        (generate.main, ["--model_name_or_path", str(corrupt)], "cannot load model"),
+        (generate.main, ["--model_name_or_path", str(not_finite)], "non-finite weights"),
+        (evaluate.main, ["--model_name_or_path", str(saved_run / "final_model"), "--dataset_name",
+                         "builtin:synthetic", "--seq_length", "32", "--output_dir", str(tmp_path / "x" / "f")],
+         "cannot write to --output_dir")]
+    (tmp_path / "x").write_text("a file where a folder should be")
+    for main, argv, words in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.splitlines() if "error" in line]
+        assert exit_info.value.code != 0 and len(errors) == 1 and words in errors[0], (argv, captured.err)
+        assert captured.out == "", "nothing is printed before the error"
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model(saved_run, capsys, llama_tokenizer_dir):
+    import generate
+
+    with pytest.raises(SystemExit):
+        generate.main(["--model_name_or_path", str(saved_run / "final_model"), "--tokenizer_name",
+                       str(llama_tokenizer_dir), "--prompt", "hello world"])
+    captured = capsys.readouterr()
+    assert captured.out == "" and "has 32000 tokens, more than model" in captured.err

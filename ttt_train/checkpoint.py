@@ -67,10 +67,37 @@ def _write_json(path: Path, data):
     os.replace(tmp, path)
 
 
+def checkpoint_bytes(parameters: int) -> int:
+    """About what one checkpoint takes: float32 weights and AdamW's two float32 moments, plus 5%."""
+    return int(parameters * 12 * 1.05)
+
+
+def check_disk_space(output_dir: Path, parameters: int):
+    """Before any data loads: room for one checkpoint (a save writes the new one beside the previous)."""
+    free, needed = shutil.disk_usage(output_dir).free, checkpoint_bytes(parameters)
+    if free < needed:
+        raise CheckpointError(f"output_dir {output_dir} has {free / 2**20:.0f} MiB free; one checkpoint of this "
+                              f"model takes about {needed / 2**20:.0f} MiB")
+
+
 def save_checkpoint(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with_training_state=True):
     """Collective: every process calls it. Writes `folder` atomically; an existing `folder` is replaced only after
-    the new one is complete."""
+    the new one is complete. A write that fails (a full disk) removes what it wrote and is one CheckpointError;
+    the earlier checkpoints are untouched."""
     folder = Path(folder)
+    try:
+        _save(accelerator, folder, model, tokenizer, trainer_state, with_training_state)
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a failed write (ENOSPC) as a RuntimeError of its zip writer
+        if isinstance(error, RuntimeError) and not re.search(r"inline_container|PytorchStreamWriter", str(error)):
+            raise
+        shutil.rmtree(folder.with_name(f".{folder.name}.partial"), ignore_errors=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed (disk full?)"
+        raise CheckpointError(f"cannot write {folder}: {reason}; it was not saved, and the earlier checkpoints are "
+                              f"untouched") from error
+
+
+def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with_training_state: bool):
     partial = folder.with_name(f".{folder.name}.partial")
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)  # left by a save that was killed; never a real checkpoint

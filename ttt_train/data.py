@@ -71,6 +71,24 @@ def check_same_tokenizer(tokenizer, saved, name: str, checkpoint):
                         f"tokenizer; resume without --tokenizer_name to use the saved one")
 
 
+def load_model(name: str, **kwargs):
+    """A saved model for evaluation or generation (eval mode), or one DataError: an unreadable folder or file
+    (a corrupt model.safetensors), or weights that are not finite."""
+    from transformers import AutoModelForCausalLM
+
+    import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hub.resolve(name, "model"), **kwargs).eval()
+    except Exception as error:  # OSError, ValueError, SafetensorError, ...: all mean "cannot load"
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot load model {name}: {detail}") from error
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise DataError(f"model {name} has non-finite weights ({bad}); it cannot be evaluated or sampled")
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Documents
 
@@ -116,12 +134,31 @@ def has_text(path: Path) -> bool:
     return False
 
 
+def unreadable(path, error: Exception) -> DataError:
+    """One line for a data file `datasets` cannot read: the cause it wraps (a decoding or parsing error)."""
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+        chain.append(cause)
+    decoding = [e for e in chain if isinstance(e, UnicodeDecodeError)]
+    error = decoding[0] if decoding else chain[min(1, len(chain) - 1)]
+    hint = " (it is not UTF-8 text)" if isinstance(error, UnicodeDecodeError) else ""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return DataError(f"cannot read data {path}{hint}: {type(error).__name__}{': ' + detail if detail else ''}")
+
+
 def _load_files(source: str, text: bool, streaming: bool, **kwargs):
     """load_dataset(source) (a builder name with data_files, or a folder); text files as documents."""
-    if not text:
-        return datasets.load_dataset(source, streaming=streaming, **kwargs)
-    raw = datasets.load_dataset(source, streaming=streaming, sample_by="paragraph", encoding="utf-8-sig", **kwargs)
-    return raw.map(split_at_blank_lines, batched=True)
+    where = kwargs.get("data_files", {}).get("train", source)
+    try:
+        if not text:
+            return datasets.load_dataset(source, streaming=streaming, **kwargs)
+        raw = datasets.load_dataset(source, streaming=streaming, sample_by="paragraph", encoding="utf-8-sig",
+                                    **kwargs)
+        return raw.map(split_at_blank_lines, batched=True)
+    except DataError:
+        raise
+    except Exception as error:  # malformed JSON/CSV/Parquet, bytes that are not UTF-8: `datasets` wraps them
+        raise unreadable(where, error) from error
 
 
 def _load_local(path: Path, streaming: bool):
@@ -189,24 +226,48 @@ def split_train_validation(raw, validation_fraction: float, validation_docs: int
     return parts["train"], parts["test"]
 
 
-def detect_text_column(dataset, requested: str | None) -> str:
+def first_rows(dataset, count: int):
+    """The first `count` rows; a streamed file that cannot be read is one DataError."""
+    try:
+        return list(itertools.islice(iter(dataset), count))
+    except DataError:
+        raise
+    except Exception as error:
+        raise unreadable("(streamed)", error) from error
+
+
+def detect_text_column(dataset, requested: str | None, empty_hint: str = "") -> str:
     columns = list(dataset.column_names or [])
     if not columns and isinstance(dataset, datasets.IterableDataset):
-        columns = list(next(iter(dataset), {}).keys())
+        rows = first_rows(dataset, 1)
+        if not rows:
+            raise DataError(f"the data is empty (no documents){empty_hint}")
+        columns = list(rows[0].keys())
     if requested:
         if requested not in columns:
             raise DataError(f"text column {requested!r} not found; columns found: {columns}")
-        return requested
-    for name in TEXT_COLUMNS:
-        if name in columns:
-            return name
-    raise DataError(f"no text column found (looked for {list(TEXT_COLUMNS)}); columns found: {columns}; "
-                    f"name one with --text_column")
+        column = requested
+    else:
+        column = next((name for name in TEXT_COLUMNS if name in columns), None)
+        if column is None:
+            raise DataError(f"no text column found (looked for {list(TEXT_COLUMNS)}); columns found: {columns}; "
+                            f"name one with --text_column")
+    feature = (dataset.features or {}).get(column)
+    if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+        raise DataError(f"text column {column!r} holds {feature.dtype} values, not text")
+    return column
 
 
-def check_not_empty(dataset, text_column: str, what: str):
-    if next((row for row in dataset if row[text_column]), None) is None:
-        raise DataError(f"the {what} data is empty (no non-empty {text_column!r} values)")
+def check_not_empty(dataset, text_column: str, what: str, hint: str = ""):
+    rows = (row for row in dataset if row[text_column])
+    try:
+        found = next(rows, None)
+    except DataError:
+        raise
+    except Exception as error:
+        raise unreadable("(streamed)", error) from error
+    if found is None:
+        raise DataError(f"the {what} data is empty (no non-empty {text_column!r} values){hint}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,7 +277,10 @@ def check_not_empty(dataset, text_column: str, what: str):
 def tokenize_documents(tokenizer, texts) -> list:
     """Token ids of the non-empty documents, each followed by EOS, concatenated."""
     tokens, eos = [], tokenizer.eos_token_id
-    texts = [t for t in texts if t]
+    texts = [t for t in texts if t is not None and t != ""]
+    wrong = next((t for t in texts if not isinstance(t, str)), None)
+    if wrong is not None:
+        raise DataError(f"the text column holds a {type(wrong).__name__} value ({str(wrong)[:40]!r}), not text")
     if not texts:
         return tokens
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
@@ -314,7 +378,7 @@ def eval_blocks(dataset, tokenizer, text_column, seq_length, max_blocks) -> torc
     blocks = min(max_blocks, len(buffer) // seq_length)
     if blocks == 0:
         raise DataError(f"the validation data holds {len(buffer)} tokens, fewer than one block of "
-                        f"seq_length={seq_length}")
+                        f"seq_length={seq_length}; use more data, a validation split, or a smaller --seq_length")
     return torch.tensor(buffer[:blocks * seq_length], dtype=torch.long).view(blocks, seq_length)
 
 

@@ -8,6 +8,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
@@ -165,7 +166,12 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
     outcome = [None, None, None]  # error, checkpoint, notes
     if accelerator.is_main_process:
         try:
-            lock.acquire()
+            if output_dir.exists() and not output_dir.is_dir():
+                raise ValueError(f"output_dir {output_dir} is a file, not a folder")
+            try:
+                lock.acquire()
+            except OSError as error:
+                raise ValueError(f"cannot write to output_dir {output_dir}: {error.strerror or error}")
             outcome[2] = ckpt.clean_interrupted_saves(output_dir)
             foreign = ckpt.foreign_folders(output_dir)
             if foreign:
@@ -231,15 +237,21 @@ def _train(args, accelerator, output_dir, lock):
                                                            and (output_dir / "final_model").exists()):
             raise ValueError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
                                  f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
+    if not checkpoint:
+        config = models.build_config(args, len(tokenizer))
+    if accelerator.is_main_process:
+        ckpt.check_disk_space(output_dir, models.parameter_count(config))
     raw = data.load_raw_dataset(args.dataset_name, args.dataset_config or None, args.streaming)
     train_docs, eval_docs = data.split_train_validation(raw, args.validation_split, args.streaming_eval_docs,
                                                         args.seed)
-    text_column = data.detect_text_column(train_docs, args.text_column)
-    data.check_not_empty(train_docs, text_column, "training")
+    held_out = isinstance(train_docs, datasets.IterableDataset) and not any(  # a stream: validation held out
+        name in raw for name in data.VALIDATION_SPLITS if hasattr(raw, "keys"))
+    hint = (f": a stream without a validation split gives its first --streaming_eval_docs ({args.streaming_eval_docs})"
+            f" documents to validation, and this one has no more; lower --streaming_eval_docs" if held_out else "")
+    text_column = data.detect_text_column(train_docs, args.text_column, empty_hint=hint)
+    data.check_not_empty(train_docs, text_column, "training", hint=hint)
     eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
 
-    if not checkpoint:
-        config = models.build_config(args, len(tokenizer))
     model = models.build_model(config)
     if args.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
@@ -277,6 +289,8 @@ def _train(args, accelerator, output_dir, lock):
                  "world_size": accelerator.num_processes}
         if with_training_state:  # what resuming needs; a final model carries no training text (packing leftover)
             state.update(scheduler=scheduler.state_dict(), data=gather_object([train_batches.state_dict()]))
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # the divergence guard's last line
+            raise DivergenceError(f"step {step}: the weights are not finite; {folder} was not saved")
         ckpt.save_checkpoint(accelerator, output_dir / folder, model, tokenizer, state, with_training_state)
 
     start_time = time.time()

@@ -71,7 +71,7 @@ def quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors reach the user as DataError lines
 
 
 def perplexity(loss: float) -> float:

@@ -2,6 +2,7 @@
 Llama-style architecture from transformers: RoPE, SwiGLU, RMSNorm, attention through
 torch.nn.functional.scaled_dot_product_attention, optional sliding window)."""
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
 from ttt import TTT_STANDARD_CONFIGS, TTTConfig
@@ -57,6 +58,14 @@ def checkpoint_config(args, checkpoint, saved_args: dict):
 
 def build_model(config):
     return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_count(config) -> int:
+    """Parameters of the model `config` describes (tied ones once), counted without allocating them."""
+    with torch.device("meta"):
+        model = build_model(config)
+    model.tie_weights()  # transformers 5.6 leaves a model built on the meta device untied until it is loaded
+    return sum(p.numel() for p in model.parameters())
 
 
 def enable_activation_checkpointing(model):
