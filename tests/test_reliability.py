@@ -123,7 +123,7 @@ def test_two_trainers_on_one_output_dir(tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # one writer
 
 
-def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path):
+def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([*TRAINER, "--output_dir", str(out), "--max_train_steps", "100000",
                              "--save_checkpoint_freq", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,10 +133,12 @@ def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path):
         time.sleep(0.2)
     proc.kill()
     proc.wait()
-    assert (out / ckpt.LOCK_FILE).exists()
+    assert (out / ckpt.LOCK_FILE).read_text().startswith(f"pid {proc.pid} ")
     step = ckpt.list_checkpoints(out)[-1][0]
+    capsys.readouterr()
     train_ttt.main(resume(out, steps=step + 2))
-    assert (out / "final_model").exists()
+    assert f"took over the lock of a trainer that ended without releasing it (pid {proc.pid}" in capsys.readouterr().out
+    assert (out / "final_model").exists() and (out / ckpt.LOCK_FILE).read_text() == ""
 
 
 def test_resuming_an_older_checkpoint_starts_a_branch(tmp_path, capsys):

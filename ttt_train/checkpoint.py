@@ -314,11 +314,16 @@ class RunLock:
             raise CheckpointError(f"output_dir {self.path.parent} is in use by a running trainer ({holder}); "
                                   f"wait for it to finish, stop it, or choose another --output_dir")
         self.file.seek(0)
+        previous = self.file.read().strip()
+        self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
+        # a holder that ended without releasing it (kill -9, a crash): the kernel dropped its lock, not the note
+        return f"took over the lock of a trainer that ended without releasing it ({previous})" if previous else None
 
     def release(self):
         if self.file is not None:
+            self.file.truncate(0)  # an empty note: released in order
             self.file.close()  # closing releases the flock
             self.file = None

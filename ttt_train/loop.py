@@ -169,10 +169,10 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
             if output_dir.exists() and not output_dir.is_dir():
                 raise ValueError(f"output_dir {output_dir} is a file, not a folder")
             try:
-                lock.acquire()
+                taken_over = lock.acquire()
             except OSError as error:
                 raise ValueError(f"cannot write to output_dir {output_dir}: {error.strerror or error}")
-            outcome[2] = ckpt.clean_interrupted_saves(output_dir)
+            outcome[2] = [taken_over] * bool(taken_over) + ckpt.clean_interrupted_saves(output_dir)
             foreign = ckpt.foreign_folders(output_dir)
             if foreign:
                 raise ckpt.CheckpointError(f"output_dir {output_dir} holds {', '.join(foreign)} without "
