@@ -15,7 +15,6 @@ document of the data (a whole test file, e.g. WikiText-2's test.txt), up to --ma
 import argparse
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
-from ttt_train import data, hub
+from ttt_train import cli, data, hub
 from ttt_train.checkpoint import TRAINER_STATE
 
 
@@ -154,7 +153,7 @@ def evaluate(args):
         blocks = blocks_by_tokenizer[tokenizer_name]
         model = data.load_model(model_dir, dtype=torch.float32)
         if int(blocks.max()) >= model.config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer_name} produces ids beyond model {model_dir}'s vocabulary")
+            raise cli.UserError(f"tokenizer {tokenizer_name} produces ids beyond model {model_dir}'s vocabulary")
         totals = position_losses(model, blocks, args.batch_size)
         loss = (totals.sum() / totals.numel() / blocks.shape[0]).item()
         results.append({"model": model_dir, "label": describe(model.config) + f" [{Path(model_dir).parent.name}]",
@@ -178,12 +177,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        evaluate(args)
-    except ValueError as error:  # DataError is a ValueError
-        print(f"{sys.argv[0]}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(evaluate, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ between them and no BOS); an empty prompt samples a document from scratch.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from transformers import TextStreamer
 
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
-from ttt_train import data, hub
+from ttt_train import cli, data, hub
 from ttt_train.metrics import quiet_libraries
 
 
@@ -81,11 +80,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
-    try:
-        generate(args)
-    except ValueError as error:
-        print(f"{sys.argv[0]}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(generate, args)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,21 @@ last-token position factor is clamped to 0 (its inner weights carry nothing acro
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ttt_train.metrics import METRICS_FILE, parse_line  # noqa: E402
+from ttt_train import cli
+from ttt_train.metrics import METRICS_FILE, parse_line
 
 
 def read_metrics(run: Path) -> list:
     path = run / METRICS_FILE
     if not path.is_file():
-        raise ValueError(f"{path} does not exist (is {run} a training output_dir?)")
+        raise cli.UserError(f"{path} does not exist (is {run} a training output_dir?)")
     records = {}
     for record in filter(None, map(parse_line, path.read_text().splitlines())):  # skips a line cut by a kill
         records.setdefault(record["step"], {}).update(record)  # a resumed run's later line wins
@@ -81,11 +81,7 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="training output folders (holding metrics.jsonl)")
     parser.add_argument("--output_dir", help="default: the first run's folder")
     args = parser.parse_args(argv)
-    try:
-        runs = {Path(run).name: read_metrics(Path(run)) for run in args.runs}
-    except ValueError as error:
-        print(f"{sys.argv[0]}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    runs = cli.run(lambda: {Path(run).name: read_metrics(Path(run)) for run in args.runs})
     out = Path(args.output_dir or args.runs[0])
     out.mkdir(parents=True, exist_ok=True)
     plot_training(runs, out / "training_curves.png")

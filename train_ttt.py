@@ -208,15 +208,10 @@ def check_args(args, parser):
 
 def main(argv=None, parser=None):
     args = parse_args(argv, parser)
-    from ttt_train.checkpoint import CheckpointError  # imported after parsing: --help stays fast
-    from ttt_train.data import DataError
+    from ttt_train import cli  # imported after parsing: --help stays fast
     from ttt_train.loop import train
 
-    try:
-        train(args)
-    except (DataError, CheckpointError, ValueError) as error:
-        print(f"{sys.argv[0]}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(train, args)
 
 
 if __name__ == "__main__":

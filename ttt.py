@@ -229,7 +229,7 @@ def ln_reconstruction_grad_vjp(u, x_hat, std, g, grad, gamma):
     d_g = (u - mean(u) - x_hat mean(u x_hat)) / std; x_hat's own terms -(u mean(g x_hat) + g mean(u x_hat)) / std
     plus d_g gamma^2 through g; std's own term -sum(u G) / std; then the LayerNorm backward to z.
     Returns dz and d_g (from which the target, gamma and beta gradients follow)."""
-    mean = lambda t: t.mean(-1, keepdim=True)  # noqa: E731
+    mean = lambda t: t.mean(-1, keepdim=True)
     u_xhat = mean(u * x_hat)
     d_g = (u - mean(u) - x_hat * u_xhat) / std
     d_xhat = d_g * gamma * gamma - (u * mean(g * x_hat) + g * u_xhat) / std
@@ -659,7 +659,7 @@ def mlp_walk_back(walk: MLPWalkBack, gamma, d_params):
     """Backwards through the m updates theta_after = theta - (k or x2)^T (e G) from the last, carrying
     d theta_after = d_params (the gradients of W1, b1, W2, b2 after the last mini-batch). Returns the gradients of
     e * G1, e * G2, z1 and g, the update's share of k's, each stacked on dim 2, and d_params before the first."""
-    T = lambda t: t.transpose(-1, -2)  # noqa: E731
+    T = lambda t: t.transpose(-1, -2)
     w = MLPWalkBack(*(t.unbind(2) for t in walk))
     m = walk.q.shape[2]
     d_e_grads_z1, d_e_grads_z2, d_zs1, d_gs, d_ks = ([None] * m for _ in range(5))
@@ -691,7 +691,7 @@ def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, ga
     carrying the inner weights' gradient (walk_back: mlp_walk_back, or its Triton kernel), then finishes the input
     gradients at once. Returns the gradients of q, k, target, eta, eta_qk and e, of the weights before the first
     mini-batch, and of gamma and beta."""
-    T = lambda t: t.transpose(-1, -2)  # noqa: E731
+    T = lambda t: t.transpose(-1, -2)
     # the forward quantities of every mini-batch at once
     gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
     z1 = k @ W1 + b1
@@ -1027,7 +1027,7 @@ class TTTCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         """Select batch rows (beam search)."""
-        pick = lambda t: t.index_select(0, beam_idx.to(t.device))  # noqa: E731
+        pick = lambda t: t.index_select(0, beam_idx.to(t.device))
         self.inner_states = [
             None if s is None else InnerState(tuple(map(pick, s.params)),
                                               None if s.grad_sums is None else tuple(map(pick, s.grad_sums)))

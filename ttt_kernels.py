@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # per program, which holds W and, backward, dW (f x f float32 each) in registers; one layer's scan forward +
 # backward on an H100, 12 heads of 64, T=2048, B=1 / B=4: 0.94 / 1.11 ms with 4 warps, 1.17 / 1.44 ms with 8,
 # 1.94 / 2.31 ms with 2 (2026-11-23; bench/scan_kernels.py times the same)

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import ttt_kernels  # noqa: E402
+import ttt_kernels
 
 # kernel, the ttt_kernels attributes of its launch's warps and stages (None: Triton's default)
 KERNELS = [(ttt_kernels._scan_forward, "NUM_WARPS", None), (ttt_kernels._scan_backward_carry, "NUM_WARPS", None),

@@ -23,8 +23,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import ttt_kernels  # noqa: E402
-from ttt import linear_scan_backward_op, linear_scan_op, mlp_scan_backward_op, mlp_scan_op  # noqa: E402
+import ttt_kernels
+from ttt import linear_scan_backward_op, linear_scan_op, mlp_scan_backward_op, mlp_scan_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCANS = {"linear": (linear_scan_op, linear_scan_backward_op, "NUM_WARPS"),
@@ -35,8 +35,8 @@ def scan_inputs(inner, B, H, n, K, f, seed):
     """The scan's inputs at the scales of a trained layer's: q, k, target, [eta,] eta_qk, e, the inner weights,
     gamma, beta."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
-    draw = lambda *shape, scale=1.0: torch.randn(*shape, device=DEVICE, generator=generator) * scale  # noqa: E731
-    uniform = lambda *shape: torch.rand(*shape, device=DEVICE, generator=generator)  # noqa: E731
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, device=DEVICE, generator=generator) * scale
+    uniform = lambda *shape: torch.rand(*shape, device=DEVICE, generator=generator)
     widths = [f, f] if inner == "linear" else [f, 4 * f, f]
     weights = [w for a, b in zip(widths, widths[1:])
                for w in (draw(B, H, a, b, scale=0.02), draw(B, H, 1, b, scale=0.02))]
@@ -49,12 +49,12 @@ def scan_steps(inner, inputs, triton):
     """(forward, backward) closures of one scan, and the outputs of the forward that backward reuses the saved
     weights of, with fresh output gradients (the same for both paths)."""
     scan, scan_backward, _ = SCANS[inner]
-    forward = lambda: scan(*inputs, keep_starts=True, triton=triton)  # noqa: E731
+    forward = lambda: scan(*inputs, keep_starts=True, triton=triton)
     out, *weights, starts = outputs = forward()
     torch.manual_seed(0)
     d_out, *d_weights = (torch.randn_like(t) for t in (out, *weights))
     fields, gamma_beta = inputs[:-2 - len(weights)], inputs[-2:]  # the backward takes no weights but the starts
-    backward = lambda: scan_backward(*fields, *gamma_beta, starts, d_out, *d_weights, triton)  # noqa: E731
+    backward = lambda: scan_backward(*fields, *gamma_beta, starts, d_out, *d_weights, triton)
     return forward, backward, outputs
 
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_ttt import COMPILE_MODES  # noqa: E402
-from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM  # noqa: E402
-from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token  # noqa: E402
-from ttt_train.models import transformer_config  # noqa: E402
+from train_ttt import COMPILE_MODES
+from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM
+from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token
+from ttt_train.models import transformer_config
 
 # "-straightforward": the autograd loop over mini-batches instead of the recomputing scan; "-pytorch": the
 # recomputing scan in PyTorch even where the Triton kernels run ("ttt-linear" and "ttt-mlp" use them on a GPU)
@@ -128,7 +128,7 @@ def run_inner_loop(args):
     layer = layer_class(TTTConfig(hidden_size=768, num_attention_heads=12, intermediate_size=8,
                                   num_hidden_layers=1, vocab_size=8), 0).to(device())
     B, H, n, K, f = args.batch_size, 12, args.seq_length // 16, 16, 64
-    make = lambda *shape: torch.randn(*shape, device=device(), requires_grad=True)  # noqa: E731
+    make = lambda *shape: torch.randn(*shape, device=device(), requires_grad=True)
     q, k, target = make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f)
     lr = torch.full((B, H, n, K, 1), 0.5 / f, device=device(), requires_grad=True)
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 import evaluate
-from conftest import ROOT
 import train_ttt
+from conftest import ROOT
 from ttt_train import data, hub
 
 # Three documents as raw WikiText writes them: paragraphs separated by lines that hold a single space, a tab-only

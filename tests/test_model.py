@@ -5,12 +5,31 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from helpers import (REFERENCE, REFERENCE_CASES as CASES, assert_close, assert_gradients_close, chunked_prefill_logits,
-                     load_reference, logits_and_gradients, needs_reference, straightforward_then_recomputing)
 import ttt
+from helpers import (
+    REFERENCE,
+    assert_close,
+    assert_gradients_close,
+    chunked_prefill_logits,
+    load_reference,
+    logits_and_gradients,
+    needs_reference,
+    straightforward_then_recomputing,
+)
+from helpers import REFERENCE_CASES as CASES
+from ttt import (
+    TTT_STANDARD_CONFIGS,
+    TTTBase,
+    TTTCache,
+    TTTConfig,
+    TTTForCausalLM,
+    TTTModel,
+    gelu_tanh_grad,
+    gelu_tanh_second_derivative,
+    linear_scan_op,
+    mlp_scan_op,
+)
 from ttt_train.models import enable_activation_checkpointing
-from ttt import (TTT_STANDARD_CONFIGS, TTTBase, TTTCache, TTTConfig, TTTForCausalLM, TTTModel, gelu_tanh_grad,
-                 gelu_tanh_second_derivative, linear_scan_op, mlp_scan_op)
 
 VARIANTS = [
     dict(ttt_layer_type="linear"),
@@ -264,7 +283,7 @@ def test_float64_is_kept_through_the_recomputing_scans(monkeypatch, case):
 def scan_inputs(B, H, n, K, f, hidden):
     """float64 inputs of a recomputing scan: q, k, target, eta (causal), eta_qk, e, the inner weights (hidden
     widths `hidden`, [] for TTT-Linear), gamma, beta."""
-    make = lambda *shape, scale=1.0: (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_()  # noqa: E731
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_()
     eta = (torch.rand(B, H, n, K, K, dtype=torch.float64) * 0.2).tril().requires_grad_()
     widths = [f, *hidden, f]
     weights = [w for a, b in zip(widths, widths[1:]) for w in (make(B, H, a, b, scale=0.3), make(B, H, 1, b))]
@@ -279,7 +298,7 @@ def test_fast_linear_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
     monkeypatch.setattr(ttt, "MAX_SPAN", span)
     q, k, target, _, eta_qk, e, W1, b1, gamma, beta = scan_inputs(1, 2, 5, 4, 3, hidden=[])
-    scan = lambda *inputs: linear_scan_op(*inputs, keep_starts=True, triton=False)[:3]  # noqa: E731
+    scan = lambda *inputs: linear_scan_op(*inputs, keep_starts=True, triton=False)[:3]
     assert torch.autograd.gradcheck(scan, (q, k, target, eta_qk, e, W1, b1, gamma, beta), eps=1e-6, atol=1e-5)
 
 
@@ -287,7 +306,7 @@ def test_fast_linear_scan_gradcheck(monkeypatch, span):
 def test_fast_mlp_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
     monkeypatch.setattr(ttt, "MAX_SPAN", span)
-    scan = lambda *inputs: mlp_scan_op(*inputs, keep_starts=True, triton=False)[:5]  # noqa: E731
+    scan = lambda *inputs: mlp_scan_op(*inputs, keep_starts=True, triton=False)[:5]
     assert torch.autograd.gradcheck(scan, scan_inputs(1, 2, 5, 4, 3, hidden=[12]), eps=1e-6, atol=1e-5)
 
 

@@ -234,9 +234,9 @@ def test_kill_9_at_random_moments_then_resume_completes(tmp_path):
     command = [*TRAINER, "--output_dir", str(out), "--max_train_steps", str(steps), "--save_checkpoint_freq", "1",
                "--save_total_limit", "2"]
     rng = random.Random(0)
-    for attempt in range(3):
+    for _ in range(3):
         resume_flag = ["--resume_from_checkpoint", "latest"] if ckpt.list_checkpoints(out) else []
-        lines = lambda: (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0  # noqa: E731
+        lines = lambda: (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
         before = lines()
         proc = subprocess.Popen([*command, *resume_flag], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120  # once it trains (a step a few tenths of a second, a save each step)

@@ -12,10 +12,11 @@ import datasets
 import pytest
 import torch
 
+import train_ttt
 from conftest import ROOT
 from helpers import FAST, fails, losses, metrics, run
-import train_ttt
 from ttt import TTTForCausalLM
+
 
 def test_loss_falls_on_tinyshakespeare(tmp_path, shakespeare, llama_tokenizer_dir):
     folder = run(tmp_path, "--dataset_name", str(shakespeare), "--tokenizer_name", str(llama_tokenizer_dir),
@@ -138,6 +139,7 @@ def test_local_data_formats(tmp_path, kind):
 
 def test_each_process_reads_its_own_shard():
     import re
+
     from ttt_train.data import PackedBlocks, byte_tokenizer
     docs = datasets.Dataset.from_dict({"text": [f"doc{i:03d}." for i in range(40)]})  # 8 tokens with EOS
     tok = byte_tokenizer()
@@ -397,3 +399,22 @@ def test_a_clamped_update_factor_is_reported(tmp_path, capsys):
     assert layers[0]["update_factor"] == [pytest.approx(0.125)] and layers[1]["update_factor"] == [0.0]
     stats = {f"ttt/layer{i}/{k}": sum(v) / len(v) for i, layer in enumerate(layers) for k, v in layer.items()}
     assert clamped_layers(stats) == [1]
+
+
+@pytest.mark.parametrize("bug", [RuntimeError, ValueError, KeyError])
+def test_only_user_errors_become_one_line(monkeypatch, bug):
+    """A bug (anything but a UserError, even a ValueError) keeps its traceback; user errors are one line."""
+    import ttt_train.loop
+    from ttt_train.cli import UserError
+
+    def broken(args):
+        raise bug("a bug")
+    monkeypatch.setattr(ttt_train.loop, "train", broken)
+    with pytest.raises(bug):
+        train_ttt.main(FAST)
+
+    def refused(args):
+        raise UserError("your input")
+    monkeypatch.setattr(ttt_train.loop, "train", refused)
+    with pytest.raises(SystemExit):
+        train_ttt.main(FAST)

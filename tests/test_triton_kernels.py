@@ -11,9 +11,14 @@ import pytest
 import torch
 
 import ttt
-from helpers import (assert_close, assert_gradients_close, chunked_prefill_logits, logits_and_gradients,
-                     straightforward_then_recomputing)
-from ttt import TTTBase, TTTConfig, TTTForCausalLM, TTTLinear, TTTMLP, linear_scan_op, mlp_scan_op
+from helpers import (
+    assert_close,
+    assert_gradients_close,
+    chunked_prefill_logits,
+    logits_and_gradients,
+    straightforward_then_recomputing,
+)
+from ttt import TTTMLP, TTTBase, TTTConfig, TTTForCausalLM, TTTLinear, linear_scan_op, mlp_scan_op
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (optional; .ci/run installs it)")
@@ -42,7 +47,7 @@ def kernels(monkeypatch):
 
 def scan_inputs(B, H, n, K, f, hidden=None):
     """The linear scan's inputs, or with a hidden width the MLP scan's (with eta, and W1, b1, W2, b2)."""
-    make = lambda *shape, scale=1.0: (torch.randn(*shape, device=DEVICE) * scale).requires_grad_()  # noqa: E731
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, device=DEVICE) * scale).requires_grad_()
     widths = [f, f] if hidden is None else [f, hidden, f]
     weights = [w for a, b in zip(widths, widths[1:])
                for w in (make(B, H, a, b, scale=0.02), make(B, H, 1, b, scale=0.02))]

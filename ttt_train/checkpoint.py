@@ -32,6 +32,8 @@ from accelerate.utils.other import load as accelerate_load  # torch.load(weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ttt_train.cli import UserError
+
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE_DIR = "training_state"
 REQUIRED_FILES = ("config.json", "model.safetensors", TRAINER_STATE, f"{TRAINING_STATE_DIR}/optimizer.bin",
@@ -42,7 +44,7 @@ LOCK_FILE = ".lock"
 ABANDONED_DIR = "abandoned"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete or corrupt: the message names the file."""
 
 
@@ -144,7 +146,8 @@ def validate_checkpoint(folder: Path) -> dict:
     try:
         state = json.loads((folder / TRAINER_STATE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"checkpoint {folder} is corrupt: {TRAINER_STATE} is not valid JSON ({error})")
+        raise CheckpointError(
+            f"checkpoint {folder} is corrupt: {TRAINER_STATE} is not valid JSON ({error})") from error
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "args" not in state:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {TRAINER_STATE} lacks the step or the arguments")
     manifest = state.get("manifest", {})
@@ -189,7 +192,8 @@ def load_training_state(accelerator, model, scheduler, folder: Path, state: dict
         accelerator.load_state(str(view))
     except Exception as error:  # torch.load's refusals, truncated archives: all mean an unusable file
         raise CheckpointError(f"checkpoint {folder}: cannot load {TRAINING_STATE_DIR}/: "
-                              f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+                              f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+                              ) from error
     finally:
         handle.remove()
         shutil.rmtree(view, ignore_errors=True)
@@ -210,7 +214,7 @@ def load_weights(model, path: Path):
     try:
         weights = load_file(path, device="cpu")
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error})")
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from error
     missing, unexpected = model.load_state_dict(weights, strict=False)
     loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name not in missing}
     untied = [name for name in missing if id(model.get_parameter(name)) not in loaded]
@@ -312,7 +316,7 @@ class RunLock:
             self.file.close()
             self.file = None
             raise CheckpointError(f"output_dir {self.path.parent} is in use by a running trainer ({holder}); "
-                                  f"wait for it to finish, stop it, or choose another --output_dir")
+                                  f"wait for it to finish, stop it, or choose another --output_dir") from None
         self.file.seek(0)
         previous = self.file.read().strip()
         self.file.seek(0)

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from datasets.distributed import split_dataset_by_node
 import torch
+from datasets.distributed import split_dataset_by_node
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ttt_train import hub
+from ttt_train.cli import UserError
 
 TEXT_COLUMNS = ("text", "content", "article", "body")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
@@ -27,7 +28,7 @@ BUILTIN_TOKENIZER = "builtin:bytes"
 TOKENIZE_CHUNK = 64  # documents tokenised per call (the fast tokenizer batches in Rust)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data input: the message names what is wrong."""
 
 
@@ -167,7 +168,8 @@ def _load_local(path: Path, streaming: bool):
         if builder is None:
             raise DataError(f"unsupported file type {path.suffix!r} for {path}; use one of {sorted(BUILDER_BY_SUFFIX)}")
         if not has_text(path):
-            raise DataError(f"data file {path} is empty" + (" (it holds only whitespace)" if path.stat().st_size else ""))
+            whitespace = " (it holds only whitespace)" if path.stat().st_size else ""
+            raise DataError(f"data file {path} is empty{whitespace}")
         return _load_files(builder, builder == "text", streaming, data_files={"train": str(path)})
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return datasets.load_from_disk(str(path))  # written by Dataset(Dict).save_to_disk

@@ -13,11 +13,13 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ttt_train.cli import UserError
+
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".arrow", ".safetensors", ".bin")
 CONNECT_TIMEOUT = 3.0  # seconds: a reachable Hub answers well within it
 
 
-class HubError(ValueError):
+class HubError(UserError):
     """A name that is neither an existing local path nor a reachable Hub id; the message says which and why."""
 
 

@@ -17,8 +17,17 @@ from transformers import get_scheduler
 
 from ttt_train import checkpoint as ckpt
 from ttt_train import data, models
-from ttt_train.metrics import (METRICS_FILE, MetricsLog, gpu_peak_tflops, perplexity, quiet_libraries, tracker_config, trackers,
-                               training_flops_per_token)
+from ttt_train.cli import UserError
+from ttt_train.metrics import (
+    METRICS_FILE,
+    MetricsLog,
+    gpu_peak_tflops,
+    perplexity,
+    quiet_libraries,
+    tracker_config,
+    trackers,
+    training_flops_per_token,
+)
 
 # Flags whose change on resume is allowed (a curriculum) and reported.
 RESUMABLE_CHANGES = ("seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps",
@@ -28,7 +37,7 @@ SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "polynomial", "cons
 MAX_SKIPPED_IN_A_ROW = 10  # --on_nonfinite skip: more non-finite steps in a row than this stop the run
 
 
-class DivergenceError(ValueError):
+class DivergenceError(UserError):
     """A non-finite loss or gradient norm: the run stops without saving anything from it."""
 
 
@@ -156,7 +165,7 @@ def start_trackers(accelerator, args, output_dir):
         hint = ("; log in with `wandb login` (or set WANDB_API_KEY), or run with WANDB_MODE=offline"
                 if "wandb" in trackers(args.report_to) else "")
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--report_to {args.report_to}: the tracker cannot start: {message}{hint}") from error
+        raise UserError(f"--report_to {args.report_to}: the tracker cannot start: {message}{hint}") from error
 
 
 def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
@@ -167,11 +176,11 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
     if accelerator.is_main_process:
         try:
             if output_dir.exists() and not output_dir.is_dir():
-                raise ValueError(f"output_dir {output_dir} is a file, not a folder")
+                raise UserError(f"output_dir {output_dir} is a file, not a folder")
             try:
                 taken_over = lock.acquire()
             except OSError as error:
-                raise ValueError(f"cannot write to output_dir {output_dir}: {error.strerror or error}")
+                raise UserError(f"cannot write to output_dir {output_dir}: {error.strerror or error}") from error
             outcome[2] = [taken_over] * bool(taken_over) + ckpt.clean_interrupted_saves(output_dir)
             foreign = ckpt.foreign_folders(output_dir)
             if foreign:
@@ -182,15 +191,15 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
                 outcome[1] = str(ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir))
             elif (ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists()
                   or (output_dir / METRICS_FILE).exists()):
-                raise ValueError(f"output_dir {output_dir} already holds a run (checkpoints, final_model or "
+                raise UserError(f"output_dir {output_dir} already holds a run (checkpoints, final_model or "
                                  f"{METRICS_FILE}); pass --resume_from_checkpoint latest to continue it, or choose "
                                  f"another --output_dir")
-        except ValueError as error:
+        except UserError as error:
             outcome[0] = str(error)
     outcome = broadcast_object_list(outcome) if accelerator.num_processes > 1 else outcome
     error, checkpoint, notes = outcome
     if error:
-        raise ValueError(error)
+        raise UserError(error)
     for note in notes or []:
         accelerator.print(f"{output_dir}: {note}")
     if checkpoint is None:
@@ -235,7 +244,7 @@ def _train(args, accelerator, output_dir, lock):
         # a checkpoint at the last step without a final model (a kill while it was written) finishes the run below
         if resume_state["step"] > args.max_train_steps or (resume_state["step"] == args.max_train_steps
                                                            and (output_dir / "final_model").exists()):
-            raise ValueError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
+            raise UserError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
                                  f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
     if not checkpoint:
         config = models.build_config(args, len(tokenizer))

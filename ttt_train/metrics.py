@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ttt_train.cli import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -17,7 +19,7 @@ def trackers(report_to: str) -> list:
     """Accelerate `log_with` names for --report_to; W&B must be installed to be asked for."""
     names = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[report_to]
     if "wandb" in names and importlib.util.find_spec("wandb") is None:
-        raise ValueError(f"--report_to {report_to} needs W&B: pip install wandb (set WANDB_MODE=offline to log "
+        raise UserError(f"--report_to {report_to} needs W&B: pip install wandb (set WANDB_MODE=offline to log "
                          f"without network)")
     return names
 

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
 from ttt import TTT_STANDARD_CONFIGS, TTTConfig
+from ttt_train.cli import UserError
 
 MODEL_TYPES = ("ttt", "transformer")
 # Flags that define a TTT architecture; on resume they must agree with the checkpoint's config.
@@ -29,11 +30,14 @@ def build_config(args, vocab_size: int):
     model_type = args.model_type or "ttt"
     wrong = [f for f in (TRANSFORMER_FLAGS if model_type == "ttt" else TTT_FLAGS) if getattr(args, f) is not None]
     if wrong:
-        raise ValueError(f"--{wrong[0]} does not apply to --model_type {model_type}")
+        raise UserError(f"--{wrong[0]} does not apply to --model_type {model_type}")
     if model_type == "transformer":
         return transformer_config(args.model_size, vocab_size, args.sliding_window)
     overrides = {k: getattr(args, k) for k in TTT_FLAGS if getattr(args, k) is not None}
-    return TTTConfig.from_size(args.model_size, vocab_size=vocab_size, **overrides)
+    try:
+        return TTTConfig.from_size(args.model_size, vocab_size=vocab_size, **overrides)
+    except ValueError as error:  # TTTConfig names the field and the value
+        raise UserError(f"model configuration: {error}") from error
 
 
 def checkpoint_config(args, checkpoint, saved_args: dict):
@@ -41,17 +45,17 @@ def checkpoint_config(args, checkpoint, saved_args: dict):
     (resuming cannot change the model). `args.model_size` is taken from the checkpoint when not given."""
     config = AutoConfig.from_pretrained(checkpoint)
     if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
-        raise ValueError(f"--model_type {args.model_type} conflicts with checkpoint {checkpoint}, a "
+        raise UserError(f"--model_type {args.model_type} conflicts with checkpoint {checkpoint}, a "
                          f"{config.model_type} model")
     saved_size = saved_args.get("model_size")
     if args.model_size is not None and saved_size is not None and args.model_size != saved_size:
-        raise ValueError(f"--model_size {args.model_size} conflicts with checkpoint {checkpoint}, trained with "
+        raise UserError(f"--model_size {args.model_size} conflicts with checkpoint {checkpoint}, trained with "
                          f"model_size={saved_size}")
     args.model_size = args.model_size or saved_size
     for flag in TTT_FLAGS + TRANSFORMER_FLAGS:
         value = getattr(args, flag)
         if value is not None and value != getattr(config, flag, None):
-            raise ValueError(f"--{flag} {value} conflicts with checkpoint {checkpoint}, trained with "
+            raise UserError(f"--{flag} {value} conflicts with checkpoint {checkpoint}, trained with "
                              f"{flag}={getattr(config, flag, None)}")
     return config
 
