@@ -1,11 +1,11 @@
-"""Triton kernels for the TTT-Linear and TTT-MLP scans (optional: `ttt.py` uses them on CUDA tensors when Triton
+"""Triton kernels for the TTT-Linear and TTT-MLP scans (optional: `ttt_scan.py` runs them on CUDA tensors when Triton
 imports).
 
 One program per (batch, head) walks the mini-batches in order and keeps the inner weights in registers, so a
 whole layer's scan is one launch forward instead of a dozen kernels per mini-batch. TTT-Linear's backward is two
 launches: the sequential walk back carrying the weights' gradient (the least work per mini-batch that the carry
 needs), then every mini-batch's input gradients in parallel. The arithmetic is that of `linear_scan_forward` and
-`linear_backward_through` in `ttt.py`, written per mini-batch:
+`linear_backward_through` in `ttt_scan.py`, written per mini-batch:
 
     forward   z = k W + b,  G = dl/dz of l = 1/2 ||LN(z) - target||^2,  Z_bar = q W + b - eta_qk G,
               W <- W - k^T (e * G),  b <- b - sum_rows(e * G)
@@ -76,7 +76,7 @@ def _mlp_fits_device(device_index: int, f: int) -> bool:
 
 
 def supports(q: torch.Tensor, inner: str = "linear") -> bool:
-    """Whether ttt.py runs the scan of stacked mini-batches q of a TTT-Linear or TTT-MLP ("linear", "mlp") layer
+    """Whether ttt_scan.py runs the scan of stacked mini-batches q of a TTT-Linear or TTT-MLP ("linear", "mlp") layer
     through these kernels."""
     if not (q.is_cuda and block_shapes_fit(q, inner)):
         return False
@@ -258,7 +258,7 @@ def _mlp_scan_forward(q_ptr, k_ptr, target_ptr, eta_ptr, eta_qk_ptr, e_ptr, w1_p
                       gamma_ptr, beta_ptr, out_ptr, w1_starts_ptr, b1_starts_ptr, w2_starts_ptr, b2_starts_ptr,
                       w1_last_ptr, b1_last_ptr, w2_last_ptr, b2_last_ptr, n, H, eps, K: tl.constexpr,
                       F: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, KEEP_STARTS: tl.constexpr):
-    """mlp_scan_forward of ttt.py, one program per (batch, head) holding W1 (F, D), b1, W2 (D, F), b2."""
+    """mlp_scan_forward of ttt_scan.py, one program per (batch, head) holding W1 (F, D), b1, W2 (D, F), b2."""
     bh = tl.program_id(0).to(tl.int64)
     rows, cols, kf, kk, _ = _tile_offsets(K, F)
     hidden, kd, fd, df = _mlp_offsets(K, F, D)
@@ -304,7 +304,7 @@ def _mlp_walk_back(q_ptr, k_ptr, e_ptr, x2_ptr, gelu_z1_ptr, e_grad_z1_ptr, e_gr
                    d_e_grad_z1_ptr, d_e_grad_z2_ptr, d_z1_ptr, d_g_ptr, d_k_update_ptr,
                    d_w1_out_ptr, d_b1_out_ptr, d_w2_out_ptr, d_b2_out_ptr,
                    m, H, K: tl.constexpr, F: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """mlp_walk_back of ttt.py over m mini-batches, one program per (batch, head): walks them in reverse carrying
+    """mlp_walk_back of ttt_scan.py over m mini-batches, one program per (batch, head): walks them in reverse carrying
     dW1, db1, dW2, db2."""
     bh = tl.program_id(0).to(tl.int64)
     rows, cols, kf, _, _ = _tile_offsets(K, F)
@@ -361,7 +361,7 @@ def _precision() -> str:
 
 
 def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_starts):
-    """linear_scan_forward of ttt.py (same inputs, plus the LayerNorm eps) in one kernel launch; the weights at
+    """linear_scan_forward of ttt_scan.py (same inputs, plus the LayerNorm eps) in one kernel launch; the weights at
     every mini-batch start come as one span, W_starts (B, H, n, f, f) and b_starts (B, H, n, 1, f), or as empty
     tensors when keep_starts is False. Float32 inputs; matrix products in TF32 unless PyTorch's float32 matmul
     precision is "highest"."""
@@ -381,7 +381,7 @@ def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, eps, keep_
 
 def linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_starts, d_out, d_W, d_b, eps):
     """The backward of linear_scan_forward, given the gradients of Z_bar and of the final W and b: the gradients of
-    q, k, target, eta_qk, e, W0, b0, gamma and beta, as ttt.py's operator ttt::linear_scan_backward returns them.
+    q, k, target, eta_qk, e, W0, b0, gamma and beta, as ttt_scan.py's operator ttt::linear_scan_backward returns them.
     A sequential launch carries the weights' gradient backwards, then one parallel launch over all mini-batches
     computes the inputs'."""
     q, k, target, eta_qk, e, gamma, beta, d_out, d_W, d_b = (
@@ -404,7 +404,7 @@ def linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, W_starts, b_start
 
 
 def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, eps, keep_starts):
-    """mlp_scan_forward of ttt.py (same inputs, plus the LayerNorm eps) in one kernel launch: Z_bar, the final W1,
+    """mlp_scan_forward of ttt_scan.py (same inputs, plus the LayerNorm eps) in one kernel launch: Z_bar, the final W1,
     b1, W2, b2, and their values at every mini-batch start as one span, [W1_starts (B, H, n, f, 4f), b1_starts,
     W2_starts, b2_starts] ([] when keep_starts is False)."""
     q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta = (
@@ -421,7 +421,7 @@ def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, 
 
 
 def mlp_walk_back(walk, gamma, d_params):
-    """mlp_walk_back of ttt.py (same arguments: an MLPWalkBack of m mini-batches, gamma, the gradients of the
+    """mlp_walk_back of ttt_scan.py (same arguments: an MLPWalkBack of m mini-batches, gamma, the gradients of the
     weights after the last) in one kernel launch."""
     B, H, m, K, f = walk.q.shape
     d_e_grad_z1, d_z1 = (walk.x2.new_empty(walk.x2.shape) for _ in range(2))  # contiguous, as the kernel writes

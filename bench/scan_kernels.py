@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ttt_kernels
-from ttt import linear_scan_backward_op, linear_scan_op, mlp_scan_backward_op, mlp_scan_op
+from ttt_scan import linear_scan_backward_op, linear_scan_op, mlp_scan_backward_op, mlp_scan_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCANS = {"linear": (linear_scan_op, linear_scan_backward_op, "NUM_WARPS"),

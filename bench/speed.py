@@ -4,7 +4,7 @@ speed issue. Each measurement runs in its own process so that its peak memory is
     python bench/speed.py                      # every workload, a markdown table on stdout
     python bench/speed.py --only b c           # some workloads
     python bench/speed.py --only d e --compile # training steps under torch.compile, as the GPU trainer runs
-                                               # (without the straightforward loops, which it would unroll)
+                                               # (without the loop scans, which it would unroll)
     python bench/speed.py --only d e --compile reduce-overhead   # ... and CUDA graphs
     python bench/speed.py --run b --model ttt-linear --seq_length 512 --batch_size 4   # one measurement, JSON
     python bench/speed.py --run d --size 125m --seq_length 2048 --batch_size 1 --profile  # ... and its profile
@@ -32,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_ttt import COMPILE_MODES
-from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, InnerState, TTTBase, TTTConfig, TTTForCausalLM
+from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, InnerState, TTTConfig, TTTForCausalLM
 from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token
 from ttt_train.models import transformer_config
 
-# "-straightforward": the autograd loop over mini-batches instead of the recomputing scan; "-pytorch": the
-# recomputing scan in PyTorch even where the Triton kernels run ("ttt-linear" and "ttt-mlp" use them on a GPU)
-MODELS = ("ttt-linear-straightforward", "ttt-linear-pytorch", "ttt-linear", "ttt-mlp-straightforward",
-          "ttt-mlp-pytorch", "ttt-mlp", "transformer")
+# The suffix is the scan (TTTConfig.scan_implementation): "-loop", the autograd loop over mini-batches;
+# "-recomputing", the recomputing scan in PyTorch even where the Triton kernels run; none, "auto" (Triton on a GPU)
+MODELS = ("ttt-linear-loop", "ttt-linear-recomputing", "ttt-linear", "ttt-mlp-loop", "ttt-mlp-recomputing",
+          "ttt-mlp", "transformer")
 WORKLOADS = {
     "a": [dict(model=m, seq_length=2048, batch_size=4) for m in MODELS if m != "transformer"],
     "b": [dict(model=m, seq_length=512, batch_size=4, size="tiny") for m in MODELS],
@@ -48,7 +48,7 @@ WORKLOADS = {
     "e": [dict(model=m, seq_length=t, batch_size=1, size="125m") for t in (8192, 32768)
           for m in ("ttt-linear", "transformer")],
     "decode": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (128, 512, 2048)
-               for m in MODELS if "-straightforward" not in m],
+               for m in MODELS if "-loop" not in m],
 }
 
 
@@ -107,9 +107,9 @@ def print_profile(fn):
               f"profiler overhead included)", file=sys.stderr)
 
 
-def select_scan(name):
-    TTTBase.recomputing_scan = not name.endswith("-straightforward")
-    TTTBase.triton_scan = not name.endswith("-pytorch")
+def scan_of(name) -> str:
+    """config.scan_implementation of a bench model name: "-loop", "-recomputing", or (none) "auto"."""
+    return next((scan for scan in ("loop", "recomputing") if name.endswith(f"-{scan}")), "auto")
 
 
 def build_model(name, size):
@@ -117,16 +117,16 @@ def build_model(name, size):
     if name == "transformer":
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_config(transformer_config(size, vocab))
-    select_scan(name)
-    return TTTForCausalLM(TTTConfig.from_size(size, vocab_size=vocab, ttt_layer_type=name.split("-")[1]))
+    return TTTForCausalLM(TTTConfig.from_size(size, vocab_size=vocab, ttt_layer_type=name.split("-")[1],
+                                              scan_implementation=scan_of(name)))
 
 
 def run_inner_loop(args):
     """(a): only the scan of one TTT layer with 12 heads of 64 over T/16 mini-batches."""
-    select_scan(args.model)
     layer_class = TTT_LAYER_CLASSES[args.model.split("-")[1]]
     layer = layer_class(TTTConfig(hidden_size=768, num_attention_heads=12, intermediate_size=8,
-                                  num_hidden_layers=1, vocab_size=8), 0).to(device())
+                                  num_hidden_layers=1, vocab_size=8, scan_implementation=scan_of(args.model)),
+                        0).to(device())
     B, H, n, K, f = args.batch_size, 12, args.seq_length // 16, 16, 64
     make = lambda *shape: torch.randn(*shape, device=device(), requires_grad=True)
     q, k, target = make(B, H, n, K, f), make(B, H, n, K, f), make(B, H, n, K, f)
@@ -238,15 +238,15 @@ def main():
 
     compiled = f", torch.compile ({args.compile})" if args.compile else ""
     print(f"machine: {machine()}, precision {args.precision}{compiled}\n")
-    print("| workload | model | size | T x B | tokens/s | x straightforward | MFU | peak memory (MB) |")
+    print("| workload | model | size | T x B | tokens/s | x loop | MFU | peak memory (MB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     default = [w for w in WORKLOADS if w != "e" or torch.cuda.is_available()]
     for workload in args.only or default:
-        straightforward = {}  # (inner model, T, B) -> tokens/s of the straightforward path
+        loop = {}  # (inner model, T, B) -> tokens/s of the loop scan
         for case in WORKLOADS[workload]:
-            if case["model"].endswith("-pytorch") and not torch.cuda.is_available():
+            if case["model"].endswith("-recomputing") and not torch.cuda.is_available():
                 continue  # the same path as "ttt-linear" or "ttt-mlp" without a GPU
-            if args.compile and case["model"].endswith("-straightforward"):
+            if args.compile and case["model"].endswith("-loop"):
                 continue  # torch.compile would unroll its loop over the mini-batches: minutes per length
             command = [sys.executable, __file__, "--run", workload, "--repeats", str(args.repeats),
                        "--warmup", str(args.warmup), "--precision", args.precision,
@@ -261,9 +261,9 @@ def main():
             speeds = {k.replace("_tokens_per_sec", ""): v for k, v in result.items() if k.endswith("tokens_per_sec")}
             key = (case["model"].split("-")[1] if case["model"] != "transformer" else None,
                    case["seq_length"], case["batch_size"])
-            if case["model"].endswith("-straightforward"):
-                straightforward[key] = speeds
-            base = straightforward.get(key)
+            if case["model"].endswith("-loop"):
+                loop[key] = speeds
+            base = loop.get(key)
             ratio = ", ".join(f"{v / base[k]:.2f}x" for k, v in speeds.items()) if base else ""
             mfu = f"{result['mfu']:.1%}" if "mfu" in result else ""
             shape = f"{case['seq_length']} x {case['batch_size']}"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import train_ttt
 import ttt
 from conftest import SHARED
-from ttt import TTTBase, TTTCache
+from ttt import TTTCache
 
 
 def assert_close(name: str, actual, expected, atol: float, rtol: float = 0.0):
@@ -46,12 +46,13 @@ def load_reference(case):
     return model, load_file(folder / "io.safetensors")
 
 
-def straightforward_then_recomputing(monkeypatch, run):
-    """[run() with the straightforward scan, run() with the recomputing scans]."""
+def loop_then(model, run, scan="auto"):
+    """[run() with model's layers on the loop scan, run() on `scan`] (config.scan_implementation)."""
     results = []
-    for recomputing in (False, True):
-        monkeypatch.setattr(TTTBase, "recomputing_scan", recomputing)
+    for implementation in ("loop", scan):
+        model.config.scan_implementation = implementation
         results.append(run())
+    model.config.scan_implementation = "auto"
     return results
 
 

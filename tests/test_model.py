@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import ttt
+import ttt_scan
 from helpers import (
     REFERENCE,
     assert_close,
@@ -13,22 +14,20 @@ from helpers import (
     chunked_prefill_logits,
     load_reference,
     logits_and_gradients,
+    loop_then,
     needs_reference,
-    straightforward_then_recomputing,
 )
 from helpers import REFERENCE_CASES as CASES
 from ttt import (
     TTT_STANDARD_CONFIGS,
-    TTTBase,
     TTTCache,
     TTTConfig,
     TTTForCausalLM,
     TTTModel,
     gelu_tanh_grad,
     gelu_tanh_second_derivative,
-    linear_scan_op,
-    mlp_scan_op,
 )
+from ttt_scan import linear_scan_op, mlp_scan_op
 from ttt_train.models import enable_activation_checkpointing
 
 VARIANTS = [
@@ -249,14 +248,13 @@ def test_generate_decodes_through_the_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("length", [37, 48, 100])
 @pytest.mark.parametrize("variant", VARIANTS, ids=["linear", "mlp", "linear-mamba", "mlp-mamba"])
-def test_recomputing_scan_equals_the_straightforward_loop(monkeypatch, length, variant):
+def test_recomputing_scan_equals_the_loop_scan(monkeypatch, length, variant):
     model = small_model(**variant)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.seq_modeling_block.learnable_token_idx.normal_(0, 0.01)
     ids = torch.randint(0, 97, (2, length))
-    (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
-        monkeypatch, lambda: logits_and_gradients(model, ids))
+    (slow_logits, slow_grads), (fast_logits, fast_grads) = loop_then(model, lambda: logits_and_gradients(model, ids))
     assert_close("logits", fast_logits, slow_logits, atol=1e-5)
     # float32 sums over many mini-batches in another order: within 1e-5 of each gradient's largest entry, plus 1e-7
     assert_gradients_close(fast_grads, slow_grads, rtol=1e-5, atol=1e-7)
@@ -266,12 +264,11 @@ def test_recomputing_scan_equals_the_straightforward_loop(monkeypatch, length, v
 @pytest.mark.parametrize("case", ["linear_len37", "mlp_mamba_len33"])
 def test_float64_is_kept_through_the_recomputing_scans(monkeypatch, case):
     """A float64 model scans in float64 (its scans cast to float32 and back once): the recomputing scans give the
-    straightforward loop's logits and gradients to float64 rounding, and the cache holds float64 states."""
+    loop scan's logits and gradients to float64 rounding, and the cache holds float64 states."""
     model, io = load_reference(case)
     model.double()
     ids = io["input_ids"]
-    (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
-        monkeypatch, lambda: logits_and_gradients(model, ids))
+    (slow_logits, slow_grads), (fast_logits, fast_grads) = loop_then(model, lambda: logits_and_gradients(model, ids))
     assert_close("float64 logits", fast_logits, slow_logits, atol=1e-11)
     assert_gradients_close(fast_grads, slow_grads, rtol=1e-9, atol=1e-13)
     cache = TTTCache(model.config.num_hidden_layers)
@@ -296,7 +293,7 @@ def scan_inputs(B, H, n, K, f, hidden):
 @pytest.mark.parametrize("span", [2, 16])
 def test_fast_linear_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
-    monkeypatch.setattr(ttt, "MAX_SPAN", span)
+    monkeypatch.setattr(ttt_scan, "MAX_SPAN", span)
     q, k, target, _, eta_qk, e, W1, b1, gamma, beta = scan_inputs(1, 2, 5, 4, 3, hidden=[])
     scan = lambda *inputs: linear_scan_op(*inputs, keep_starts=True, triton=False)[:3]
     assert torch.autograd.gradcheck(scan, (q, k, target, eta_qk, e, W1, b1, gamma, beta), eps=1e-6, atol=1e-5)
@@ -305,7 +302,7 @@ def test_fast_linear_scan_gradcheck(monkeypatch, span):
 @pytest.mark.parametrize("span", [2, 16])
 def test_fast_mlp_scan_gradcheck(monkeypatch, span):
     torch.manual_seed(0)
-    monkeypatch.setattr(ttt, "MAX_SPAN", span)
+    monkeypatch.setattr(ttt_scan, "MAX_SPAN", span)
     scan = lambda *inputs: mlp_scan_op(*inputs, keep_starts=True, triton=False)[:5]
     assert torch.autograd.gradcheck(scan, scan_inputs(1, 2, 5, 4, 3, hidden=[12]), eps=1e-6, atol=1e-5)
 
@@ -356,24 +353,44 @@ def test_gradient_checkpointing_keeps_the_gradients_of_the_recomputing_scans(lay
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
-def test_recomputing_scan_through_the_cache_matches_the_straightforward_loop(monkeypatch, layer_type):
+def test_recomputing_scan_through_the_cache_matches_the_loop_scan(monkeypatch, layer_type):
     model = small_model(ttt_layer_type=layer_type, pre_conv=True, share_qk=True).eval()
     ids = torch.randint(0, 97, (2, 45))
-    logits = straightforward_then_recomputing(
-        monkeypatch, lambda: chunked_prefill_logits(model, ids, [(0, 5), (5, 30), (30, 31), (31, 45)]))
+    logits = loop_then(model, lambda: chunked_prefill_logits(model, ids, [(0, 5), (5, 30), (30, 31), (31, 45)]))
     assert (logits[0] - logits[1]).abs().max() < 1e-5
 
 
-def test_recomputing_scan_under_bf16_autocast_matches_the_straightforward_loop(monkeypatch):
+def test_recomputing_scan_under_bf16_autocast_matches_the_loop_scan(monkeypatch):
     # the recomputing scan runs in float32 inside bf16 autocast (an earlier scan failed there on bf16 activations)
     model = small_model(ttt_layer_type="mlp")
     ids = torch.randint(0, 97, (2, 40))
     grads = []
-    for fast in (False, True):
-        monkeypatch.setattr(TTTBase, "recomputing_scan", fast)
+    for scan in ("loop", "recomputing"):
+        model.config.scan_implementation = scan
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(ids, labels=ids).loss
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert (grads[0] - grads[1]).norm() < 1e-2 * grads[0].norm()  # bf16 rounding, summed in another order
+
+
+def test_ttt_py_alone_runs_the_loop_scan(monkeypatch, caplog):
+    """ttt.py copied without ttt_scan.py: "auto" runs the loop (the same logits), saying so once; an explicit
+    scan that needs ttt_scan.py is an error."""
+    model = small_model(ttt_layer_type="mlp").eval()
+    ids = torch.randint(0, 97, (1, 37))
+    with torch.no_grad():
+        expected = model(ids).logits
+        monkeypatch.setattr(ttt, "ttt_scan", None)
+        with caplog.at_level("WARNING", logger="ttt"):
+            assert_close("logits without ttt_scan.py", model(ids).logits, expected, atol=1e-5)
+        assert ["ttt_scan.py is not beside ttt.py" in r.getMessage() for r in caplog.records] == [True]
+        model.config.scan_implementation = "recomputing"
+        with pytest.raises(RuntimeError, match="needs ttt_scan.py"):
+            model(ids)
+
+
+def test_scan_implementation_is_checked():
+    with pytest.raises(ValueError, match="scan_implementation must be one of"):
+        TTTConfig(scan_implementation="fast")

@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import ttt
+import ttt_scan
 from helpers import (
     assert_close,
     assert_gradients_close,
     chunked_prefill_logits,
     logits_and_gradients,
-    straightforward_then_recomputing,
+    loop_then,
 )
-from ttt import TTTMLP, TTTBase, TTTConfig, TTTForCausalLM, TTTLinear, linear_scan_op, mlp_scan_op
+from ttt import TTTConfig, TTTForCausalLM
+from ttt_scan import linear_scan_op, mlp_scan_op
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (optional; .ci/run installs it)")
@@ -31,7 +32,7 @@ def kernels(monkeypatch):
     `kernels.calls` ("linear" or "mlp" each)."""
     import triton
 
-    kernels = ttt.ttt_kernels
+    kernels = ttt_scan.ttt_kernels
     if triton.knobs.runtime.interpret:
         monkeypatch.setattr(kernels, "supports", kernels.block_shapes_fit)
     elif DEVICE == "cpu":
@@ -97,7 +98,7 @@ def test_triton_scan_equals_the_pytorch_scan(kernels, shape, use_final_weights):
 @pytest.mark.parametrize("use_final_weights", [True, False])
 def test_triton_mlp_scan_equals_the_pytorch_scan(kernels, monkeypatch, shape, span, use_final_weights):
     torch.manual_seed(0)
-    monkeypatch.setattr(ttt, "MAX_SPAN", span)
+    monkeypatch.setattr(ttt_scan, "MAX_SPAN", span)
     assert_scans_agree(lambda inputs, triton: mlp_scan_op(*inputs, keep_starts=True, triton=triton)[:5],
                        scan_inputs(*shape, hidden=4 * shape[-1]),
                        ("q", "k", "target", "eta", "eta_qk", "e", "W1", "b1", "W2", "b2", "gamma", "beta"),
@@ -136,11 +137,10 @@ def small_model(**overrides):
 
 @pytest.mark.parametrize("inner, length", [("linear", 37), ("linear", 48), ("linear", 100), ("mlp", 37), ("mlp", 48)])
 @pytest.mark.parametrize("overrides", [{}, dict(pre_conv=True, share_qk=True, use_gate=True)], ids=["plain", "mamba"])
-def test_model_with_the_triton_scan_equals_the_straightforward_loop(kernels, monkeypatch, inner, length, overrides):
+def test_model_with_the_triton_scan_equals_the_loop_scan(kernels, monkeypatch, inner, length, overrides):
     model = small_model(ttt_layer_type=inner, **overrides)
     ids = torch.randint(0, 97, (2, length), device=DEVICE)
-    (slow_logits, slow_grads), (fast_logits, fast_grads) = straightforward_then_recomputing(
-        monkeypatch, lambda: logits_and_gradients(model, ids))
+    (slow_logits, slow_grads), (fast_logits, fast_grads) = loop_then(model, lambda: logits_and_gradients(model, ids))
     assert kernels.calls == [inner] * 2  # one scan per layer, in the fast pass only
     assert_close("logits", fast_logits, slow_logits, atol=1e-5)
     # float32 sums in another order; tau's gradient (learnable_token_idx), a sum over every mini-batch with
@@ -149,23 +149,40 @@ def test_model_with_the_triton_scan_equals_the_straightforward_loop(kernels, mon
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
-def test_triton_scan_through_the_cache_matches_the_straightforward_loop(kernels, monkeypatch, inner):
+def test_triton_scan_through_the_cache_matches_the_loop_scan(kernels, monkeypatch, inner):
     model = small_model(ttt_layer_type=inner, pre_conv=True, share_qk=True).eval()
     ids = torch.randint(0, 97, (2, 70), device=DEVICE)
-    logits = straightforward_then_recomputing(
-        monkeypatch, lambda: chunked_prefill_logits(model, ids, [(0, 5), (5, 50), (50, 51), (51, 70)]))
+    logits = loop_then(model, lambda: chunked_prefill_logits(model, ids, [(0, 5), (5, 50), (50, 51), (51, 70)]))
     assert kernels.calls == [inner] * 2  # the 5..50 chunk holds full mini-batches
     assert (logits[0] - logits[1]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("switch", [TTTBase, TTTLinear, TTTMLP])
-def test_triton_scan_can_be_turned_off(kernels, monkeypatch, switch):
-    monkeypatch.setattr(switch, "triton_scan", False)
+@pytest.mark.parametrize("scan", ["auto", "triton", "recomputing", "loop"])
+def test_the_scan_is_chosen_by_the_config(kernels, scan):
     ids = torch.randint(0, 97, (1, 40), device=DEVICE)
     for inner in ("linear", "mlp"):
-        small_model(ttt_layer_type=inner)(ids, labels=ids).loss.backward()
-    expected = {TTTBase: [], TTTLinear: ["mlp"] * 2, TTTMLP: ["linear"] * 2}[switch]  # a scan per layer
+        small_model(ttt_layer_type=inner, scan_implementation=scan)(ids, labels=ids).loss.backward()
+    expected = ["linear"] * 2 + ["mlp"] * 2 if scan in ("auto", "triton") else []  # a scan per layer
     assert kernels.calls == expected
+
+
+def test_triton_where_it_cannot_run_is_an_error_and_auto_falls_back(kernels, caplog):
+    """Head dim 24 has no kernel: "triton" refuses with the reason; "auto" runs the recomputing scan, saying why
+    once on a GPU (on a CPU the recomputing scan is the fastest path: nothing to say)."""
+    def model(scan):
+        torch.manual_seed(0)
+        return TTTForCausalLM(TTTConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, scan_implementation=scan)).to(DEVICE)
+    ids = torch.randint(0, 97, (1, 40), device=DEVICE)
+    with pytest.raises(ValueError, match="scan_implementation='triton' cannot run here: (no kernel for "
+                                         "mini_batch_size 16 and head dim 24|the tensors are not on a CUDA GPU)"):
+        model("triton")(ids)
+    with caplog.at_level("WARNING", logger="ttt"):
+        for _ in range(2):
+            model("auto")(ids)
+    assert kernels.calls == []
+    said = [r for r in caplog.records if "the Triton kernels cannot run" in r.getMessage()]
+    assert len(said) == (1 if DEVICE == "cuda" else 0)
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
@@ -208,7 +225,7 @@ def test_the_mlp_dispatch_assumes_the_shared_memory_its_kernels_compile_to():
                          "_mlp_walk_back"}
     for f, index in ((16, 0), (64, 1)):  # rows per kernel: f=16, then f=64
         needs = [int(rows[name][index][-1].replace(",", "")) for name in ("_mlp_scan_forward", "_mlp_walk_back")]
-        assert ttt.ttt_kernels.MLP_SHARED_MEMORY[f] == max(needs)
+        assert ttt_scan.ttt_kernels.MLP_SHARED_MEMORY[f] == max(needs)
 
 
 def test_kernel_resources_refuses_to_run_under_the_interpreter():
