@@ -27,7 +27,8 @@ import time
 import warnings
 from pathlib import Path
 
-from accelerate.utils import DistributedType
+import torch
+from accelerate.utils import DistributedType, gather_object
 from accelerate.utils.other import load as accelerate_load  # torch.load(weights_only=True) + numpy's RNG types
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -127,6 +128,38 @@ def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with
         else:
             os.replace(partial, folder)
     accelerator.wait_for_everyone()
+
+
+class Checkpointer:
+    """Owns what a run saves and when: `checkpoint-<step>` every --save_checkpoint_freq steps, at a stop request
+    and at the last step (keeping the newest --save_total_limit), `milestone-<step>` every --save_milestone_freq
+    steps, and `final_model` at the end. `stream` is the data stream whose position each checkpoint records."""
+
+    def __init__(self, accelerator, output_dir: Path, model, tokenizer, scheduler, stream, run_args: dict, elapsed):
+        self.accelerator, self.output_dir, self.model, self.tokenizer = accelerator, Path(output_dir), model, tokenizer
+        self.scheduler, self.stream, self.run_args, self.elapsed = scheduler, stream, run_args, elapsed
+
+    def after_step(self, step: int, args, stop_requested: bool):
+        if args.save_milestone_freq and step % args.save_milestone_freq == 0:
+            self.save(f"milestone-{step}", step)
+        if (args.save_checkpoint_freq and step % args.save_checkpoint_freq == 0) or stop_requested \
+                or step == args.max_train_steps:
+            self.save(f"checkpoint-{step}", step)
+            if self.accelerator.is_main_process:
+                prune_checkpoints(self.output_dir, args.save_total_limit)
+
+    def save_final(self, step: int):
+        self.save("final_model", step, with_training_state=False)
+
+    def save(self, folder: str, step: int, with_training_state: bool = True):
+        state = {"step": step, "elapsed": self.elapsed(), "args": self.run_args,
+                 "world_size": self.accelerator.num_processes}
+        if with_training_state:  # what resuming needs; a final model carries no training text (packing leftover)
+            state.update(scheduler=self.scheduler.state_dict(), data=gather_object([self.stream.state_dict()]))
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # the divergence guard's last line
+            raise CheckpointError(f"step {step}: the weights are not finite; {folder} was not saved")
+        save_checkpoint(self.accelerator, self.output_dir / folder, self.model, self.tokenizer, state,
+                        with_training_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import TorchDynamoPlugin, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -21,6 +21,7 @@ from ttt_train.cli import UserError
 from ttt_train.metrics import (
     METRICS_FILE,
     MetricsLog,
+    StepMetrics,
     gpu_peak_tflops,
     perplexity,
     quiet_libraries,
@@ -227,26 +228,82 @@ def train(args):
             output_dir.rmdir()
 
 
-def _train(args, accelerator, output_dir, lock):
-    checkpoint, resume_state = claim_output_dir(accelerator, args, output_dir, lock)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    set_seed(args.seed)
+class Evaluator:
+    """Every `every` steps and at the last: the validation loss and, for TTT models, the TTT statistics (with a
+    note, once per layer, when a layer's end-of-mini-batch update is clamped to zero)."""
 
-    # Everything that reads user input, before any model is built.
-    given_tokenizer = args.tokenizer_name
-    if args.tokenizer_name is None:  # a resumed run keeps the tokenizer saved with its checkpoint
-        args.tokenizer_name = str(checkpoint) if checkpoint else data.BUILTIN_TOKENIZER
-    tokenizer = data.load_tokenizer(args.tokenizer_name)
+    def __init__(self, model, blocks, accelerator, args, log, is_ttt: bool):
+        self.model, self.blocks, self.accelerator, self.args, self.log = model, blocks, accelerator, args, log
+        self.is_ttt, self.noted = is_ttt, set()
+
+    def after_step(self, step: int):
+        if not ((self.args.eval_steps and step % self.args.eval_steps == 0) or step == self.args.max_train_steps):
+            return
+        eval_loss = evaluate(self.model, self.blocks, self.accelerator, self.args.per_device_eval_batch_size)
+        self.log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+        if not self.is_ttt:
+            return
+        statistics = ttt_statistics(self.model, self.blocks, self.accelerator, self.args)
+        self.log.log({"step": step, **statistics})
+        newly_clamped = sorted(set(clamped_layers(statistics)) - self.noted)
+        if newly_clamped:
+            self.noted.update(newly_clamped)
+            self.accelerator.print(
+                f"note: TTT layer(s) {', '.join(map(str, newly_clamped))}: the last token's position factor is "
+                f"clamped to 0 (learned offset <= -1/mini_batch_size), so the inner weights carry nothing from one "
+                f"mini-batch to the next (the official formula does the same)")
+
+
+class DivergenceGuard:
+    """A step whose loss or gradient norm is not finite (on any process): stops the run (`--on_nonfinite stop`),
+    or skips its update (`skip`) until more than MAX_SKIPPED_IN_A_ROW in a row."""
+
+    def __init__(self, mode: str, output_dir: Path, log):
+        self.mode, self.output_dir, self.log, self.in_a_row = mode, output_dir, log, 0
+
+    def allows_update(self, step: int, nonfinite: bool, loss, grad_norm) -> bool:
+        if not nonfinite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        what = f"step {step}: loss {loss.item():.4g}, gradient norm {float(grad_norm):.4g}"
+        if self.mode == "stop" or self.in_a_row > MAX_SKIPPED_IN_A_ROW:
+            saved = ckpt.list_checkpoints(self.output_dir)
+            raise DivergenceError(
+                f"training diverged at {what} (not finite); nothing was saved from it"
+                + (f"; the last checkpoint, {saved[-1][1].name}, is from before" if saved else "")
+                + ("" if self.mode == "stop" else f"; {self.in_a_row} steps in a row were not finite")
+                + "; lower --learning_rate, or check the data and --max_grad_norm")
+        self.log.log({"step": step, "skipped": f"not finite: {what}"})
+        return False
+
+
+def synchronised_flags(accelerator, stop, loss, grad_norm) -> tuple:
+    """(a stop was requested, the step is not finite), on any process: the step's one synchronisation."""
+    flags = torch.stack([torch.tensor(float(stop.requested), device=accelerator.device),
+                         (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()])
+    stop_now, nonfinite = (accelerator.reduce(flags, "sum") > 0).tolist()
+    return stop_now, nonfinite
+
+
+def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tuple:
+    """Everything that reads user input, before any model is built: the tokenizer, the configuration (checked
+    against the checkpoint's), the disk space, the data. Returns (tokenizer, config, resolved, train_docs,
+    text_column, eval_set); `resolved` holds what the run settles that the flags left open (the arguments stay as
+    parsed)."""
+    resolved = {"tokenizer_name": args.tokenizer_name or (str(checkpoint) if checkpoint else data.BUILTIN_TOKENIZER)}
+    tokenizer = data.load_tokenizer(resolved["tokenizer_name"])
     if checkpoint:
         config = models.checkpoint_config(args, checkpoint, resume_state["args"])
-        if given_tokenizer is not None:
-            data.check_same_tokenizer(tokenizer, data.load_tokenizer(str(checkpoint)), given_tokenizer, checkpoint)
-        # a checkpoint at the last step without a final model (a kill while it was written) finishes the run below
+        resolved["model_size"] = args.model_size or resume_state["args"].get("model_size")
+        if args.tokenizer_name is not None:
+            data.check_same_tokenizer(tokenizer, data.load_tokenizer(str(checkpoint)), args.tokenizer_name, checkpoint)
+        # a checkpoint at the last step without a final model (a kill while it was written) finishes the run
         if resume_state["step"] > args.max_train_steps or (resume_state["step"] == args.max_train_steps
                                                            and (output_dir / "final_model").exists()):
             raise UserError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
-                                 f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
-    if not checkpoint:
+                            f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
+    else:
         config = models.build_config(args, len(tokenizer))
     if accelerator.is_main_process:
         ckpt.check_disk_space(output_dir, models.parameter_count(config))
@@ -260,6 +317,16 @@ def _train(args, accelerator, output_dir, lock):
     text_column = data.detect_text_column(train_docs, args.text_column, empty_hint=hint)
     data.check_not_empty(train_docs, text_column, "training", hint=hint)
     eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
+    return tokenizer, config, resolved, train_docs, text_column, eval_set
+
+
+def _train(args, accelerator, output_dir, lock):
+    checkpoint, resume_state = claim_output_dir(accelerator, args, output_dir, lock)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    set_seed(args.seed)
+    tokenizer, config, resolved, train_docs, text_column, eval_set = read_inputs(
+        args, accelerator, output_dir, checkpoint, resume_state)
+    run_args = {**vars(args), **resolved}  # what checkpoints and training_args.json record
 
     model = models.build_model(config)
     if args.gradient_checkpointing:
@@ -290,39 +357,32 @@ def _train(args, accelerator, output_dir, lock):
             if abandoned:
                 accelerator.print(f"resuming from step {step}: the later checkpoints of the abandoned continuation "
                                   f"moved to {abandoned}")
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
+        (output_dir / "training_args.json").write_text(json.dumps(run_args, indent=2))
     log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
-
-    def save(folder, with_training_state=True):
-        state = {"step": step, "elapsed": elapsed_before + time.time() - start_time, "args": vars(args),
-                 "world_size": accelerator.num_processes}
-        if with_training_state:  # what resuming needs; a final model carries no training text (packing leftover)
-            state.update(scheduler=scheduler.state_dict(), data=gather_object([train_batches.state_dict()]))
-        if not all(torch.isfinite(p).all() for p in model.parameters()):  # the divergence guard's last line
-            raise DivergenceError(f"step {step}: the weights are not finite; {folder} was not saved")
-        ckpt.save_checkpoint(accelerator, output_dir / folder, model, tokenizer, state, with_training_state)
-
     start_time = time.time()
+    elapsed = lambda: elapsed_before + time.time() - start_time  # seconds over all resumed segments
+    checkpointer = ckpt.Checkpointer(accelerator, output_dir, model, tokenizer, scheduler, train_batches, run_args,
+                                     elapsed)
     if checkpoint and step >= args.max_train_steps:  # a kill while the final model was written: write it now
-        save("final_model", with_training_state=False)
+        checkpointer.save_final(step)
         accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / 'final_model'}")
         return step
 
     if args.data_prefetch:
-        train_batches = data.Prefetcher(train_batches, args.data_prefetch, args.pin_memory)
+        train_batches = checkpointer.stream = data.Prefetcher(train_batches, args.data_prefetch, args.pin_memory)
     start_trackers(accelerator, args, output_dir)
     accum = args.gradient_accumulation_steps
     tokens_per_step = args.per_device_train_batch_size * args.seq_length * accum * accelerator.num_processes
     params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    peak_tflops = args.peak_tflops or gpu_peak_tflops()
-    flops_per_token = training_flops_per_token(config, params, args.seq_length)
     accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters; "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
                       f"{describe_setup(accelerator)}")
+    metrics = StepMetrics(log, accelerator, args.logging_steps, args.max_train_steps, tokens_per_step,
+                          training_flops_per_token(config, params, args.seq_length),
+                          args.peak_tflops or gpu_peak_tflops(), elapsed)
+    evaluator = Evaluator(model, eval_set, accelerator, args, log, config.model_type == "ttt")
+    guard = DivergenceGuard(args.on_nonfinite, output_dir, log)
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
-    start_time = window_start = time.time()
-    window_loss, window_steps, last_saved = torch.zeros((), device=accelerator.device), 0, None
-    warned_clamped, skipped_in_a_row = set(), 0
     with StopRequest() as stop:
         model.train()
         while step < args.max_train_steps:
@@ -335,78 +395,27 @@ def _train(args, accelerator, output_dir, lock):
                     accelerator.backward(loss / accum)
                 step_loss += loss.detach() / accum
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-            # one synchronisation per step: a stop request, or a non-finite loss or gradient norm, on any process
-            flags = torch.stack([torch.tensor(float(stop.requested), device=accelerator.device),
-                                 (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).float()])
-            stop_now, nonfinite = (accelerator.reduce(flags, "sum") > 0).tolist()
-            if nonfinite:
-                optimizer.zero_grad(set_to_none=True)
-                skipped_in_a_row += 1
-                what = f"step {step + 1}: loss {step_loss.item():.4g}, gradient norm {float(grad_norm):.4g}"
-                if args.on_nonfinite == "stop" or skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
-                    saved = ckpt.list_checkpoints(output_dir)
-                    raise DivergenceError(
-                        f"training diverged at {what} (not finite); nothing was saved from it"
-                        + (f"; the last checkpoint, {saved[-1][1].name}, is from before" if saved else "")
-                        + ("" if args.on_nonfinite == "stop" else
-                           f"; {skipped_in_a_row} steps in a row were not finite")
-                        + "; lower --learning_rate, or check the data and --max_grad_norm")
-                log.log({"step": step + 1, "skipped": f"not finite: {what}"})
-            else:
-                skipped_in_a_row = 0
+            stop_now, nonfinite = synchronised_flags(accelerator, stop, step_loss, grad_norm)
+            if guard.allows_update(step + 1, nonfinite, step_loss, grad_norm):
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                window_loss += step_loss
-                window_steps += 1
+                metrics.add(step_loss)
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             progress.update(1)
 
-            if (step % args.logging_steps == 0 or step == args.max_train_steps) and window_steps:
-                now = time.time()
-                mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
-                record = {"step": step, "loss": mean_loss,
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "tokens_per_sec": tokens_per_step * window_steps / (now - window_start),
-                          "elapsed": elapsed_before + now - start_time}
-                if peak_tflops:
-                    per_device = record["tokens_per_sec"] / accelerator.num_processes
-                    record["mfu"] = per_device * flops_per_token / (peak_tflops * 1e12)
-                if torch.cuda.is_available():
-                    record["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                log.log(record)
-                window_loss.zero_()
-                window_steps, window_start = 0, time.time()
-            if (args.eval_steps and step % args.eval_steps == 0) or step == args.max_train_steps:
-                eval_loss = evaluate(model, eval_set, accelerator, args.per_device_eval_batch_size)
-                log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
-                if config.model_type == "ttt":
-                    statistics = ttt_statistics(model, eval_set, accelerator, args)
-                    log.log({"step": step, **statistics})
-                    newly_clamped = sorted(set(clamped_layers(statistics)) - warned_clamped)
-                    if newly_clamped:
-                        warned_clamped.update(newly_clamped)
-                        accelerator.print(
-                            f"note: TTT layer(s) {', '.join(map(str, newly_clamped))}: the last token's position "
-                            f"factor is clamped to 0 (learned offset <= -1/mini_batch_size), so the inner weights "
-                            f"carry nothing from one mini-batch to the next (the official formula does the same)")
-            if args.save_milestone_freq and step % args.save_milestone_freq == 0:
-                save(f"milestone-{step}")
-            if (args.save_checkpoint_freq and step % args.save_checkpoint_freq == 0) or stop_now \
-                    or step == args.max_train_steps:
-                save(f"checkpoint-{step}")
-                if accelerator.is_main_process:
-                    ckpt.prune_checkpoints(output_dir, args.save_total_limit)
-                last_saved = step
+            metrics.after_step(step, scheduler.get_last_lr()[0], grad_norm)
+            evaluator.after_step(step)
+            checkpointer.after_step(step, args, stop_now)
             if stop_now:
-                accelerator.print(f"stop requested: saved checkpoint-{last_saved}; resume with "
-                                  f"--resume_from_checkpoint latest")
+                accelerator.print(f"stop requested: saved checkpoint-{step}; resume with --resume_from_checkpoint "
+                                  f"latest")
                 break
     progress.close()
     if args.data_prefetch:
         train_batches.close()
     if step == args.max_train_steps:
-        save("final_model", with_training_state=False)
+        checkpointer.save_final(step)
         accelerator.print(f"done: {output_dir / 'final_model'}")
     accelerator.end_training()
     return step

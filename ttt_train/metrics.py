@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -61,6 +62,39 @@ class MetricsLog:
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         tqdm.write(shown)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+class StepMetrics:
+    """The training lines of metrics.jsonl: every `every` steps and at the last, the mean loss of the updated steps
+    since the previous line, the learning rate, gradient norm, tokens/s, elapsed time, and on a GPU MFU and peak
+    memory."""
+
+    def __init__(self, log, accelerator, every, max_steps, tokens_per_step, flops_per_token, peak_tflops, elapsed):
+        self.log, self.accelerator, self.every, self.max_steps = log, accelerator, every, max_steps
+        self.tokens_per_step, self.flops_per_token, self.peak_tflops = tokens_per_step, flops_per_token, peak_tflops
+        self.elapsed = elapsed
+        self.loss, self.steps, self.start = torch.zeros((), device=accelerator.device), 0, time.time()
+
+    def add(self, step_loss):
+        """An updated step's loss (skipped steps are not averaged in)."""
+        self.loss += step_loss
+        self.steps += 1
+
+    def after_step(self, step: int, lr: float, grad_norm):
+        if not (step % self.every == 0 or step == self.max_steps) or not self.steps:
+            return
+        now = time.time()
+        record = {"step": step, "loss": self.accelerator.reduce(self.loss, reduction="mean").item() / self.steps,
+                  "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_sec": self.tokens_per_step * self.steps / (now - self.start), "elapsed": self.elapsed()}
+        if self.peak_tflops:
+            per_device = record["tokens_per_sec"] / self.accelerator.num_processes
+            record["mfu"] = per_device * self.flops_per_token / (self.peak_tflops * 1e12)
+        if torch.cuda.is_available():
+            record["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.log.log(record)
+        self.loss.zero_()
+        self.steps, self.start = 0, time.time()
 
 
 def quiet_libraries():

@@ -42,7 +42,7 @@ def build_config(args, vocab_size: int):
 
 def checkpoint_config(args, checkpoint, saved_args: dict):
     """The checkpoint's config, after checking that the explicitly given architecture flags agree with it
-    (resuming cannot change the model). `args.model_size` is taken from the checkpoint when not given."""
+    (resuming cannot change the model)."""
     config = AutoConfig.from_pretrained(checkpoint)
     if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
         raise UserError(f"--model_type {args.model_type} conflicts with checkpoint {checkpoint}, a "
@@ -51,7 +51,6 @@ def checkpoint_config(args, checkpoint, saved_args: dict):
     if args.model_size is not None and saved_size is not None and args.model_size != saved_size:
         raise UserError(f"--model_size {args.model_size} conflicts with checkpoint {checkpoint}, trained with "
                          f"model_size={saved_size}")
-    args.model_size = args.model_size or saved_size
     for flag in TTT_FLAGS + TRANSFORMER_FLAGS:
         value = getattr(args, flag)
         if value is not None and value != getattr(config, flag, None):
