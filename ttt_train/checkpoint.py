@@ -148,6 +148,12 @@ class Checkpointer:
             if self.accelerator.is_main_process:
                 prune_checkpoints(self.output_dir, args.save_total_limit)
 
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite on every process (each checks its own shards under FSDP)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        bad = torch.stack([(~torch.isfinite(p.detach())).any() for p in local]).any().float()
+        return self.accelerator.reduce(bad, "sum").item() == 0
+
     def save_final(self, step: int):
         self.save("final_model", step, with_training_state=False)
 
@@ -156,7 +162,7 @@ class Checkpointer:
                  "world_size": self.accelerator.num_processes}
         if with_training_state:  # what resuming needs; a final model carries no training text (packing leftover)
             state.update(scheduler=self.scheduler.state_dict(), data=gather_object([self.stream.state_dict()]))
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # the divergence guard's last line
+        if not self.weights_finite():  # the divergence guard's last line
             raise CheckpointError(f"step {step}: the weights are not finite; {folder} was not saved")
         save_checkpoint(self.accelerator, self.output_dir / folder, self.model, self.tokenizer, state,
                         with_training_state)

@@ -172,8 +172,9 @@ def start_trackers(accelerator, args, output_dir):
 def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
     """The main process takes the output directory's lock, restores what a killed save left, and checks what the
     directory holds against what was asked (a fresh run, or a resume); every process gets the outcome. Returns
-    (checkpoint or None, its trainer state or None)."""
-    outcome = [None, None, None]  # error, checkpoint, notes
+    (checkpoint or None, its trainer state or None); the main process alone reads and verifies the checkpoint's
+    files (every rank hashing every file would multiply the reads by the process count)."""
+    outcome = [None, None, None, None]  # error, checkpoint, notes, its trainer state
     if accelerator.is_main_process:
         try:
             if output_dir.exists() and not output_dir.is_dir():
@@ -189,7 +190,8 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
                                            f"{ckpt.TRAINER_STATE} (not a complete checkpoint of this trainer); "
                                            f"move it elsewhere")
             if args.resume_from_checkpoint:
-                outcome[1] = str(ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir))
+                checkpoint = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+                outcome[1], outcome[3] = str(checkpoint), ckpt.validate_checkpoint(checkpoint)
             elif (ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists()
                   or (output_dir / METRICS_FILE).exists()):
                 raise UserError(f"output_dir {output_dir} already holds a run (checkpoints, final_model or "
@@ -198,14 +200,12 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
         except UserError as error:
             outcome[0] = str(error)
     outcome = broadcast_object_list(outcome) if accelerator.num_processes > 1 else outcome
-    error, checkpoint, notes = outcome
+    error, checkpoint, notes, state = outcome
     if error:
         raise UserError(error)
     for note in notes or []:
         accelerator.print(f"{output_dir}: {note}")
-    if checkpoint is None:
-        return None, None
-    return Path(checkpoint), ckpt.validate_checkpoint(checkpoint)
+    return (Path(checkpoint), state) if checkpoint else (None, None)
 
 
 def train(args):
