@@ -68,8 +68,8 @@ class TTTConfig(PreTrainedConfig):
         readable reference); `"recomputing"`, the scan of ttt_scan.py that keeps only the inner weights at each
         mini-batch start and recomputes the rest in a hand-written backward, in PyTorch; `"triton"`, that scan on
         the Triton kernels of ttt_kernels.py (CUDA, float32, the shapes they support; an error elsewhere);
-        `"auto"` (default), Triton where it runs, else recomputing (saying once why, on a GPU). Not saved with
-        the weights' meaning: a model may be loaded with any of them.
+        `"auto"` (default), Triton where it runs, else recomputing (saying once why, on a GPU). Saved in
+        config.json like any field; any checkpoint runs under any of them.
     scan_checkpoint_group_size: when > 0, the loop scan under activation checkpointing in groups of this many
         mini-batches (as JAX's `remat_mini_batch_group_size`; the official PyTorch file reads it as a number of
         groups), whatever scan_implementation says. Gradients are unchanged.
@@ -434,10 +434,10 @@ class TTTBase(nn.Module):
             out = out * F.gelu(self.g_proj(x), approximate="tanh")
         return self.o_proj(out)
 
-    def scan_implementation(self, q) -> str:
-        """Which scan runs the stacked mini-batches q (B, H, n, K, f): config.scan_implementation, with "auto" the
-        Triton kernels where they run, else the recomputing scan in PyTorch. The statistics (per mini-batch values)
-        and scan_checkpoint_group_size need the loop."""
+    def scan_implementation(self, q, dtype) -> str:
+        """Which scan runs the stacked mini-batches q (B, H, n, K, f) in `dtype`: config.scan_implementation, with
+        "auto" the Triton kernels where they run, else the recomputing scan in PyTorch. The statistics (per
+        mini-batch values) and scan_checkpoint_group_size need the loop."""
         requested = self.config.scan_implementation
         if self.statistics is not None or self.config.scan_checkpoint_group_size or requested == "loop":
             return "loop"
@@ -449,7 +449,7 @@ class TTTBase(nn.Module):
             return "loop"
         if requested == "recomputing":
             return "recomputing"
-        why_not = ttt_scan.why_not_triton(q, self.config.ttt_layer_type)
+        why_not = ttt_scan.why_not_triton(q, dtype, self.config.ttt_layer_type)
         if why_not is None:
             return "triton"
         if requested == "triton":
@@ -464,7 +464,7 @@ class TTTBase(nn.Module):
         gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
         # the inner state in float32 at least, never below the inputs (a float64 model scans in float64)
         scan_dtype = torch.promote_types(torch.promote_types(stacked.q.dtype, state.params[0].dtype), torch.float32)
-        implementation = self.scan_implementation(stacked.q.to(scan_dtype))
+        implementation = self.scan_implementation(stacked.q, scan_dtype)
         if implementation == "loop":
             return self.loop_scan(state, stacked)
         e = stacked.lr * stacked.c[-1]  # the last row of eta, c_{K-1} lr_j: it moves the inner weights

@@ -29,13 +29,13 @@ except ModuleNotFoundError as error:  # no Triton (CPU-only installs): the PyTor
     ttt_kernels = None
 
 
-def why_not_triton(q, inner: str) -> str | None:
-    """None when the Triton kernels run the scan of stacked mini-batches q (B, H, n, K, f) of a TTT-Linear or
-    TTT-MLP layer ("linear", "mlp"); else why not, in words."""
+def why_not_triton(q, dtype, inner: str) -> str | None:
+    """None when the Triton kernels run the scan, in `dtype`, of stacked mini-batches q (B, H, n, K, f) of a
+    TTT-Linear or TTT-MLP layer ("linear", "mlp"); else why not, in words."""
     if ttt_kernels is None:
         return "Triton is not installed"
-    if q.dtype != torch.float32:
-        return f"the kernels compute in float32, the scan is in {str(q.dtype).removeprefix('torch.')}"
+    if dtype != torch.float32:
+        return f"the kernels compute in float32, the scan is in {str(dtype).removeprefix('torch.')}"
     if ttt_kernels.supports(q, inner):
         return None
     if not q.is_cuda:
