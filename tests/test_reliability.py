@@ -152,7 +152,8 @@ def test_resuming_an_older_checkpoint_starts_a_branch(tmp_path, capsys):
                     str(out / "checkpoint-2")])
     assert "moved to" in capsys.readouterr().out
     [moved] = (out / ckpt.ABANDONED_DIR).iterdir()
-    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-4", "checkpoint-6", "metrics.jsonl"]
+    assert losses(moved)[5] == abandoned_loss  # the abandoned continuation's record is kept there
     assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-5"]  # limit 1: the branch's newest
     assert json.loads((out / "checkpoint-5" / ckpt.TRAINER_STATE).read_text())["args"]["learning_rate"] == 1e-3
     assert losses(out)[5] != abandoned_loss  # metrics.jsonl holds the branch's step 5, once

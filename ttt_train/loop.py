@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -355,8 +356,10 @@ def _train(args, accelerator, output_dir, lock):
         if checkpoint:
             abandoned = ckpt.branch_from(output_dir, step)
             if abandoned:
+                if (output_dir / METRICS_FILE).is_file():  # its lines after `step` leave metrics.jsonl below
+                    shutil.copy2(output_dir / METRICS_FILE, abandoned / METRICS_FILE)
                 accelerator.print(f"resuming from step {step}: the later checkpoints of the abandoned continuation "
-                                  f"moved to {abandoned}")
+                                  f"(and a copy of metrics.jsonl) moved to {abandoned}")
         (output_dir / "training_args.json").write_text(json.dumps(run_args, indent=2))
     log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
     start_time = time.time()
