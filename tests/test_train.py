@@ -185,7 +185,10 @@ def test_streaming_hub_style_loading(tmp_path):
     expected = [next(stream) for _ in range(3)]
     resumed = PackedBlocks(train, tok, "text", 8, 2, seed=0, shuffle_buffer=10, state=state)
     got = [next(resumed) for _ in range(3)]
-    assert all(b.shape == (2, 8) for b in got)
+    assert len(got) == len(expected) == 3
+    for i, (a, b) in enumerate(zip(expected, got)):
+        assert torch.equal(a, b), f"streamed block {i} after resuming differs: {tok.decode(a.flatten())!r} vs " \
+                                  f"{tok.decode(b.flatten())!r}"
     assert state["iterator_state"] is not None
     assert "".join(tok.decode(b.flatten()) for b in expected).count("streamed doc") >= 2
 
