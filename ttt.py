@@ -300,11 +300,90 @@ def dense_at_row_weights(x, weight, bias, weight_sum, bias_sum, c):
     return out
 
 
+class LinearInnerModel:
+    """TTT-Linear's inner model f(x) = x W1 + b1, per head: its parameters (the layer's W1, b1, the learnable
+    initial hidden state), f itself, and one mini-batch of TTT in the dual form. A mixin of the TTT layer."""
+
+    def init_inner_params(self, H, f):
+        self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, f)))
+        self.b1 = nn.Parameter(torch.zeros(H, 1, f))
+
+    def initial_params(self):
+        return (self.W1, self.b1)
+
+    def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, *, keep_starts, triton):
+        # eta is unused: TTT-Linear's dual form needs only eta_qk
+        return ttt_scan.linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
+
+    def inner_forward(self, params, x):
+        W1, b1 = params
+        return x @ W1 + b1
+
+    def mini_batch_step(self, state, mb):
+        W1, b1 = state.params
+        sums = state.grad_sums or (None, None)
+        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
+        # gradients of every token at the mini-batch's starting weights
+        z1 = mb.k @ W1 + b1
+        grad_z1 = ln_reconstruction_grad(z1, mb.target, gamma, beta)
+        # dual form: Z_bar = Q W_0 + b_0 - (eta * (Q K^T + 1)) G, never materialising each token's W_i
+        z_bar = dense_at_row_weights(mb.q, W1, b1, *sums, mb.c) - mb.eta_qk @ grad_z1
+        lr_grad = mb.lr * grad_z1
+        grad_sums = (mb.k.transpose(-1, -2) @ lr_grad, lr_grad.sum(-2, keepdim=True))
+        return z_bar, state.advance(grad_sums, mb)
+
+
+class MLPInnerModel:
+    """TTT-MLP's inner model f(x) = GELU(x W1 + b1) W2 + b2 with hidden width 4f, per head: its parameters, f
+    itself, and one mini-batch of TTT in the dual form, layer by layer. A mixin of the TTT layer."""
+
+    def init_inner_params(self, H, f):
+        self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, 4 * f)))
+        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * f))
+        self.W2 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, 4 * f, f)))
+        self.b2 = nn.Parameter(torch.zeros(H, 1, f))
+
+    def initial_params(self):
+        return (self.W1, self.b1, self.W2, self.b2)
+
+    def recomputing_scan_of(self, *inputs, keep_starts, triton):
+        return ttt_scan.mlp_scan_op(*inputs, keep_starts, triton)[:5]
+
+    def inner_forward(self, params, x):
+        W1, b1, W2, b2 = params
+        return F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2
+
+    def mini_batch_step(self, state, mb):
+        W1, b1, W2, b2 = state.params
+        sums = state.grad_sums or (None,) * 4
+        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
+        # forward and backward of the inner MLP on the training view, at the starting weights
+        z1 = mb.k @ W1 + b1
+        x2 = F.gelu(z1, approximate="tanh")
+        z2 = x2 @ W2 + b2
+        grad_z2 = ln_reconstruction_grad(z2, mb.target, gamma, beta)
+        grad_z1 = (grad_z2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
+        # dual form, layer by layer, on the test view
+        z1_bar = dense_at_row_weights(mb.q, W1, b1, sums[0], sums[1], mb.c) - mb.eta_qk @ grad_z1
+        x2_bar = F.gelu(z1_bar, approximate="tanh")
+        eta_x2 = mb.eta * (x2_bar @ x2.transpose(-1, -2) + 1)
+        z2_bar = dense_at_row_weights(x2_bar, W2, b2, sums[2], sums[3], mb.c) - eta_x2 @ grad_z2
+        lr_grad_z1, lr_grad_z2 = mb.lr * grad_z1, mb.lr * grad_z2
+        grad_sums = (mb.k.transpose(-1, -2) @ lr_grad_z1, lr_grad_z1.sum(-2, keepdim=True),
+                     x2.transpose(-1, -2) @ lr_grad_z2, lr_grad_z2.sum(-2, keepdim=True))
+        return z2_bar, state.advance(grad_sums, mb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The TTT layer
+
+
 class TTTBase(nn.Module):
     """A TTT layer: projections to the training view k, test view q and label view v, the per-token inner learning
     rate eta, RoPE inside each mini-batch, the inner model's mini-batch scan, post LayerNorm, optional gate, o_proj.
 
-    Subclasses are the inner models: `initial_params()` gives theta_0 (the learnable initial hidden state),
+    The inner model comes as a mixin (LinearInnerModel, MLPInnerModel): `init_inner_params(H, f)` makes its
+    parameters, `initial_params()` gives theta_0 (the learnable initial hidden state),
     `inner_forward(params, x)` is f_W(x), `mini_batch_step(state, mb)` returns Z_bar, the pre-LayerNorm
     outputs f_{W_i}(q_i) of every row of one mini-batch in the dual form, and the next InnerState, and
     `recomputing_scan_of(q, k, target, eta, eta_qk, e, *params, gamma, beta, keep_starts=, triton=)` runs the
@@ -341,6 +420,7 @@ class TTTBase(nn.Module):
             self.g_proj = nn.Linear(C, C, bias=False)
         self.post_norm = nn.LayerNorm(C, eps=TTT_NORM_EPS)
         self.statistics = None  # a list while TTTForCausalLM.ttt_statistics records the inner losses
+        self.init_inner_params(H, f)  # the inner model's, registered last as in the official model
 
     # -- views, learning rate, RoPE
     def views(self, x, cache):
@@ -518,83 +598,19 @@ class TTTBase(nn.Module):
         return state.params, outs
 
 
-class TTTLinear(TTTBase):
-    """Inner model f(x) = x W1 + b1, per head."""
-
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
-        H, f = self.num_heads, self.head_dim
-        self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, f)))
-        self.b1 = nn.Parameter(torch.zeros(H, 1, f))
-
-    def initial_params(self):
-        return (self.W1, self.b1)
-
-    def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, *, keep_starts, triton):
-        # eta is unused: TTT-Linear's dual form needs only eta_qk
-        return ttt_scan.linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
-
-    def inner_forward(self, params, x):
-        W1, b1 = params
-        return x @ W1 + b1
-
-    def mini_batch_step(self, state, mb):
-        W1, b1 = state.params
-        sums = state.grad_sums or (None, None)
-        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
-        # gradients of every token at the mini-batch's starting weights
-        z1 = mb.k @ W1 + b1
-        grad_z1 = ln_reconstruction_grad(z1, mb.target, gamma, beta)
-        # dual form: Z_bar = Q W_0 + b_0 - (eta * (Q K^T + 1)) G, never materialising each token's W_i
-        z_bar = dense_at_row_weights(mb.q, W1, b1, *sums, mb.c) - mb.eta_qk @ grad_z1
-        lr_grad = mb.lr * grad_z1
-        grad_sums = (mb.k.transpose(-1, -2) @ lr_grad, lr_grad.sum(-2, keepdim=True))
-        return z_bar, state.advance(grad_sums, mb)
+class TTTLinear(LinearInnerModel, TTTBase):
+    """TTT-Linear: the TTT layer whose hidden state is a linear model."""
 
 
-class TTTMLP(TTTBase):
-    """Inner model f(x) = GELU(x W1 + b1) W2 + b2 with hidden width 4f, per head."""
-
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
-        H, f = self.num_heads, self.head_dim
-        self.W1 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, f, 4 * f)))
-        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * f))
-        self.W2 = nn.Parameter(torch.normal(0, INNER_INIT_STD, size=(H, 4 * f, f)))
-        self.b2 = nn.Parameter(torch.zeros(H, 1, f))
-
-    def initial_params(self):
-        return (self.W1, self.b1, self.W2, self.b2)
-
-    def recomputing_scan_of(self, *inputs, keep_starts, triton):
-        return ttt_scan.mlp_scan_op(*inputs, keep_starts, triton)[:5]
-
-    def inner_forward(self, params, x):
-        W1, b1, W2, b2 = params
-        return F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2
-
-    def mini_batch_step(self, state, mb):
-        W1, b1, W2, b2 = state.params
-        sums = state.grad_sums or (None,) * 4
-        gamma, beta = self.ttt_norm_weight.unsqueeze(1), self.ttt_norm_bias.unsqueeze(1)
-        # forward and backward of the inner MLP on the training view, at the starting weights
-        z1 = mb.k @ W1 + b1
-        x2 = F.gelu(z1, approximate="tanh")
-        z2 = x2 @ W2 + b2
-        grad_z2 = ln_reconstruction_grad(z2, mb.target, gamma, beta)
-        grad_z1 = (grad_z2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
-        # dual form, layer by layer, on the test view
-        z1_bar = dense_at_row_weights(mb.q, W1, b1, sums[0], sums[1], mb.c) - mb.eta_qk @ grad_z1
-        x2_bar = F.gelu(z1_bar, approximate="tanh")
-        eta_x2 = mb.eta * (x2_bar @ x2.transpose(-1, -2) + 1)
-        z2_bar = dense_at_row_weights(x2_bar, W2, b2, sums[2], sums[3], mb.c) - eta_x2 @ grad_z2
-        lr_grad_z1, lr_grad_z2 = mb.lr * grad_z1, mb.lr * grad_z2
-        grad_sums = (mb.k.transpose(-1, -2) @ lr_grad_z1, lr_grad_z1.sum(-2, keepdim=True),
-                     x2.transpose(-1, -2) @ lr_grad_z2, lr_grad_z2.sum(-2, keepdim=True))
-        return z2_bar, state.advance(grad_sums, mb)
+class TTTMLP(MLPInnerModel, TTTBase):
+    """TTT-MLP: the TTT layer whose hidden state is a two-layer MLP."""
 
 
 TTT_LAYER_CLASSES = {"linear": TTTLinear, "mlp": TTTMLP}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block
 
 
 class Block(GradientCheckpointingLayer):
