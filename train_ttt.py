@@ -13,12 +13,13 @@ import math
 import os
 import sys
 
-import torch
 import yaml
 
-from ttt import TTT_LAYER_TYPES, TTT_STANDARD_CONFIGS
-
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes
+# The model's tables, named here without importing ttt.py (torch and transformers take seconds: --help must not);
+# tests/test_train.py checks that they name exactly ttt.TTT_STANDARD_CONFIGS and ttt.TTT_LAYER_TYPES.
+MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b")
+LAYER_TYPES = ("linear", "mlp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model (unset flags take the official defaults; on resume they come from the checkpoint)")
     m.add_argument("--model_type", choices=["ttt", "transformer"],
                    help="ttt (default), or the Transformer++ baseline of the same size")
-    m.add_argument("--model_size", choices=list(TTT_STANDARD_CONFIGS),
+    m.add_argument("--model_size", choices=MODEL_SIZES,
                    help="default: tiny, or on resume the checkpoint's (a different one is refused)")
-    m.add_argument("--ttt_layer_type", choices=TTT_LAYER_TYPES)
+    m.add_argument("--ttt_layer_type", choices=LAYER_TYPES)
     m.add_argument("--ttt_base_lr", type=float, help="eta_base of the inner learning rate (paper: 1 linear, 0.1 mlp)")
     m.add_argument("--mini_batch_size", type=int, help="TTT mini-batch size K (default 16)")
     m.add_argument("--use_gate", action=argparse.BooleanOptionalAction, help="GELU output gate (Mamba backbone)")
@@ -152,6 +153,12 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
     return args
 
 
+def cuda_available() -> bool:
+    import torch  # here, not at the top: --help stays fast
+
+    return torch.cuda.is_available()
+
+
 def check_args(args, parser):
     positive = ["seq_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "max_train_steps", "logging_steps", "save_total_limit",
@@ -194,7 +201,7 @@ def check_args(args, parser):
             parser.error(f"ACCELERATE_MIXED_PRECISION={args.mixed_precision} (from the launch config) is not one of "
                          f"no, fp16, bf16")
     for flag, value in (("--mixed_precision fp16", args.mixed_precision == "fp16"), ("--pin_memory", args.pin_memory)):
-        if value and not torch.cuda.is_available():
+        if value and not cuda_available():
             parser.error(f"{flag} needs a CUDA GPU; none is available here")
     if args.data_prefetch < 0:
         parser.error(f"--data_prefetch must be >= 0, got {args.data_prefetch}")

@@ -421,3 +421,18 @@ def test_only_user_errors_become_one_line(monkeypatch, bug):
     monkeypatch.setattr(ttt_train.loop, "train", refused)
     with pytest.raises(SystemExit):
         train_ttt.main(FAST)
+
+
+def test_help_is_fast_and_names_the_models_tables():
+    """--help imports neither torch nor the model (under a second where they take several); the size and layer
+    choices it names are the model's tables."""
+    import ttt
+
+    assert list(train_ttt.MODEL_SIZES) == list(ttt.TTT_STANDARD_CONFIGS)
+    assert tuple(train_ttt.LAYER_TYPES) == tuple(ttt.TTT_LAYER_TYPES)
+    script = str(ROOT / "train_ttt.py")
+    probe = (f"import runpy, sys\nsys.argv = [{script!r}, '--help']\n"
+             f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             f"print(sorted(m for m in ('torch', 'transformers', 'ttt') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip().endswith("[]"), result.stdout[-500:] + result.stderr
