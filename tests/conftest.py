@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # on sys.path through pyproject.toml's [tool.pytest] pythonpath
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
 
 
 def shared_path(relative: str) -> Path:

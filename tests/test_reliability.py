@@ -235,18 +235,20 @@ def test_kill_9_at_random_moments_then_resume_completes(tmp_path):
     command = [*TRAINER, "--output_dir", str(out), "--max_train_steps", str(steps), "--save_checkpoint_freq", "1",
                "--save_total_limit", "2"]
     rng = random.Random(0)
+    newest = lambda: ckpt.list_checkpoints(out)[-1][0] if ckpt.list_checkpoints(out) else 0
     for _ in range(3):
-        resume_flag = ["--resume_from_checkpoint", "latest"] if ckpt.list_checkpoints(out) else []
-        lines = lambda: (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
-        before = lines()
+        resume_flag = ["--resume_from_checkpoint", "latest"] if newest() else []
+        before = newest()
         proc = subprocess.Popen([*command, *resume_flag], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120  # once it trains (a step a few tenths of a second, a save each step)
-        while proc.poll() is None and time.time() < deadline and lines() <= before:
+        # once it has saved a step of its own (a step takes a few tenths of a second, and a save follows each), a
+        # kill at a random moment lands in a step, a save or a rename
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and newest() <= before:
             time.sleep(0.05)
         time.sleep(rng.uniform(0, 1.5))
         proc.kill()
         proc.wait()
-    if (out / "final_model").exists():  # it may have finished before a kill: start a fresh branch to finish
+    if (out / "final_model").exists():  # it finished before a kill: remove the final model to have it rewritten
         shutil.rmtree(out / "final_model")
     resume_flag = ["--resume_from_checkpoint", "latest"] if ckpt.list_checkpoints(out) else []
     result = subprocess.run([*command, *resume_flag], capture_output=True, text=True, timeout=300)
@@ -350,7 +352,7 @@ def test_empty_input_and_out_of_vocabulary_ids_are_clear_errors():
 def test_a_fresh_run_refuses_a_directory_with_old_metrics(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
-    fails(capsys, *FAST, "--output_dir", str(tmp_path / "o"), match="already holds a run")
+    fails(capsys, *FAST, "--output_dir", str(tmp_path / "o"), match="holds the metrics.jsonl of a run that saved no")
     assert (tmp_path / "o" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
 
 

@@ -193,11 +193,13 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
             if args.resume_from_checkpoint:
                 checkpoint = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
                 outcome[1], outcome[3] = str(checkpoint), ckpt.validate_checkpoint(checkpoint)
-            elif (ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists()
-                  or (output_dir / METRICS_FILE).exists()):
-                raise UserError(f"output_dir {output_dir} already holds a run (checkpoints, final_model or "
-                                 f"{METRICS_FILE}); pass --resume_from_checkpoint latest to continue it, or choose "
-                                 f"another --output_dir")
+            elif ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists():
+                raise UserError(f"output_dir {output_dir} already holds a run (checkpoints or final_model); pass "
+                                f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+            elif (output_dir / METRICS_FILE).exists():
+                raise UserError(f"output_dir {output_dir} holds the {METRICS_FILE} of a run that saved no checkpoint "
+                                f"(it stopped before its first save); move that file or the folder away, or choose "
+                                f"another --output_dir")
         except UserError as error:
             outcome[0] = str(error)
     outcome = broadcast_object_list(outcome) if accelerator.num_processes > 1 else outcome
