@@ -20,6 +20,7 @@ COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # tests/test_train.py checks that they name exactly ttt.TTT_STANDARD_CONFIGS and ttt.TTT_LAYER_TYPES.
 MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b")
 LAYER_TYPES = ("linear", "mlp")
+PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight_decay", type=float, default=0.1)
     t.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     t.add_argument("--max_train_steps", type=int, default=200)
-    t.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
+    t.add_argument("--mixed_precision", choices=PRECISIONS,
                    help="default: the `accelerate launch` config's mixed_precision, else no")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--on_nonfinite", default="stop", choices=["stop", "skip"],
@@ -197,9 +198,9 @@ def check_args(args, parser):
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}")
     if args.mixed_precision is None:  # `accelerate launch` passes its config's setting in the environment
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if args.mixed_precision not in ("no", "fp16", "bf16"):
+        if args.mixed_precision not in PRECISIONS:
             parser.error(f"ACCELERATE_MIXED_PRECISION={args.mixed_precision} (from the launch config) is not one of "
-                         f"no, fp16, bf16")
+                         f"{', '.join(PRECISIONS)}")
     for flag, value in (("--mixed_precision fp16", args.mixed_precision == "fp16"), ("--pin_memory", args.pin_memory)):
         if value and not cuda_available():
             parser.error(f"{flag} needs a CUDA GPU; none is available here")

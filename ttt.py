@@ -773,7 +773,7 @@ class TTTModel(TTTPreTrainedModel):
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise ValueError(f"expected a (batch, length) input with length >= 1, got shape {tuple(tokens.shape)}")
         if input_ids is not None and not torch.compiler.is_compiling():  # a compiled graph does not sync here
-            low, high = input_ids.min().item(), input_ids.max().item()
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one synchronisation, not two
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary "
                                  f"[0, {self.config.vocab_size})")

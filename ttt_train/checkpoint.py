@@ -70,6 +70,11 @@ def _write_json(path: Path, data):
     os.replace(tmp, path)
 
 
+def partial_of(folder: Path) -> Path:
+    """Where a save writes `folder` before renaming it into place."""
+    return folder.with_name(f".{folder.name}.partial")
+
+
 def checkpoint_bytes(parameters: int) -> int:
     """About what one checkpoint takes: float32 weights and AdamW's two float32 moments, plus 5%."""
     return int(parameters * 12 * 1.05)
@@ -94,14 +99,14 @@ def save_checkpoint(accelerator, folder: Path, model, tokenizer, trainer_state: 
         # torch.save reports a failed write (ENOSPC) as a RuntimeError of its zip writer
         if isinstance(error, RuntimeError) and not re.search(r"inline_container|PytorchStreamWriter", str(error)):
             raise
-        shutil.rmtree(folder.with_name(f".{folder.name}.partial"), ignore_errors=True)
+        shutil.rmtree(partial_of(folder), ignore_errors=True)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed (disk full?)"
         raise CheckpointError(f"cannot write {folder}: {reason}; it was not saved, and the earlier checkpoints are "
                               f"untouched") from error
 
 
 def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with_training_state: bool):
-    partial = folder.with_name(f".{folder.name}.partial")
+    partial = partial_of(folder)
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)  # left by a save that was killed; never a real checkpoint
     accelerator.wait_for_everyone()

@@ -232,8 +232,8 @@ def train(args):
 
 
 class Evaluator:
-    """Every `every` steps and at the last: the validation loss and, for TTT models, the TTT statistics (with a
-    note, once per layer, when a layer's end-of-mini-batch update is clamped to zero)."""
+    """Every --eval_steps steps and at the last: the validation loss and, for TTT models, the TTT statistics (with
+    a note, once per layer, when a layer's end-of-mini-batch update is clamped to zero)."""
 
     def __init__(self, model, blocks, accelerator, args, log, is_ttt: bool):
         self.model, self.blocks, self.accelerator, self.args, self.log = model, blocks, accelerator, args, log
