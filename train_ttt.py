@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ttt (default), or the Transformer++ baseline of the same size")
     m.add_argument("--model_size", choices=MODEL_SIZES,
                    help="default: tiny, or on resume the checkpoint's (a different one is refused)")
+    m.add_argument("--init_from", help="start from this saved model's weights with a fresh optimizer and schedule: "
+                   "a converted official checkpoint (convert_jax_checkpoint.py), a final_model or checkpoint folder, "
+                   "or a Hub id; the architecture (and, unless --tokenizer_name, the tokenizer) are the model's")
     m.add_argument("--ttt_layer_type", choices=LAYER_TYPES)
     m.add_argument("--ttt_base_lr", type=float, help="eta_base of the inner learning rate (paper: 1 linear, 0.1 mlp)")
     m.add_argument("--mini_batch_size", type=int, help="TTT mini-batch size K (default 16)")
@@ -184,7 +187,9 @@ def check_args(args, parser):
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.lr_warmup_steps is not None and args.lr_warmup_steps > args.max_train_steps:
         parser.error(f"--lr_warmup_steps ({args.lr_warmup_steps}) exceeds --max_train_steps ({args.max_train_steps})")
-    if args.model_size is None and not args.resume_from_checkpoint:
+    if args.init_from and args.model_size is not None:
+        parser.error(f"--model_size does not apply with --init_from: the size is that of {args.init_from}")
+    if args.model_size is None and not args.resume_from_checkpoint and not args.init_from:
         args.model_size = "tiny"
     if args.lr_end > args.learning_rate:
         parser.error(f"--lr_end ({args.lr_end}) must not exceed --learning_rate ({args.learning_rate})")

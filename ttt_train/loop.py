@@ -294,8 +294,19 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
     against the checkpoint's), the disk space, the data. Returns (tokenizer, config, resolved, train_docs,
     text_column, eval_set); `resolved` holds what the run settles that the flags left open (the arguments stay as
     parsed)."""
-    resolved = {"tokenizer_name": args.tokenizer_name or (str(checkpoint) if checkpoint else data.BUILTIN_TOKENIZER)}
-    tokenizer = data.load_tokenizer(resolved["tokenizer_name"])
+    saved_source = checkpoint or args.init_from  # where the tokenizer comes from when --tokenizer_name is not given
+    resolved = {"tokenizer_name": args.tokenizer_name or str(saved_source or data.BUILTIN_TOKENIZER)}
+    try:
+        tokenizer = data.load_tokenizer(resolved["tokenizer_name"])
+    except data.DataError as error:
+        if args.tokenizer_name or not args.init_from:
+            raise
+        raise UserError(f"--init_from {args.init_from} has no usable tokenizer ({error}); give --tokenizer_name, the "
+                        f"tokenizer the model was trained with") from error
+    if checkpoint and args.init_from and args.init_from != resume_state["args"].get("init_from"):
+        raise UserError(f"--init_from {args.init_from} differs from that of the run in checkpoint {checkpoint} "
+                        f"({resume_state['args'].get('init_from')}): a resume continues from the checkpoint's weights; "
+                        f"drop --init_from or give the run's")
     if checkpoint:
         config = models.checkpoint_config(args, checkpoint, resume_state["args"])
         resolved["model_size"] = args.model_size or resume_state["args"].get("model_size")
@@ -306,6 +317,11 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
                                                            and (output_dir / "final_model").exists()):
             raise UserError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
                             f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
+    elif args.init_from:
+        config = models.init_config(args)
+        if len(tokenizer) > config.vocab_size:
+            raise UserError(f"tokenizer {resolved['tokenizer_name']} has {len(tokenizer)} tokens, more than the "
+                            f"vocabulary of --init_from {args.init_from} ({config.vocab_size})")
     else:
         config = models.build_config(args, len(tokenizer))
     if accelerator.is_main_process:
@@ -331,7 +347,7 @@ def _train(args, accelerator, output_dir, lock):
         args, accelerator, output_dir, checkpoint, resume_state)
     run_args = {**vars(args), **resolved}  # what checkpoints and training_args.json record
 
-    model = models.build_model(config)
+    model = models.load_initial_model(args, config) if args.init_from and not checkpoint else models.build_model(config)
     if args.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
@@ -382,6 +398,8 @@ def _train(args, accelerator, output_dir, lock):
     accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters; "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
                       f"{describe_setup(accelerator)}")
+    if args.init_from and not checkpoint:
+        accelerator.print(f"weights from --init_from {args.init_from} (optimizer and schedule start fresh)")
     metrics = StepMetrics(log, accelerator, args.logging_steps, args.max_train_steps, tokens_per_step,
                           training_flops_per_token(config, params, args.seq_length),
                           args.peak_tflops or gpu_peak_tflops(), elapsed)

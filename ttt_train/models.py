@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
 from ttt import TTT_STANDARD_CONFIGS, TTTConfig
+from ttt_train import data, hub
 from ttt_train.cli import UserError
 
 MODEL_TYPES = ("ttt", "transformer")
@@ -40,23 +41,46 @@ def build_config(args, vocab_size: int):
         raise UserError(f"model configuration: {error}") from error
 
 
-def checkpoint_config(args, checkpoint, saved_args: dict):
-    """The checkpoint's config, after checking that the explicitly given architecture flags agree with it
-    (resuming cannot change the model)."""
-    config = AutoConfig.from_pretrained(checkpoint)
+def check_flags_agree(args, config, source: str):
+    """The explicitly given architecture flags must be those of `config` (the model of `source`): resuming or
+    initialising from a saved model cannot change its architecture."""
     if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
-        raise UserError(f"--model_type {args.model_type} conflicts with checkpoint {checkpoint}, a "
-                         f"{config.model_type} model")
+        raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {config.model_type} model")
+    for flag in TTT_FLAGS + TRANSFORMER_FLAGS:
+        value = getattr(args, flag)
+        if value is not None and value != getattr(config, flag, None):
+            raise UserError(f"--{flag} {value} conflicts with {source}, whose model has "
+                            f"{flag}={getattr(config, flag, None)}")
+
+
+def checkpoint_config(args, checkpoint, saved_args: dict):
+    """The checkpoint's config, after checking that the explicitly given architecture flags agree with it."""
+    config = AutoConfig.from_pretrained(checkpoint)
     saved_size = saved_args.get("model_size")
     if args.model_size is not None and saved_size is not None and args.model_size != saved_size:
         raise UserError(f"--model_size {args.model_size} conflicts with checkpoint {checkpoint}, trained with "
                          f"model_size={saved_size}")
-    for flag in TTT_FLAGS + TRANSFORMER_FLAGS:
-        value = getattr(args, flag)
-        if value is not None and value != getattr(config, flag, None):
-            raise UserError(f"--{flag} {value} conflicts with checkpoint {checkpoint}, trained with "
-                             f"{flag}={getattr(config, flag, None)}")
+    check_flags_agree(args, config, f"checkpoint {checkpoint}")
     return config
+
+
+def init_config(args):
+    """The config of the --init_from model (a local folder or a Hub id), checked against the flags."""
+    name = hub.resolve(args.init_from, "--init_from model")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as error:  # OSError, ValueError, JSON errors...: all mean "not a saved model"
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--init_from {args.init_from} is not a saved model (config.json): {detail}") from error
+    check_flags_agree(args, config, f"--init_from {args.init_from}")
+    return config
+
+
+def load_initial_model(args, config):
+    """The --init_from model's weights in float32 (training keeps float32 master weights, whatever dtype they were
+    saved in), from safetensors only (a pickled pytorch_model.bin is refused: it could run code)."""
+    model = data.load_model(args.init_from, config=config, dtype=torch.float32, use_safetensors=True)
+    return model.train()
 
 
 def build_model(config):
