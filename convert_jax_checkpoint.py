@@ -383,6 +383,155 @@ def convert_ttt(args) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# TTT-E2E (test-time-training/e2e) -> ttt_e2e.py
+
+E2E_ROOT = "language_model.model."
+# ttt_e2e.py name (under model.layers.N.) -> official equinox path under language_model.model.h.blocks. (stacked
+# over the layers, [L, ...]); dense kernels are [in, out] there and [out, in] here.
+E2E_BLOCK_KEYS = {
+    "self_attn.q_proj.weight": ("seq_modeling_block.wq.weight", "T"),
+    "self_attn.k_proj.weight": ("seq_modeling_block.wk.weight", "T"),
+    "self_attn.v_proj.weight": ("seq_modeling_block.wv.weight", "T"),
+    "self_attn.o_proj.weight": ("seq_modeling_block.wo.weight", "T"),
+    "self_attn.q_norm.weight": ("seq_modeling_block.q_norm.weight", None),
+    "self_attn.k_norm.weight": ("seq_modeling_block.k_norm.weight", None),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", "T"),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", "T"),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", "T"),
+    "input_layernorm.weight": ("seq_norm.weight", None),
+    "post_attention_layernorm.weight": ("seq_post_norm.weight", None),
+    "pre_feedforward_layernorm.weight": ("ffn_norm.weight", None),
+    "post_feedforward_layernorm.weight": ("ffn_post_norm.weight", None),
+}
+# The prime sub-layer of suffix block j (= layer L - s + j), under language_model.model.h.prime_storage. ([s, ...]).
+E2E_PRIME_KEYS = {
+    "prime_mlp.gate_proj.weight": ("feed_forward_prime.w1.weight", "T"),
+    "prime_mlp.up_proj.weight": ("feed_forward_prime.w3.weight", "T"),
+    "prime_mlp.down_proj.weight": ("feed_forward_prime.w2.weight", "T"),
+    "pre_prime_layernorm.weight": ("ffn_prime_norm.weight", None),
+    "post_prime_layernorm.weight": ("ffn_prime_post_norm.weight", None),
+}
+
+
+def e2e_mapping(config) -> dict:
+    """ttt_e2e.py state_dict key -> (official path, index along its stacked layer axis or None, transform)."""
+    table = {"model.embed_tokens.weight": (E2E_ROOT + "wte.weight", None, None),
+             "model.norm.weight": (E2E_ROOT + "ln_f.weight", None, None)}
+    if not config.tie_word_embeddings:
+        table["lm_head.weight"] = ("language_model.lm_head.weight", None, "T")
+    first_suffix = config.num_hidden_layers - config.suffix_len
+    for n in range(config.num_hidden_layers):
+        for key, (path, transform) in E2E_BLOCK_KEYS.items():
+            table[f"model.layers.{n}.{key}"] = (E2E_ROOT + "h.blocks." + path, n, transform)
+        if n >= first_suffix:
+            for key, (path, transform) in E2E_PRIME_KEYS.items():
+                table[f"model.layers.{n}.{key}"] = (E2E_ROOT + "h.prime_storage." + path, n - first_suffix, transform)
+    return table
+
+
+def e2e_config_from_official(official: dict):
+    """An E2EConfig from the official config (the fixture's config.json: {"model": ..., "training": ...,
+    "optimizer_inner": ...}, or the model section alone)."""
+    from ttt_e2e import E2EConfig
+
+    model = official.get("model", official)
+    training, inner = official.get("training", {}), official.get("optimizer_inner", {})
+    try:
+        block = model["seq_modeling_block"]
+        if block not in ("SWA", "self_attention"):
+            raise ConversionError(f"--official_config: seq_modeling_block {block!r} is neither SWA nor self_attention")
+        fields = dict(vocab_size=model["vocab_size"], hidden_size=model["hidden_size"],
+                      intermediate_size=model["intermediate_size"], num_hidden_layers=model["num_hidden_layers"],
+                      num_attention_heads=model["num_attention_heads"], rms_norm_eps=model["rms_norm_eps"],
+                      rope_theta=model["rope_theta"], initializer_range=model.get("initializer_range", 0.02),
+                      bos_token_id=model.get("bos_token_id"), eos_token_id=model.get("eos_token_id"),
+                      tie_word_embeddings=model.get("tie_word_embeddings", True),
+                      sliding_window=model["sliding_window_size"] if block == "SWA" else None,
+                      mini_batch_size=model["mini_batch_size"],
+                      suffix_len=model.get("suffix_len", 0) if model.get("prime", False) else 0,
+                      train_mode=training.get("train_mode", "meta" if model.get("prime") else "pretrain"),
+                      inner_lr=inner.get("lr", 1.0), inner_clip=inner.get("clip_gradient", 1.0),
+                      ilr_init=training.get("ilr_init", 1.0), ilr_warmup_steps=training.get("ilr_warmup_steps", 0))
+    except KeyError as error:
+        raise ConversionError(f"--official_config lacks {error.args[0]!r} (the official model config)") from error
+    if fields["train_mode"] == "meta" and fields["sliding_window"] is None:
+        fields["train_mode"] = "pretrain"  # full attention has no inner loop in the official code
+    try:
+        return E2EConfig(**fields)
+    except ValueError as error:
+        raise ConversionError(f"--official_config gives an invalid configuration: {error}") from error
+
+
+def e2e_state_dict(params: dict, config) -> dict:
+    """The E2E model's state dict from official parameters {path: tensor}, every one checked (none missing, none
+    left over, shapes, finiteness)."""
+    import torch
+
+    from ttt_e2e import E2EForCausalLM
+
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in E2EForCausalLM(config).state_dict().items()}
+    mapping = e2e_mapping(config)
+    missing = sorted({path for path, _, _ in mapping.values()} - set(params))
+    if missing:
+        raise ConversionError(f"missing parameter {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                   if len(missing) > 1 else ""))
+    extra = sorted(set(params) - {path for path, _, _ in mapping.values()})
+    if extra:
+        raise ConversionError(f"unexpected parameter {extra[0]}: not part of the configured model (check "
+                              f"--official_config: prime, suffix_len, tie_word_embeddings)")
+    stacked = {path: (sum(1 for p, i, _ in mapping.values() if p == path and i is not None)) for path in params}
+    state = {}
+    for key, (path, index, transform) in mapping.items():
+        value = params[path]
+        if index is not None:
+            if value.ndim == 0 or value.shape[0] != stacked[path]:
+                raise ConversionError(f"parameter {path} has shape {list(value.shape)}: its leading (layer) axis "
+                                      f"should be {stacked[path]}")
+            value = value[index]
+        value = TRANSFORMS[transform](value).float().contiguous()
+        if list(value.shape) != list(expected[key]):
+            raise ConversionError(f"parameter {path} has shape {list(params[path].shape)}, which does not give "
+                                  f"{list(expected[key])} for {key}")
+        if not torch.isfinite(value).all():
+            raise ConversionError(f"parameter {path} holds non-finite values")
+        state[key] = value
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ConversionError(f"--params {path} does not exist")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ConversionError(f"--params {path} is not a readable safetensors file ({error})") from error
+
+
+def convert_e2e(args) -> tuple:
+    """(model, provenance) from an official TTT-E2E parameter tree; nothing written."""
+    from ttt_e2e import E2EForCausalLM
+
+    official = read_official_config(args.official_config)
+    if not official:
+        raise ConversionError("e2e needs --official_config (the official model configuration)")
+    config = e2e_config_from_official(official)
+    params = read_safetensors(Path(args.params))
+    state = e2e_state_dict(params, config)
+    model = E2EForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    provenance = dict(source=str(Path(args.params).resolve()), kind="ttt-e2e", step=None,
+                      source_dtypes=sorted({str(v.dtype).removeprefix("torch.") for v in params.values()}),
+                      parameters=len(params), settings={}, inferred=config.to_dict())
+    return model, provenance
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Writing
 
 

@@ -1,0 +1,714 @@
+# Copyright 2026 the TTT-LM PyTorch authors. MIT License.
+"""TTT-E2E (Tandon, Dalal, Li, et al., "End-to-End Test-Time Training for Long Context", official JAX code
+test-time-training/e2e) and its full-attention baseline, as Hugging Face causal LMs.
+
+A Transformer with sliding-window attention whose last quarter of blocks ("suffix" blocks) carry an extra SwiGLU
+MLP, the "prime" MLP, that keeps learning at test time: the sequence is read in chunks of `mini_batch_size`
+tokens; each chunk is predicted with the current prime weights (the fast weights), then one step of gradient
+descent on that chunk's next-token loss updates them (global-norm clip, plain SGD). Each sequence has its own fast
+weights, initialised from meta-learned values. Training differentiates the mean chunk loss through the whole inner
+loop, second-order terms included, into every parameter (the fast weights' initial values too).
+
+What is computed follows the official code exactly (../shared/reference_e2e/SPEC.md and its fixture): QK-norm
+before an interleaved-pair RoPE; sandwich norms around every sub-layer; the prime MLP as its own residual
+sub-layer between attention and the ordinary MLP; the prefix blocks run once over the whole sequence (sliding
+window, absolute positions); the suffix blocks run chunk by chunk over [the last `sliding_window` keys, the
+chunk's own] with positions local to that buffer, keys cached after QK-norm and before RoPE; the inner loss masks
+BOS targets; a sequence's loss is the unweighted mean of its chunk losses.
+
+Notation in comments: B batch, T length, d hidden, H heads, f = d / H head dim, I MLP width, W window, b chunk
+(mini_batch_size), s suffix blocks, V vocabulary.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ttt import CACHE_FIELD
+
+TRAIN_MODES = ("meta", "pretrain")  # meta: the inner loop runs (TTT-E2E); pretrain: it does not (TTT off, or fa)
+
+# The official sizes (configs/model/*, SPEC.md 2.1) plus `tiny`, which trains on a laptop CPU. `intermediate_size`
+# is the E2E model's reduced MLP width (all blocks and the prime MLP), `fa_intermediate_size` the full-attention
+# baseline's; `suffix_len` = one quarter of the blocks.
+E2E_STANDARD_CONFIGS = {
+    "tiny": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=416,
+                 fa_intermediate_size=512, suffix_len=1),
+    "125m": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=1664,
+                 fa_intermediate_size=2048, suffix_len=3),
+    "350m": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=2304,
+                 fa_intermediate_size=2816, suffix_len=6),
+    "760m": dict(num_hidden_layers=24, hidden_size=1536, num_attention_heads=16, intermediate_size=3328,
+                 fa_intermediate_size=4096, suffix_len=6),
+    "1b": dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=32, intermediate_size=4352,
+               fa_intermediate_size=5376, suffix_len=6),
+    "3b": dict(num_hidden_layers=32, hidden_size=2560, num_attention_heads=32, intermediate_size=5632,
+               fa_intermediate_size=6912, suffix_len=8),
+}
+VARIANTS = ("e2e", "pretrain", "fa")  # the E2E model; the same with TTT off; the full-attention baseline
+
+
+class E2EConfig(PreTrainedConfig):
+    r"""Configuration of a TTT-E2E model or of its full-attention baseline. Defaults: the official 125m E2E model.
+
+    sliding_window: W, the keys each query sees (itself and the W - 1 before it); None: full causal attention
+        (the "fa" baseline).
+    mini_batch_size: b, the tokens of one inner-loop chunk; the loss is the mean over chunks of b tokens of each
+        chunk's mean loss. None: one chunk spanning the sequence (the fa baseline's loss).
+    suffix_len: s, the last blocks that carry the prime MLP (0: none, the fa baseline).
+    train_mode: `"meta"` runs the inner loop (training differentiates through it); `"pretrain"` uses the prime
+        MLPs as ordinary fixed sub-layers (TTT off; the official pretrain mode).
+    inner_lr / inner_clip: the inner SGD step size (optimizer_inner.lr) and global-norm clip (clip_gradient).
+    ilr_init / ilr_warmup_steps: the inner step size's warm-up over outer training steps (`ilr_multiplier`);
+        evaluation always uses the full step.
+    first_order: drop the second-order terms of the outer gradient (NOT the official algorithm; off by default).
+    """
+
+    model_type = "ttt_e2e"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    vocab_size: int = 128256
+    hidden_size: int = 768
+    intermediate_size: int = 1664
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 500000.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 128000
+    eos_token_id: int | list[int] | None = 128001
+    use_cache: bool = False
+    sliding_window: int | None = 8192
+    mini_batch_size: int | None = 1024
+    suffix_len: int = 3
+    train_mode: str = "meta"
+    inner_lr: float = 1.0
+    inner_clip: float = 1.0
+    ilr_init: float = 1.0
+    ilr_warmup_steps: int = 0
+    first_order: bool = False
+
+    def __post_init__(self, **kwargs):
+        def integer(field, low, optional=False):
+            value = getattr(self, field)
+            if optional and value is None:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{field} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            integer(field, 1)
+        integer("sliding_window", 1, optional=True)
+        integer("mini_batch_size", 1, optional=True)
+        integer("suffix_len", 0)
+        integer("ilr_warmup_steps", 0)
+        for field, low in (("rms_norm_eps", 0), ("rope_theta", 0), ("initializer_range", 0), ("inner_clip", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= low:
+                raise ValueError(f"{field} must be a finite number > {low}, got {value!r}")
+        if not (isinstance(self.inner_lr, (int, float)) and math.isfinite(self.inner_lr) and self.inner_lr >= 0):
+            raise ValueError(f"inner_lr must be a finite number >= 0, got {self.inner_lr!r}")
+        if not (isinstance(self.ilr_init, (int, float)) and 0 <= self.ilr_init <= 1):
+            raise ValueError(f"ilr_init must be in [0, 1], got {self.ilr_init!r}")
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(f"hidden_size ({self.hidden_size}) / num_attention_heads ({self.num_attention_heads}) "
+                             f"must be an even integer (the head dimension, for RoPE)")
+        if self.suffix_len > self.num_hidden_layers:
+            raise ValueError(f"suffix_len ({self.suffix_len}) exceeds num_hidden_layers ({self.num_hidden_layers})")
+        if self.train_mode not in TRAIN_MODES:
+            raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}")
+        if self.train_mode == "meta":
+            if self.suffix_len < 1:
+                raise ValueError("train_mode 'meta' needs suffix_len >= 1 (the blocks whose prime MLP learns)")
+            if self.sliding_window is None or self.mini_batch_size is None:
+                raise ValueError("train_mode 'meta' needs a sliding_window and a mini_batch_size")
+        if self.sliding_window is not None and self.mini_batch_size is not None and self.suffix_len \
+                and self.sliding_window < self.mini_batch_size:
+            # within a chunk, tokens see each other only through attention (the fast weights hold earlier chunks)
+            raise ValueError(f"sliding_window ({self.sliding_window}) is smaller than mini_batch_size "
+                             f"({self.mini_batch_size}): tokens of a chunk would not all see the chunk's start")
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_size(cls, size: str, variant: str = "e2e", **kwargs) -> "E2EConfig":
+        """A standard size as the E2E model (`e2e`), the same with TTT off (`pretrain`), or the full-attention
+        baseline (`fa`: no prime MLP, full causal attention, full MLP widths); any field overridden by kwargs."""
+        if size not in E2E_STANDARD_CONFIGS:
+            raise ValueError(f"unknown size {size!r}; choose from {sorted(E2E_STANDARD_CONFIGS)}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        dims = dict(E2E_STANDARD_CONFIGS[size])
+        fa_width = dims.pop("fa_intermediate_size")
+        if variant == "fa":
+            dims |= dict(intermediate_size=fa_width, suffix_len=0, sliding_window=None, mini_batch_size=None,
+                         train_mode="pretrain")
+        elif variant == "pretrain":
+            dims |= dict(train_mode="pretrain")
+        return cls(**(dims | kwargs))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def ilr_multiplier(self, step: int) -> float:
+        """The inner step size's factor at outer step `step` (0-based): ilr_init + (1 - ilr_init) *
+        min(1, (step + 1) / ilr_warmup_steps), 1 without warm-up (SPEC.md 2.5)."""
+        if self.ilr_warmup_steps == 0:
+            return 1.0
+        return self.ilr_init + (1.0 - self.ilr_init) * min(1.0, (step + 1) / self.ilr_warmup_steps)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms, RoPE, softmax and the loss run in float32, or float64 for a float64 model (never below the input)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norms, RoPE, attention masks
+
+
+class E2ERMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * w, computed in float32."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.to(compute_dtype(x.dtype))
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos, sin [T, 1, f/2] of angle position * theta^(-2i/f) for the pairs i (computed in `dtype`, float32 as the
+    official precompute_freqs_cis, float64 for a float64 model)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rope(x, cos, sin):
+    """The interleaved-pair (complex) RoPE of the official code: (x[2i], x[2i+1]) rotated as one complex number,
+    not transformers' rotate_half layout. x [B, T, H, f]."""
+    x32 = x.to(cos.dtype)
+    even, odd = x32[..., 0::2], x32[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    return rotated.to(x.dtype)
+
+
+def window_mask(query_positions, key_positions, window: int | None):
+    """[Tq, Tk] True where key j is visible to query i: 0 <= j <= i and i - j < window (absolute positions)."""
+    q, k = query_positions[:, None], key_positions[None, :]
+    visible = (k <= q) & (k >= 0)
+    return visible & (q - k < window) if window is not None else visible
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention and MLPs
+
+
+class E2EAttention(nn.Module):
+    """Multi-head attention with QK-norm (one RMSNorm weight over the head dimension, shared by the heads, before
+    RoPE), RoPE, scale 1/sqrt(f), no biases, no GQA."""
+
+    def __init__(self, config: E2EConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.q_norm = E2ERMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = E2ERMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def qkv(self, x):
+        """q, k (after QK-norm, before RoPE) and v, each [B, T, H, f]."""
+        split = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))
+        return self.q_norm(split(self.q_proj(x))), self.k_norm(split(self.k_proj(x))), split(self.v_proj(x))
+
+    def rope(self, x, positions):
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.config.rope_theta, compute_dtype(x.dtype))
+        return apply_rope(x, cos, sin)
+
+    def attend(self, q, k, v, mask, fused: bool):
+        """softmax(q k^T / sqrt(f) + mask) v, heads merged, through o_proj. q [B, Tq, H, f], k, v [B, Tk, H, f].
+        fused: PyTorch's SDPA kernels (first derivatives only); else the explicit form, which supports the double
+        backward of the inner loop's second-order terms (softmax in float32 as the official XLA path)."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, f]
+        if fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            scores = scores.to(compute_dtype(scores.dtype)).masked_fill(~mask, float("-inf"))
+            out = torch.softmax(scores, dim=-1).to(v.dtype) @ v
+        return self.o_proj(out.transpose(1, 2).flatten(-2))
+
+    def sequence_attention(self, x, past=None, start: int = 0):
+        """Sliding-window (or full) causal attention over a whole sequence at absolute positions start.. (the
+        prefix blocks, and every block with TTT off). past: (k, v) already rotated, of the positions just before
+        `start` (decoding); returns (output, (k, v) to keep for the next call)."""
+        q, k, v = self.qkv(x)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+        key_positions = torch.arange(start + x.shape[1] - k.shape[1], start + x.shape[1], device=x.device)
+        out = self.attend(q, k, v, window_mask(positions, key_positions, self.config.sliding_window), fused=True)
+        window = self.config.sliding_window
+        return out, (k, v) if window is None else (k[:, -window:], v[:, -window:])
+
+    def chunk_attention(self, x, past_k, past_v, start: int):
+        """The suffix blocks' attention over [past rows, the new rows] (keys after QK-norm, before RoPE), with RoPE
+        at positions local to that buffer (the past's first row at 0, the queries after the past), as the official
+        code computes it for each chunk. past_k, past_v [B, P, H, f] hold absolute positions start - P .. start - 1
+        (zeros, masked, before position 0). Returns (output, k, v of the new rows)."""
+        q, k, v = self.qkv(x)
+        past, new = past_k.shape[1], x.shape[1]
+        keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+        local = torch.arange(past + new, device=x.device)
+        mask = window_mask(local[past:] + start - past, local + start - past, self.config.sliding_window)
+        out = self.attend(self.rope(q, local[past:]), self.rope(keys, local), values, mask, fused=False)
+        return out, k, v
+
+
+class E2EMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (official w2(silu(x w1) * (x w3)))."""
+
+    def __init__(self, config: E2EConfig):
+        super().__init__()
+        d, width = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, width, bias=False)
+        self.up_proj = nn.Linear(d, width, bias=False)
+        self.down_proj = nn.Linear(width, d, bias=False)
+
+    def forward(self, x, fast_weights=None):
+        """fast_weights: per-sequence (gate, up, down) weights [B, out, in] used instead of the module's own."""
+        if fast_weights is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = fast_weights
+        hidden = F.silu(x @ gate.transpose(1, 2)) * (x @ up.transpose(1, 2))  # [B, T, I]
+        return hidden @ down.transpose(1, 2)
+
+    def weights(self) -> tuple:
+        return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block
+
+
+class E2EBlock(nn.Module):
+    """h += post(Attn(pre(h))) ; [suffix blocks: h += post'(MLP'(pre'(h)))] ; h += post(MLP(pre(h))).
+    The norms carry Gemma-2's names (input_layernorm, post_attention_layernorm, pre_/post_feedforward_layernorm);
+    the prime sub-layer's are pre_/post_prime_layernorm."""
+
+    def __init__(self, config: E2EConfig, layer_idx: int):
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.layer_idx = layer_idx
+        self.is_suffix = layer_idx >= config.num_hidden_layers - config.suffix_len
+        self.input_layernorm, self.post_attention_layernorm = E2ERMSNorm(d, eps), E2ERMSNorm(d, eps)
+        self.self_attn = E2EAttention(config)
+        if self.is_suffix:
+            self.pre_prime_layernorm, self.post_prime_layernorm = E2ERMSNorm(d, eps), E2ERMSNorm(d, eps)
+            self.prime_mlp = E2EMLP(config)
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = E2ERMSNorm(d, eps), E2ERMSNorm(d, eps)
+        self.mlp = E2EMLP(config)
+
+    def forward(self, hidden_states, attention, fast_weights=None):
+        """attention: a function of the normed input to the attention output (the caller chooses the kind);
+        fast_weights: the prime MLP's per-sequence weights (None: its own, as a fixed sub-layer)."""
+        h = hidden_states + self.post_attention_layernorm(attention(self.input_layernorm(hidden_states)))
+        if self.is_suffix:
+            h = h + self.post_prime_layernorm(self.prime_mlp(self.pre_prime_layernorm(h), fast_weights))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def chunk_losses(logits, targets, chunk: int | None, bos_token_id: int | None = None):
+    """[B, number of chunks] mean next-token loss of each chunk of `chunk` positions (None: one chunk), over the
+    positions whose target is neither -100 nor BOS; a chunk without such targets has loss 0 (the official
+    denominator is clamped at 1e-10). targets[b, t] is the token position t predicts. Logits in float32."""
+    nll = F.cross_entropy(logits.to(compute_dtype(logits.dtype)).transpose(1, 2), targets.clamp_min(0),
+                          reduction="none")  # [B, T]
+    valid = targets != -100
+    if bos_token_id is not None:
+        valid &= targets != bos_token_id
+    length = targets.shape[1]
+    chunk = chunk or length
+    pad = -length % chunk  # a last, shorter chunk (evaluation at any length) is a chunk of its own
+    nll, valid = F.pad(nll * valid, (0, pad)), F.pad(valid, (0, pad))
+    per_chunk = nll.unflatten(1, (-1, chunk)).sum(-1) / valid.unflatten(1, (-1, chunk)).sum(-1).clamp_min(1e-10)
+    return per_chunk
+
+
+def shifted_targets(ids):
+    """targets[:, t] = ids[:, t + 1]; the last position has none (-100)."""
+    return F.pad(ids[:, 1:], (0, 1), value=-100)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding state
+
+
+class E2ECache:
+    """Decoding state of an E2E model: per block the keys and values its next tokens attend to (the last W,
+    rotated, for sequence blocks; for suffix blocks those before the current chunk, unrotated, and the current
+    chunk's so far), the fast weights of the current chunk, and the current chunk's suffix inputs and tokens (its
+    inner step runs when the next token, its last target, arrives). Its size does not grow with the sequence
+    under a sliding window."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.seen = 0
+        self.kv: list = [None] * num_layers  # sequence blocks: (k, v); suffix blocks: (k, v) before the chunk
+        self.chunk_kv: list = [None] * num_layers  # suffix blocks: (k, v) of the current chunk
+        self.fast = None  # [(gate, up, down) per suffix block], each [B, out, in]
+        self.chunk_inputs = None  # [B, m, d] the current chunk's suffix inputs (the prefix output)
+        self.chunk_ids = None  # [B, m]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Select batch rows (beam search)."""
+        pick = lambda t: None if t is None else t.index_select(0, beam_idx.to(t.device))
+        pair = lambda p: None if p is None else (pick(p[0]), pick(p[1]))
+        self.kv, self.chunk_kv = [pair(p) for p in self.kv], [pair(p) for p in self.chunk_kv]
+        self.fast = None if self.fast is None else [tuple(map(pick, w)) for w in self.fast]
+        self.chunk_inputs, self.chunk_ids = pick(self.chunk_inputs), pick(self.chunk_ids)
+
+
+def decoding_state(cache, past_key_values) -> "E2ECache | None":
+    """The E2ECache passed under either name (transformers 5.x renamed `past_key_values` to `cache`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise TypeError("pass the decoding state once, as `cache` or as `past_key_values`, not both")
+    state = cache if cache is not None else past_key_values
+    if state is not None and not isinstance(state, E2ECache):
+        raise TypeError(f"an E2E model decodes through an E2ECache, got {type(state).__name__}")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class E2EPreTrainedModel(PreTrainedModel):
+    config_class = E2EConfig
+    config: E2EConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["E2EBlock"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # official: every linear weight and the embedding N(0, 0.02) (plain normal), norm weights 1, no biases
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, E2ERMSNorm):
+            init.ones_(module.weight)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not hand us a KV cache; forward creates an E2ECache
+
+
+class E2EModel(E2EPreTrainedModel):
+    """Embedding, blocks and final norm. The inner loop needs the output layer, so it lives in E2EForCausalLM;
+    this module's forward is the pass without it (every prime MLP a fixed sub-layer: train_mode 'pretrain')."""
+
+    def __init__(self, config: E2EConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([E2EBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = E2ERMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def run_sequence_blocks(self, hidden_states, blocks):
+        """`blocks` over the whole sequence (sliding-window attention, absolute positions, fused kernels), each
+        recomputed in the backward under gradient checkpointing (as the official prefix)."""
+        for block in blocks:
+            attention = lambda x, block=block: block.self_attn.sequence_attention(x)[0]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states = torch.utils.checkpoint.checkpoint(block, hidden_states, attention, use_reentrant=False)
+            else:
+                hidden_states = block(hidden_states, attention)
+        return hidden_states
+
+    def forward(self, input_ids):
+        return self.norm(self.run_sequence_blocks(self.embed_tokens(input_ids), self.layers))
+
+
+@dataclass
+class E2ECausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the inner loop's statistics (meta mode, no cache): `chunk_losses` [B, chunks],
+    each chunk's inner loss under the fast weights it was predicted with, and `inner_grad_norms` [B, chunks - 1],
+    the global norm of each inner gradient before clipping."""
+
+    chunk_losses: torch.FloatTensor | None = None
+    inner_grad_norms: torch.FloatTensor | None = None
+
+
+class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: E2EConfig):
+        super().__init__(config)
+        self.model = E2EModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The inner step size's warm-up factor for training forwards (the trainer sets it each outer step from
+        # config.ilr_multiplier); evaluation, decoding and eval-mode forwards use 1.
+        self.inner_lr_multiplier = 1.0
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def generate(self, *args, use_cache=True, **kwargs):
+        """GenerationMixin.generate, decoding through an E2ECache unless use_cache=False."""
+        return super().generate(*args, use_cache=use_cache, **kwargs)
+
+    @property
+    def suffix_blocks(self):
+        return [block for block in self.model.layers if block.is_suffix]
+
+    def inner_step_size(self) -> float:
+        return self.config.inner_lr * (self.inner_lr_multiplier if self.training else 1.0)
+
+    # ---------------------------------------------------------------- the inner loop
+
+    def chunk_step(self, start: int, update: bool, step_size: float, keep_graph: bool, x, targets, *state):
+        """One chunk of the inner loop. x [B, n, d]: the chunk's suffix inputs (prefix output) at absolute
+        positions start..; targets [B, n]; state: the fast weights (gate, up, down per suffix block, [B, out, in])
+        then (k, v) per suffix block of the W positions before `start` (unrotated; zeros before position 0).
+        Runs the suffix blocks with the fast weights, takes the chunk's loss l_c per sequence and, if `update`,
+        theta <- theta - step_size * clip(dl_c/dtheta) with each sequence's global-norm clip. keep_graph: the outer
+        gradient goes through this step (second order unless config.first_order); otherwise the step runs
+        detached (evaluation, decoding). Returns (logits, l_c [B], inner gradient norm [B] or None, *new state)."""
+        config, blocks = self.config, self.suffix_blocks
+        fast, kv = list(state[:3 * len(blocks)]), list(state[3 * len(blocks):])
+        with torch.enable_grad():  # the inner gradient is taken even in evaluation
+            if not keep_graph:
+                fast = [w.detach().requires_grad_(update) for w in fast]
+            h, new_kv = x, []
+            for i, block in enumerate(blocks):
+                def attention(xn, i=i, block=block):
+                    out, k, v = block.self_attn.chunk_attention(xn, kv[2 * i], kv[2 * i + 1], start)
+                    window = config.sliding_window
+                    new_kv.extend([torch.cat([kv[2 * i], k], 1)[:, -window:],
+                                   torch.cat([kv[2 * i + 1], v], 1)[:, -window:]])
+                    return out
+
+                h = block(h, attention, fast_weights=fast[3 * i:3 * i + 3])
+            logits = self.lm_head(self.model.norm(h))
+            loss = chunk_losses(logits, targets, None, config.bos_token_id)[:, 0]  # [B]
+            norm = None
+            if update:
+                second_order = keep_graph and not config.first_order
+                grads = torch.autograd.grad(loss.sum(), fast, create_graph=second_order, retain_graph=keep_graph)
+                # summing the sequences' losses gives each sequence its own gradient; clip by each one's norm
+                squares = sum(g.pow(2).flatten(1).sum(1) for g in grads)  # [B]
+                clipped = squares >= config.inner_clip ** 2
+                norm = torch.where(clipped, squares, torch.ones_like(squares)).sqrt()  # no sqrt'(0) when unclipped
+                scale = torch.where(clipped, config.inner_clip / norm, torch.ones_like(norm))  # optax: g if n < c
+                fast = [w - step_size * scale[:, None, None].to(g.dtype) * g for w, g in zip(fast, grads, strict=True)]
+                norm = torch.where(clipped, norm, squares.sqrt()).detach()
+            if not keep_graph:
+                logits, loss, fast = logits.detach(), loss.detach(), [w.detach() for w in fast]
+        return (logits, loss, norm, *fast, *new_kv)
+
+    def initial_state(self, batch_size: int, reference) -> list:
+        """The fast weights theta(0) (the prime MLPs' own, one copy per sequence) and zero window caches."""
+        blocks, window = self.suffix_blocks, self.config.sliding_window
+        fast = [w.unsqueeze(0).expand(batch_size, *w.shape) for block in blocks for w in block.prime_mlp.weights()]
+        shape = (batch_size, window, self.config.num_attention_heads, self.config.head_dim)
+        zeros = [reference.new_zeros(shape) for _ in range(2 * len(blocks))]
+        return fast + zeros
+
+    def meta_forward(self, input_ids, hidden_states):
+        """The inner loop over a whole sequence: the prefix blocks once, then chunk by chunk the suffix blocks with
+        the current fast weights, each chunk's loss, and one inner step. Returns (logits, chunk losses [B, n],
+        inner gradient norms [B, n - 1])."""
+        config = self.config
+        blocks = self.model.layers[:config.num_hidden_layers - config.suffix_len]
+        h = self.model.run_sequence_blocks(hidden_states, blocks)
+        state = self.initial_state(input_ids.shape[0], h)
+        keep_graph = torch.is_grad_enabled() and state[0].requires_grad
+        step_size = self.inner_step_size()
+        targets = shifted_targets(input_ids)
+        b, length = config.mini_batch_size, input_ids.shape[1]
+        starts = list(range(0, length, b))
+        logits, losses, norms = [], [], []
+        for start in starts:
+            update = start + b < length and step_size != 0  # the last chunk's update would reach no prediction
+            args = (start, update, step_size, keep_graph, h[:, start:start + b], targets[:, start:start + b], *state)
+            if keep_graph:  # recompute the chunk in the backward: memory per chunk is its state, not activations
+                out = torch.utils.checkpoint.checkpoint(self.chunk_step, *args, use_reentrant=False)
+            else:
+                out = self.chunk_step(*args)
+            logits.append(out[0])
+            losses.append(out[1])
+            if out[2] is not None:
+                norms.append(out[2])
+            state = list(out[3:])
+        norms = torch.stack(norms, 1) if norms else None
+        return torch.cat(logits, 1), torch.stack(losses, 1).detach(), norms
+
+    # ---------------------------------------------------------------- decoding
+
+    def cached_forward(self, input_ids, cache: E2ECache):
+        """Logits of input_ids read after the cache's tokens, the cache advanced (no outer gradient). Tokens are
+        taken chunk segment by chunk segment: at a chunk boundary the finished chunk's inner step runs first (its
+        last target is the new chunk's first token), exactly as in the full forward."""
+        config, meta = self.config, self.config.train_mode == "meta"
+        b = config.mini_batch_size
+        if meta and cache.fast is None:
+            state = self.initial_state(input_ids.shape[0], self.model.embed_tokens.weight)
+            n = 3 * len(self.suffix_blocks)
+            cache.fast = [tuple(w.detach().clone() for w in state[i:i + 3]) for i in range(0, n, 3)]
+            suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
+            for j, layer in enumerate(suffix):
+                cache.kv[layer] = (state[n + 2 * j], state[n + 2 * j + 1])
+        logits, offset = [], 0
+        while offset < input_ids.shape[1]:
+            position = cache.seen + offset
+            end = input_ids.shape[1] if not meta else min(input_ids.shape[1], offset + b - position % b)
+            segment = input_ids[:, offset:end]
+            if meta and position % b == 0 and position > 0:
+                self._finish_chunk(cache, position - b, next_token=segment[:, :1])
+            logits.append(self._cached_segment(segment, position, cache))
+            offset = end
+        cache.seen += input_ids.shape[1]
+        return torch.cat(logits, 1)
+
+    def _finish_chunk(self, cache: E2ECache, start: int, next_token):
+        suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
+        targets = torch.cat([cache.chunk_ids[:, 1:], next_token], 1)
+        state = [w for triple in cache.fast for w in triple] + [t for i in suffix for t in cache.kv[i]]
+        out = self.chunk_step(start, self.inner_step_size() != 0, self.inner_step_size(), False, cache.chunk_inputs,
+                              targets, *state)
+        new = list(out[3:])
+        n = 3 * len(suffix)
+        cache.fast = [tuple(new[i:i + 3]) for i in range(0, n, 3)]
+        for j, layer in enumerate(suffix):
+            cache.kv[layer], cache.chunk_kv[layer] = (new[n + 2 * j], new[n + 2 * j + 1]), None
+        cache.chunk_inputs = cache.chunk_ids = None
+
+    def _cached_segment(self, ids, position: int, cache: E2ECache):
+        meta = self.config.train_mode == "meta"
+        h = self.model.embed_tokens(ids)
+        suffix_index = 0
+        for i, block in enumerate(self.model.layers):
+            if meta and block.is_suffix:
+                if suffix_index == 0:  # the suffix inputs of the chunk, kept for its inner step
+                    cat = lambda a, x: x if a is None else torch.cat([a, x], 1)
+                    cache.chunk_inputs, cache.chunk_ids = cat(cache.chunk_inputs, h), cat(cache.chunk_ids, ids)
+                past_k, past_v = cache.kv[i]
+                if cache.chunk_kv[i] is not None:
+                    past_k = torch.cat([past_k, cache.chunk_kv[i][0]], 1)
+                    past_v = torch.cat([past_v, cache.chunk_kv[i][1]], 1)
+                def attention(xn, i=i, block=block, past_k=past_k, past_v=past_v):
+                    out, k, v = block.self_attn.chunk_attention(xn, past_k, past_v, position)
+                    previous = cache.chunk_kv[i]
+                    cache.chunk_kv[i] = (k, v) if previous is None else (torch.cat([previous[0], k], 1),
+                                                                        torch.cat([previous[1], v], 1))
+                    return out
+
+                h = block(h, attention, fast_weights=cache.fast[suffix_index])
+                suffix_index += 1
+            else:
+                def attention(xn, i=i, block=block):
+                    out, cache.kv[i] = block.self_attn.sequence_attention(xn, cache.kv[i], position)
+                    return out
+
+                h = block(h, attention)
+        return self.lm_head(self.model.norm(h))
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, input_ids=None, attention_mask=None, cache: E2ECache | None = None, inputs_embeds=None,
+                labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep: int = 0,
+                past_key_values: E2ECache | None = None, cache_position=None):
+        """Logits of every position; in meta mode those of the fast weights of its chunk (the inner loop runs in
+        every forward, training or not; in training mode the graph goes through it, so a loss computed from the
+        logits differentiates through the inner loop). `labels`: the loss is the mean over chunks of each chunk's
+        mean cross-entropy of logits[:, t] against labels[:, t + 1] (ignore_index -100, BOS targets masked, as the
+        official loss). `cache` (or `past_key_values`): the decoding state (E2ECache), no outer gradient.
+        `cache_position`, passed by older generate(), is implied by the cache and not read."""
+        if input_ids is None:
+            raise ValueError("E2E models need input_ids (inputs_embeds alone give the inner loop no targets)")
+        if inputs_embeds is not None:
+            raise ValueError("pass input_ids, not inputs_embeds: the inner loop trains on the next tokens' ids")
+        if output_hidden_states:
+            raise ValueError("output_hidden_states is not supported by E2E models")
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"expected a (batch, length) input with length >= 1, got shape {tuple(input_ids.shape)}")
+        if not torch.compiler.is_compiling():
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("E2E models read every token in order and do not support padding (attention_mask has "
+                             "zeros); pass unpadded sequences of equal length")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        cache = decoding_state(cache, past_key_values)
+        chunk_stats = grad_norms = None
+        if use_cache:
+            cache = cache if cache is not None else E2ECache(self.config.num_hidden_layers)
+            logits = self.cached_forward(input_ids, cache)
+        elif self.config.train_mode == "meta":
+            logits, chunk_stats, grad_norms = self.meta_forward(input_ids, self.model.embed_tokens(input_ids))
+        else:
+            h = self.model.run_sequence_blocks(self.model.embed_tokens(input_ids), self.model.layers)
+            logits = self.lm_head(self.model.norm(h))
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        logits = logits.to(compute_dtype(logits.dtype))
+        loss = None
+        if labels is not None:
+            per_chunk = chunk_losses(logits, shifted_targets(labels), self.config.mini_batch_size,
+                                     self.config.bos_token_id)
+            loss = per_chunk.mean()
+        output = E2ECausalLMOutput(loss=loss, logits=logits, chunk_losses=chunk_stats, inner_grad_norms=grad_norms,
+                                   **{CACHE_FIELD: cache if use_cache else None})
+        return output if return_dict is not False else output.to_tuple()
+
+
+AutoConfig.register("ttt_e2e", E2EConfig, exist_ok=True)
+AutoModelForCausalLM.register(E2EConfig, E2EForCausalLM, exist_ok=True)
+
+__all__ = ["E2EConfig", "E2EModel", "E2EForCausalLM", "E2ECache", "E2E_STANDARD_CONFIGS"]
