@@ -489,6 +489,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         # The inner step size's warm-up factor for training forwards (the trainer sets it each outer step from
         # config.ilr_multiplier); evaluation, decoding and eval-mode forwards use 1.
         self.inner_lr_multiplier = 1.0
+        self.fast_weight_trace = None  # a list while inner_loop_trace runs
         self.post_init()
 
     def get_input_embeddings(self):
@@ -584,8 +585,24 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
             if out[2] is not None:
                 norms.append(out[2])
             state = list(out[3:])
+            if update and self.fast_weight_trace is not None:
+                self.fast_weight_trace.append([w.detach() for w in state[:3 * config.suffix_len]])
         norms = torch.stack(norms, 1) if norms else None
         return torch.cat(logits, 1), torch.stack(losses, 1).detach(), norms
+
+    @torch.no_grad()
+    def inner_loop_trace(self, input_ids) -> list:
+        """The fast weights after each inner step on input_ids (meta mode): [per updated chunk c: theta(c+1) as
+        [gate, up, down per suffix block], each [B, out, in]]. A chunk is updated when the token after it is in
+        input_ids (its last target), so T + 1 tokens give the updates of all T / b chunks."""
+        if self.config.train_mode != "meta":
+            raise ValueError("inner_loop_trace needs train_mode 'meta' (there is no inner loop otherwise)")
+        self.fast_weight_trace = []
+        try:
+            self.meta_forward(input_ids, self.model.embed_tokens(input_ids))
+            return self.fast_weight_trace
+        finally:
+            self.fast_weight_trace = None
 
     # ---------------------------------------------------------------- decoding
 

@@ -108,3 +108,38 @@ def fails(capsys, *argv, match):
     assert len(errors) == 1, err
     assert match in errors[0], err
     return errors[0]
+
+
+# ---------------------------------------------------------------- the official TTT-E2E fixture (../shared/reference_e2e)
+
+E2E_REFERENCE = SHARED / "reference_e2e"
+needs_e2e_reference = pytest.mark.skipif(
+    not (E2E_REFERENCE / "params.safetensors").is_file(),
+    reason=f"{E2E_REFERENCE} is absent (it exists only beside the developers' checkout)")
+
+
+def load_e2e_reference(**overrides):
+    """The fixture's official parameters in an E2EForCausalLM built from its official config (through the
+    converter's mapping; `overrides` change config fields: a variant), and its io tensors (token ids as int64)."""
+    import convert_jax_checkpoint as convert
+    import ttt_e2e
+
+    official = json.loads((E2E_REFERENCE / "config.json").read_text())
+    config = convert.e2e_config_from_official(official)
+    config = ttt_e2e.E2EConfig(**{**config.to_diff_dict(), **overrides})
+    model = ttt_e2e.E2EForCausalLM(config)
+    model.load_state_dict(convert.e2e_state_dict(load_file(E2E_REFERENCE / "params.safetensors"), config),
+                          strict=True)
+    io = {k: v.long() if v.dtype == torch.int32 else v for k, v in load_file(E2E_REFERENCE / "io.safetensors").items()}
+    return model, io
+
+
+def official_gradients(model) -> dict:
+    """{official parameter path: gradient in the official layout} of an E2E model after backward()."""
+    import convert_jax_checkpoint as convert
+
+    parts = {}
+    for key, (path, index, transform) in convert.e2e_mapping(model.config).items():
+        grad = model.get_parameter(key).grad
+        parts.setdefault(path, {})[index] = grad.T if transform == "T" else grad
+    return {path: p[None] if None in p else torch.stack([p[i] for i in sorted(p)]) for path, p in parts.items()}
