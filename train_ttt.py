@@ -17,8 +17,10 @@ import yaml
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes
 # The model's tables, named here without importing ttt.py (torch and transformers take seconds: --help must not);
-# tests/test_train.py checks that they name exactly ttt.TTT_STANDARD_CONFIGS and ttt.TTT_LAYER_TYPES.
+# tests/test_train.py checks that they name exactly ttt.TTT_STANDARD_CONFIGS, ttt_e2e.E2E_STANDARD_CONFIGS and
+# ttt.TTT_LAYER_TYPES.
 MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b")
+E2E_MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b", "3b")
 LAYER_TYPES = ("linear", "mlp")
 PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
 
@@ -28,16 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of flag values (keys are flag names without --)")
 
     m = p.add_argument_group("model (unset flags take the official defaults; on resume they come from the checkpoint)")
-    m.add_argument("--model_type", choices=["ttt", "transformer"],
-                   help="ttt (default), or the Transformer++ baseline of the same size")
-    m.add_argument("--model_size", choices=MODEL_SIZES,
-                   help="default: tiny, or on resume the checkpoint's (a different one is refused)")
+    m.add_argument("--model_type", choices=["ttt", "transformer", "e2e", "e2e_fa"],
+                   help="ttt (default, TTT-Linear/MLP), transformer (their Transformer++ baseline), e2e (TTT-E2E), or "
+                        "e2e_fa (TTT-E2E's full-attention baseline)")
+    m.add_argument("--model_size", choices=E2E_MODEL_SIZES,  # those of ttt and transformer, and 3b
+                   help="default: tiny, or on resume the checkpoint's (a different one is refused); 3b: e2e only")
     m.add_argument("--init_from", help="start from this saved model's weights with a fresh optimizer and schedule: "
                    "a converted official checkpoint (convert_jax_checkpoint.py), a final_model or checkpoint folder, "
                    "or a Hub id; the architecture (and, unless --tokenizer_name, the tokenizer) are the model's")
     m.add_argument("--ttt_layer_type", choices=LAYER_TYPES)
     m.add_argument("--ttt_base_lr", type=float, help="eta_base of the inner learning rate (paper: 1 linear, 0.1 mlp)")
-    m.add_argument("--mini_batch_size", type=int, help="TTT mini-batch size K (default 16)")
+    m.add_argument("--mini_batch_size", type=int,
+                   help="TTT mini-batch size K (default 16); e2e: the inner loop's chunk b (official 1024)")
     m.add_argument("--use_gate", action=argparse.BooleanOptionalAction, help="GELU output gate (Mamba backbone)")
     m.add_argument("--share_qk", action=argparse.BooleanOptionalAction, help="shared Q/K projection + convs")
     m.add_argument("--pre_conv", action=argparse.BooleanOptionalAction, help="causal conv before each TTT layer")
@@ -45,7 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scan_checkpoint_group_size", type=int,
                    help="use the straightforward inner-loop scan with activation checkpointing over groups of "
                         "this many mini-batches instead of the default recomputing scan (0: off)")
-    m.add_argument("--sliding_window", type=int, help="transformer only: attend to this many previous tokens")
+    m.add_argument("--sliding_window", type=int,
+                   help="transformer and e2e: attend to this many previous tokens (e2e official 8192)")
+    e = p.add_argument_group("TTT-E2E (--model_type e2e; unset flags take the official recipe's values)")
+    e.add_argument("--suffix_len", type=int, help="the last blocks whose prime MLP learns at test time (L/4)")
+    e.add_argument("--train_mode", choices=["meta", "pretrain"],
+                   help="meta (default): the inner loop runs and training meta-learns through it; pretrain: TTT off "
+                        "(the prime MLPs are ordinary layers)")
+    e.add_argument("--inner_lr", type=float, help="the inner SGD step size (1.0)")
+    e.add_argument("--inner_clip", type=float, help="the inner gradient's global-norm clip (1.0)")
+    e.add_argument("--ilr_init", type=float,
+                   help="the inner step size's warm-up starts at this fraction (pretraining recipes 0.1; 1: none)")
+    e.add_argument("--ilr_warmup_steps", type=int, help="outer steps of that warm-up (recipes: the lr warm-up)")
+    e.add_argument("--first_order", action=argparse.BooleanOptionalAction,
+                   help="drop the second-order terms of the meta-gradient: faster, NOT the official algorithm")
 
     d = p.add_argument_group("data")
     d.add_argument("--dataset_name", default="builtin:synthetic",

@@ -110,7 +110,7 @@ def fails(capsys, *argv, match):
     return errors[0]
 
 
-# ---------------------------------------------------------------- the official TTT-E2E fixture (../shared/reference_e2e)
+# ---------------------------------------------------------------- the official TTT-E2E fixture (shared/reference_e2e)
 
 E2E_REFERENCE = SHARED / "reference_e2e"
 needs_e2e_reference = pytest.mark.skipif(

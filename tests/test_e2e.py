@@ -142,7 +142,8 @@ def straightforward_loss(model, ids):
         fast, chunk_values, logits_of_row = list(initial), [], []
         for start in range(0, length, b):
             end = min(start + b, length)
-            hidden = torch.func.functional_call(model.model, dict(zip(names, fast, strict=True)), (ids[row:row + 1, :end],))
+            weights = dict(zip(names, fast, strict=True))
+            hidden = torch.func.functional_call(model.model, weights, (ids[row:row + 1, :end],))
             logits = model.lm_head(hidden)[:, start:end]
             loss = ttt_e2e.chunk_losses(logits, targets[row:row + 1, start:end], None, config.bos_token_id)[0, 0]
             chunk_values.append(loss)

@@ -77,7 +77,8 @@ def load_model(name: str, **kwargs):
     (a corrupt model.safetensors), or weights that are not finite."""
     from transformers import AutoModelForCausalLM
 
-    import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
+    import ttt  # noqa: F401  (registers the TTT models with the Auto classes)
+    import ttt_e2e  # noqa: F401
 
     try:
         model = AutoModelForCausalLM.from_pretrained(hub.resolve(name, "model"), **kwargs).eval()

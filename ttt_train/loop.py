@@ -21,6 +21,7 @@ from ttt_train import data, models
 from ttt_train.cli import UserError
 from ttt_train.metrics import (
     METRICS_FILE,
+    InnerLoopMetrics,
     MetricsLog,
     StepMetrics,
     gpu_peak_tflops,
@@ -323,7 +324,10 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
             raise UserError(f"tokenizer {resolved['tokenizer_name']} has {len(tokenizer)} tokens, more than the "
                             f"vocabulary of --init_from {args.init_from} ({config.vocab_size})")
     else:
-        config = models.build_config(args, len(tokenizer))
+        config = models.build_config(args, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if config.model_type == "ttt_e2e" and config.train_mode == "meta" and args.seq_length % config.mini_batch_size:
+        raise UserError(f"--seq_length {args.seq_length} is not a multiple of the E2E chunk (mini_batch_size "
+                        f"{config.mini_batch_size}): the training loss weighs every chunk equally, as the official one")
     if accelerator.is_main_process:
         ckpt.check_disk_space(output_dir, models.parameter_count(config))
     raw = data.load_raw_dataset(args.dataset_name, args.dataset_config or None, args.streaming)
@@ -404,6 +408,8 @@ def _train(args, accelerator, output_dir, lock):
                           training_flops_per_token(config, params, args.seq_length),
                           args.peak_tflops or gpu_peak_tflops(), elapsed)
     evaluator = Evaluator(model, eval_set, accelerator, args, log, config.model_type == "ttt")
+    inner_loop = InnerLoopMetrics(log, accelerator, args.logging_steps, args.max_train_steps, config)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     guard = DivergenceGuard(args.on_nonfinite, output_dir, log)
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
     with StopRequest() as stop:
@@ -411,12 +417,15 @@ def _train(args, accelerator, output_dir, lock):
         while step < args.max_train_steps:
             # one optimizer step: forward/backward over the accumulated micro-batches, clip, AdamW, schedule
             step_loss = torch.zeros((), device=accelerator.device)
+            if inner_loop.enabled:  # TTT-E2E: the inner step size's warm-up over outer steps
+                unwrapped.inner_lr_multiplier = config.ilr_multiplier(step)
             for micro in range(accum):
                 input_ids = next(train_batches).to(accelerator.device, non_blocking=args.pin_memory)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
-                    loss = model(input_ids=input_ids, labels=input_ids).loss
-                    accelerator.backward(loss / accum)
-                step_loss += loss.detach() / accum
+                    output = model(input_ids=input_ids, labels=input_ids)
+                    accelerator.backward(output.loss / accum)
+                step_loss += output.loss.detach() / accum
+                inner_loop.add(output)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
             stop_now, nonfinite = synchronised_flags(accelerator, stop, step_loss, grad_norm)
             if guard.allows_update(step + 1, nonfinite, step_loss, grad_norm):
@@ -428,6 +437,7 @@ def _train(args, accelerator, output_dir, lock):
             progress.update(1)
 
             metrics.after_step(step, scheduler.get_last_lr()[0], grad_norm)
+            inner_loop.after_step(step, getattr(unwrapped, "inner_lr_multiplier", 1.0))
             evaluator.after_step(step)
             checkpointer.after_step(step, args, stop_now)
             if stop_now:

@@ -97,6 +97,52 @@ class StepMetrics:
         self.steps, self.start = 0, time.time()
 
 
+class InnerLoopMetrics:
+    """TTT-E2E's inner loop, every `every` steps (meta mode only): the inner step size's warm-up factor, the mean
+    inner gradient norm (before clipping) and the fraction of inner steps clipped, and the loss by chunk index
+    (each chunk predicted by the fast weights trained on the chunks before it: falling with the index is TTT at
+    work), as e2e/chunk_loss/<c>; beyond 8 chunks, 8 groups of consecutive chunks, each named by its first."""
+
+    GROUPS = 8
+
+    def __init__(self, log, accelerator, every, max_steps, config):
+        self.log, self.accelerator, self.every, self.max_steps = log, accelerator, every, max_steps
+        self.enabled = config.model_type == "ttt_e2e" and config.train_mode == "meta"
+        self.clip = getattr(config, "inner_clip", None)
+        self.reset()
+
+    def reset(self):
+        self.chunk_loss, self.norm, self.clipped, self.count, self.batches = None, 0.0, 0.0, 0, 0
+
+    def add(self, output):
+        if not self.enabled or output.chunk_losses is None:
+            return
+        losses = output.chunk_losses.mean(0)  # [chunks]
+        self.chunk_loss = losses if self.chunk_loss is None else self.chunk_loss + losses
+        self.batches += 1
+        if output.inner_grad_norms is not None:
+            norms = output.inner_grad_norms
+            self.norm, self.clipped = self.norm + norms.sum(), self.clipped + (norms >= self.clip).sum()
+            self.count += norms.numel()
+
+    def after_step(self, step: int, multiplier: float):
+        if not self.enabled or not (step % self.every == 0 or step == self.max_steps) or not self.batches:
+            return
+        chunk_loss = self.accelerator.reduce(self.chunk_loss / self.batches, reduction="mean").tolist()
+        record = {"step": step, "e2e/ilr_multiplier": multiplier}
+        if self.count:
+            totals = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=self.accelerator.device)
+                                  for x in (self.norm, self.clipped, self.count)])
+            norm, clipped, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+            record |= {"e2e/inner_grad_norm": norm / count, "e2e/clipped_fraction": clipped / count}
+        size = math.ceil(len(chunk_loss) / self.GROUPS)
+        for first in range(0, len(chunk_loss), size):
+            group = chunk_loss[first:first + size]
+            record[f"e2e/chunk_loss/{first}"] = sum(group) / len(group)
+        self.log.log(record)
+        self.reset()
+
+
 def quiet_libraries():
     """The console shows the run's own lines and its one progress bar: the libraries' progress bars (loading and
     writing weights, building dataset caches) and their notices that say nothing to the user are turned off.
@@ -131,12 +177,16 @@ def training_flops_per_token(config, num_params: int, seq_length: int) -> float:
     it counts only when tied, as the output head), plus the sequence mixing, 3x its forward FLOPs:
     TTT (per head and layer, K = mini_batch_size, f = head dim): the inner loop's dual form, 6f^2 + 4Kf for
     TTT-Linear (the two f x f products, the gradient sum, the K x K mixing), 56f^2 + 8Kf for TTT-MLP;
-    Transformer: attention scores and values over the T (or window) previous tokens, 4 T C per layer."""
+    Transformer and TTT-E2E: attention scores and values over the T (or window) previous tokens, 4 T C per layer
+    (E2E's inner loop, a further forward and backward of the suffix blocks, is not counted: these are the
+    model's FLOPs, so its MFU reads low by that factor)."""
     matmul_params = num_params - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
     if config.model_type == "ttt":
         f, K = config.hidden_size // config.num_attention_heads, config.mini_batch_size
         inner = 6 * f * f + 4 * K * f if config.ttt_layer_type == "linear" else 56 * f * f + 8 * K * f
         mixing = inner * config.num_attention_heads
+    elif config.model_type == "ttt_e2e":  # the attention as for a Transformer; the inner loop is not counted
+        mixing = 4 * min(seq_length, config.sliding_window or seq_length) * config.hidden_size
     else:
         mixing = 4 * min(seq_length, getattr(config, "sliding_window", None) or seq_length) * config.hidden_size
     return 6 * matmul_params + 3 * mixing * config.num_hidden_layers

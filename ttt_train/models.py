@@ -6,15 +6,20 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
 from ttt import TTT_STANDARD_CONFIGS, TTTConfig
+from ttt_e2e import E2E_STANDARD_CONFIGS, E2EConfig
 from ttt_train import data, hub
 from ttt_train.cli import UserError
 
-MODEL_TYPES = ("ttt", "transformer")
-# Flags that define a TTT architecture; on resume they must agree with the checkpoint's config.
+MODEL_TYPES = ("ttt", "transformer", "e2e", "e2e_fa")
+# Flags that define each kind of model's architecture; on resume (or --init_from) they must agree with its config.
 TTT_FLAGS = ("ttt_layer_type", "ttt_base_lr", "mini_batch_size", "use_gate", "share_qk", "pre_conv",
              "conv_kernel", "scan_checkpoint_group_size")
 TRANSFORMER_FLAGS = ("sliding_window",)
-CONFIG_MODEL_TYPE = {"ttt": "ttt", "transformer": "mistral"}
+E2E_FLAGS = ("sliding_window", "mini_batch_size", "suffix_len", "train_mode", "inner_lr", "inner_clip", "ilr_init",
+             "ilr_warmup_steps", "first_order")
+FLAGS = {"ttt": TTT_FLAGS, "transformer": TRANSFORMER_FLAGS, "e2e": E2E_FLAGS, "e2e_fa": ()}
+ALL_FLAGS = tuple(dict.fromkeys(TTT_FLAGS + TRANSFORMER_FLAGS + E2E_FLAGS))
+CONFIG_MODEL_TYPE = {"ttt": "ttt", "transformer": "mistral", "e2e": "ttt_e2e", "e2e_fa": "ttt_e2e"}
 
 
 def transformer_config(size: str, vocab_size: int, sliding_window: int | None = None) -> MistralConfig:
@@ -27,17 +32,26 @@ def transformer_config(size: str, vocab_size: int, sliding_window: int | None = 
                          **dims)
 
 
-def build_config(args, vocab_size: int):
+def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None):
     model_type = args.model_type or "ttt"
-    wrong = [f for f in (TRANSFORMER_FLAGS if model_type == "ttt" else TTT_FLAGS) if getattr(args, f) is not None]
+    wrong = [f for f in ALL_FLAGS if f not in FLAGS[model_type] and getattr(args, f) is not None]
     if wrong:
         raise UserError(f"--{wrong[0]} does not apply to --model_type {model_type}")
+    sizes = E2E_STANDARD_CONFIGS if model_type.startswith("e2e") else TTT_STANDARD_CONFIGS
+    if args.model_size not in sizes:
+        raise UserError(f"--model_size {args.model_size} is not a size of --model_type {model_type} "
+                        f"({', '.join(sizes)})")
     if model_type == "transformer":
         return transformer_config(args.model_size, vocab_size, args.sliding_window)
-    overrides = {k: getattr(args, k) for k in TTT_FLAGS if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in FLAGS[model_type] if getattr(args, k) is not None}
     try:
-        return TTTConfig.from_size(args.model_size, vocab_size=vocab_size, **overrides)
-    except ValueError as error:  # TTTConfig names the field and the value
+        if model_type == "ttt":
+            return TTTConfig.from_size(args.model_size, vocab_size=vocab_size, **overrides)
+        variant = "fa" if model_type == "e2e_fa" else "pretrain" if overrides.pop("train_mode", None) == "pretrain" \
+            else "e2e"
+        return E2EConfig.from_size(args.model_size, variant, vocab_size=vocab_size, bos_token_id=bos_token_id,
+                                   eos_token_id=eos_token_id, **overrides)
+    except ValueError as error:  # the config names the field and the value
         raise UserError(f"model configuration: {error}") from error
 
 
@@ -46,7 +60,7 @@ def check_flags_agree(args, config, source: str):
     initialising from a saved model cannot change its architecture."""
     if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
         raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {config.model_type} model")
-    for flag in TTT_FLAGS + TRANSFORMER_FLAGS:
+    for flag in ALL_FLAGS:
         value = getattr(args, flag)
         if value is not None and value != getattr(config, flag, None):
             raise UserError(f"--{flag} {value} conflicts with {source}, whose model has "
@@ -108,4 +122,11 @@ def enable_activation_checkpointing(model):
 def describe(config) -> str:
     if config.model_type == "ttt":
         return {"linear": "TTT-Linear", "mlp": "TTT-MLP"}[config.ttt_layer_type]
+    if config.model_type == "ttt_e2e":
+        attention = f"window {config.sliding_window}" if config.sliding_window else "full attention"
+        if not config.suffix_len:
+            return f"TTT-E2E's full-attention baseline ({attention})"
+        mode = (f"chunks of {config.mini_batch_size}" + (", first-order" if config.first_order else "")
+                if config.train_mode == "meta" else "TTT off")
+        return f"TTT-E2E ({attention}, prime MLPs in the last {config.suffix_len} blocks, {mode})"
     return "Transformer++" + (f" (sliding window {config.sliding_window})" if config.sliding_window else "")
