@@ -311,3 +311,75 @@ def test_bad_inputs():
         model(torch.tensor([[3, 4]]), attention_mask=torch.tensor([[0, 1]]))
     with pytest.raises(TypeError, match="E2ECache"):
         model(torch.tensor([[3, 4]]), cache=object(), use_cache=True)
+
+
+# ---------------------------------------------------------------- training, evaluating and sampling through the CLI
+
+E2E_RUN = ["--model_type", "e2e", "--ilr_init", "0.1", "--ilr_warmup_steps", "8", "--logging_steps", "2"]
+
+
+def test_e2e_training_resumes_exactly_and_logs_the_inner_loop(tmp_path):
+    import shutil
+
+    from helpers import losses, metrics, run
+
+    common = [*E2E_RUN, "--max_train_steps", "12", "--save_checkpoint_freq", "6"]
+    full = run(tmp_path, *common, out="full")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-6", resumed / "checkpoint-6")
+    run(tmp_path, *common, "--resume_from_checkpoint", "latest", out="resumed")
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == [8, 10, 12] and all(got[s] == expected[s] for s in got), (got, expected)
+    inner = {r["step"]: r for r in metrics(full) if "e2e/ilr_multiplier" in r}
+    assert sorted(inner) == [2, 4, 6, 8, 10, 12]
+    config = E2EConfig.from_pretrained(full / "final_model")
+    for step, record in inner.items():  # logged after step s: the factor step s used (0-based index s - 1)
+        assert record["e2e/ilr_multiplier"] == pytest.approx(config.ilr_multiplier(step - 1))
+        assert 0 <= record["e2e/clipped_fraction"] <= 1 and record["e2e/inner_grad_norm"] > 0
+        assert sorted(k for k in record if k.startswith("e2e/chunk_loss/")) == [f"e2e/chunk_loss/{c}" for c in range(4)]
+    resumed_inner = {r["step"]: r for r in metrics(resumed) if "e2e/ilr_multiplier" in r}
+    assert all(resumed_inner[s] == inner[s] for s in (8, 10, 12))
+    assert config.train_mode == "meta" and config.sliding_window == 64 and config.ilr_warmup_steps == 8
+
+
+def test_e2e_variants_train_evaluate_and_generate(tmp_path, capsys):
+    import json
+
+    import evaluate
+    import generate
+    from helpers import run
+
+    folders = {name: run(tmp_path, *flags, "--max_train_steps", "2", out=name) for name, flags in {
+        "e2e": ["--model_type", "e2e"], "off": ["--model_type", "e2e", "--train_mode", "pretrain"],
+        "fa": ["--model_type", "e2e_fa"]}.items()}
+    out = capsys.readouterr().out
+    assert "TTT-E2E (window 64, prime MLPs in the last 1 blocks, chunks of 16)" in out
+    assert "TTT-E2E (window 64, prime MLPs in the last 1 blocks, TTT off)" in out
+    assert "TTT-E2E's full-attention baseline (full attention)" in out
+    configs = {name: E2EConfig.from_pretrained(folder / "final_model") for name, folder in folders.items()}
+    assert configs["fa"].intermediate_size == 512 and configs["e2e"].intermediate_size == 416
+    evaluate.main(["--model_name_or_path", *(str(f / "final_model") for f in folders.values()), "--dataset_name",
+                   "builtin:synthetic", "--seq_length", "96", "--max_eval_tokens", "800", "--bucket_size", "16",
+                   "--output_dir", str(tmp_path / "eval")])
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(results) == 3 and all(r["tokens"] > 700 and len(r["by_position"]) == 6 for r in results)
+    capsys.readouterr()
+    generate.main(["--model_name_or_path", str(folders["e2e"] / "final_model"), "--prompt", "Bob",
+                   "--max_new_tokens", "40", "--seed", "0"])
+    assert capsys.readouterr().out.startswith("Bob")
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--model_type", "e2e", "--seq_length", "72"], "--seq_length 72 is not a multiple of the E2E chunk"),
+    (["--model_type", "e2e", "--sliding_window", "8"], "sliding_window (8) is smaller than mini_batch_size (16)"),
+    (["--model_type", "e2e", "--suffix_len", "5"], "suffix_len (5) exceeds num_hidden_layers (4)"),
+    (["--model_type", "e2e_fa", "--first_order"], "--first_order does not apply to --model_type e2e_fa"),
+    (["--suffix_len", "1"], "--suffix_len does not apply to --model_type ttt"),
+    (["--model_size", "3b"], "--model_size 3b is not a size of --model_type ttt"),
+])
+def test_bad_e2e_flags_are_one_error_line(tmp_path, capsys, flags, match):
+    from helpers import FAST, fails
+
+    fails(capsys, *FAST, "--output_dir", str(tmp_path / "run"), *flags, match=match)
+    assert not (tmp_path / "run" / "final_model").exists()
