@@ -2,6 +2,7 @@
 """Official JAX checkpoints to Hugging Face folders.
 
     python convert_jax_checkpoint.py ttt --checkpoint PATH --output_dir OUT [--tokenizer_name TOK]
+    python convert_jax_checkpoint.py e2e --params PARAMS.safetensors --official_config CONFIG.json --output_dir OUT
 
 `ttt` reads what the official ttt-lm-jax trainer writes (test-time-training/ttt-lm-jax, StreamingCheckpointer):
 a run folder (its latest `streaming_train_state` or `streaming_params`), a `step_N` milestone folder, or one of
@@ -19,6 +20,11 @@ The on-disk format (flax.serialization, as StreamingCheckpointer writes it): a c
 "/", e.g. "ttt_norm/scale"), value = msgpack bytes of ExtType(1, msgpack([shape, dtype name, C-order bytes])),
 or of a dict {"__msgpack_chunked_array__": True, "shape": ..., "chunks": ...} for arrays over 2**30 bytes.
 Floats are stored as bfloat16 by default (--checkpointer.float_dtype), which converts to float32 exactly.
+
+`e2e` reads an official TTT-E2E parameter tree (test-time-training/e2e: equinox paths joined by ".", the blocks'
+tensors stacked over layers, dense kernels [in, out]) saved as safetensors, with the run's configuration, and
+writes a folder that loads after `import ttt_e2e` (mapping: e2e_mapping). The official trainer's orbax checkpoint
+directories are not read: their on-disk layout is not verified here (no official checkpoint to test against).
 """
 
 import argparse
@@ -605,6 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
                                             "models use Llama-2's)")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights written (the checkpoint's bf16 values convert to float32 exactly)")
+    e = sub.add_parser("e2e", help="TTT-E2E from test-time-training/e2e (its parameter tree as safetensors)")
+    e.add_argument("--params", required=True,
+                   help="the official parameter tree as safetensors, keys = equinox paths joined by '.' "
+                        "(language_model.model.h.blocks.*, layer-stacked)")
+    e.add_argument("--official_config", type=Path, required=True,
+                   help="the official configuration as JSON ({'model': ..., 'training': ..., 'optimizer_inner': ...}"
+                        " or the model section alone)")
+    e.add_argument("--output_dir", required=True, help="new folder for the Hugging Face model (never overwritten)")
+    e.add_argument("--tokenizer_name", help="the tokenizer to save with the model (the official models use "
+                                            "Llama-3's)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     return p
 
 
@@ -625,7 +642,7 @@ def main(argv=None) -> int:
     quiet_libraries()  # the libraries' progress bars: the converter prints its own one line
     try:
         check_output_dir(output_dir)
-        model, provenance = convert_ttt(args)
+        model, provenance = (convert_ttt if args.kind == "ttt" else convert_e2e)(args)
         tokenizer = load_tokenizer(args.tokenizer_name, model.config.vocab_size)
         check_output_dir(output_dir)  # again: another process may have written there meanwhile
         write_folder(model, tokenizer, provenance, output_dir, args.dtype)
@@ -633,6 +650,14 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     arch = provenance["inferred"]
+    if args.kind == "e2e":
+        from ttt_train.models import describe
+
+        print(f"converted {provenance['source']} ({provenance['parameters']} tensors, "
+              f"{'/'.join(provenance['source_dtypes'])}) -> {output_dir}: {describe(model.config)}, "
+              f"{arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}, vocabulary {arch['vocab_size']}, "
+              f"{args.dtype}")
+        return 0
     kind = {"linear": "TTT-Linear", "mlp": "TTT-MLP"}[arch["ttt_layer_type"]]
     print(f"converted {provenance['source']} (step {provenance['step']}, {provenance['parameters']} tensors, "
           f"{'/'.join(provenance['source_dtypes'])}) -> {output_dir}: {kind}, {arch['num_hidden_layers']} layers, "

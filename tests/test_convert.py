@@ -285,3 +285,80 @@ def test_help_is_fast_and_imports_nothing_heavy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=train_ttt.__file__.rsplit("/", 1)[0])
     assert result.stdout.strip().endswith("[]"), result.stdout
+
+
+# ---------------------------------------------------------------- TTT-E2E: convert_jax_checkpoint.py e2e
+
+E2E = SHARED / "reference_e2e"
+needs_e2e = pytest.mark.skipif(not (E2E / "params.safetensors").is_file(),
+                               reason=f"{E2E} is absent (it exists only beside the developers' checkout)")
+
+
+def convert_e2e(tmp_path, *flags, params=None, config=None, name="e2e"):
+    out = tmp_path / name
+    code = convert.main(["e2e", "--params", str(params or E2E / "params.safetensors"), "--official_config",
+                         str(config or E2E / "config.json"), "--output_dir", str(out), *flags])
+    return code, out
+
+
+@needs_e2e
+def test_e2e_conversion_loads_and_runs_the_inner_loop(tmp_path):
+    import torch.nn.functional as F
+
+    import ttt_e2e
+    from helpers import official_gradients
+
+    code, out = convert_e2e(tmp_path)
+    assert code == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, ttt_e2e.E2EForCausalLM) and model.config.train_mode == "meta"
+    io = {k: v.long() if v.dtype == torch.int32 else v for k, v in load_file(E2E / "io.safetensors").items()}
+    model.eval()
+    with torch.no_grad():
+        logits = model(io["input_ids"]).logits  # evaluation: the inner loop runs, without a graph
+    nll = F.cross_entropy(logits.transpose(1, 2), io["target_tokens"], reduction="none")
+    assert_close("token NLL (eval mode)", nll, io["meta.token_nll"], atol=1e-4 * io["meta.token_nll"].max().item())
+    model.train()  # training: the same forward keeps the graph through the inner loop
+    ttt_e2e.chunk_losses(model(io["input_ids"]).logits, io["target_tokens"], 16, 1).mean().backward()
+    grads = official_gradients(model)
+    for path in ("language_model.model.h.prime_storage.feed_forward_prime.w2.weight",
+                 "language_model.model.h.blocks.seq_modeling_block.wq.weight", "language_model.model.wte.weight"):
+        reference = io[f"meta.grad.{path}"]
+        assert_close(f"meta-gradient of {path}", grads[path], reference, atol=1e-4 * reference.abs().max().item())
+
+
+@needs_e2e
+def test_e2e_conversion_bad_input(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    params = load_file(E2E / "params.safetensors")
+    config = json.loads((E2E / "config.json").read_text())
+    cases = []
+    missing = {k: v for k, v in params.items() if not k.endswith("ln_f.weight")}
+    cases.append((dict(params=missing), "missing parameter language_model.model.ln_f.weight"))
+    extra = {**params, "language_model.model.h.blocks.seq_modeling_block.wz.weight": params[
+        "language_model.model.ln_f.weight"].clone()}
+    cases.append((dict(params=extra), "unexpected parameter language_model.model.h.blocks.seq_modeling_block.wz"))
+    fewer_layers = json.loads(json.dumps(config))
+    fewer_layers["model"]["num_hidden_layers"] = 3
+    cases.append((dict(config=fewer_layers), "its leading (layer) axis should be 3"))
+    wider = json.loads(json.dumps(config))
+    wider["model"]["intermediate_size"] = 96
+    cases.append((dict(config=wider), "which does not give [96, 64]"))
+    for n, (change, match) in enumerate(cases):
+        paths = {}
+        if "params" in change:
+            paths["params"] = tmp_path / f"params{n}.safetensors"
+            save_file(change["params"], paths["params"])
+        if "config" in change:
+            paths["config"] = tmp_path / f"config{n}.json"
+            paths["config"].write_text(json.dumps(change["config"]))
+        capsys.readouterr()
+        code, out = convert_e2e(tmp_path, **paths, name="refused")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and match in err[0], err
+        assert not out.exists()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((E2E / "params.safetensors").read_bytes()[:5000])
+    code, out = convert_e2e(tmp_path, params=truncated, name="refused")
+    assert code == 1 and "not a readable safetensors file" in capsys.readouterr().err and not out.exists()

@@ -427,7 +427,6 @@ def test_help_is_fast_and_names_the_models_tables():
     """--help imports neither torch nor the model (under a second where they take several); the size and layer
     choices it names are the model's tables."""
     import ttt
-
     import ttt_e2e
 
     assert list(train_ttt.MODEL_SIZES) == list(ttt.TTT_STANDARD_CONFIGS)
