@@ -1,9 +1,10 @@
-"""The one helper behind scripts/train_<size>_c4.sh: the paper's recipe for a size, with the per-device batch and
-gradient accumulation derived from the global batch and the number of GPUs, then `accelerate launch` (or plain
-python for one process) of train_gpu_optimized.py. Arguments it does not know are passed to the trainer and
-override the recipe (the trainer's last value of a flag wins).
+"""The one helper behind scripts/train_<size>_c4.sh and scripts/train_e2e.sh: the official recipe for a size, with
+the per-device batch and gradient accumulation derived from the global batch and the number of GPUs, then
+`accelerate launch` (or plain python for one process) of train_gpu_optimized.py. Arguments it does not know are
+passed to the trainer and override the recipe (the trainer's last value of a flag wins).
 
     scripts/train_125m_c4.sh [--layer linear|mlp] [--num_gpus N] [--dry-run] [trainer flags ...]
+    scripts/train_e2e.sh SIZE [--stage pretrain|extend] [--variant e2e|fa] [--num_gpus N] [--dry-run] [flags ...]
 
 Environment: NUM_GPUS (default: the GPUs torch sees), PER_DEVICE_BATCH (default: the recipe's), and for several
 nodes NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT.
@@ -33,6 +34,28 @@ RECIPES = {
 GLOBAL_BATCH = 256
 INNER_BASE_LR = {"linear": 1.0, "mlp": 0.1}  # the paper's eta_base per inner model
 
+# TTT-E2E's official recipes (test-time-training/e2e configs; ../shared/reference_e2e/SPEC.md 2.6): pretraining
+# at 8K on DCLM, then extension at 32K on Books3 from the pretrained weights (fresh optimizer, 5% of the tokens);
+# AdamW, weight decay 0.1, clip 1.0, cosine to 1e-5 after 10% warm-up; the inner step size warms up from 0.1 over
+# the outer warm-up in pretraining, not in extension. The fa baseline trains with the same steps and rates. The
+# official pretraining data (DCLM filtered for long documents, Llama-3 tokenised, a zarr bucket) is not on the
+# Hub: DCLM's baseline release streams in its place; Books3 is not distributed, so extension needs --dataset_name.
+# per_device_batch is a starting point (not measured here: the suffix's second-order pass needs more memory).
+E2E_COMMON = dict(tokenizer_name="meta-llama/Meta-Llama-3-8B", weight_decay=0.1, lr_end=1e-5, warmup_ratio=0.1,
+                  lr_scheduler_type="cosine", max_grad_norm=1.0, save_checkpoint_freq=500, save_milestone_freq=2500,
+                  eval_steps=500, logging_steps=10, report_to="tensorboard")
+E2E_STAGES = {
+    "pretrain": dict(seq_length=8192, dataset_name="mlfoundations/dclm-baseline-1.0", streaming=True),
+    "extend": dict(seq_length=32768, learning_rate=4e-4, ilr_init=1.0, ilr_warmup_steps=0),
+}
+E2E_RECIPES = {  # size: pretraining (steps, global batch, peak lr), extension (steps, global batch)
+    "125m": dict(pretrain=(4800, 64, 3e-3), extend=(120, 32), per_device_batch=4),
+    "350m": dict(pretrain=(13500, 64, 1.5e-3), extend=(337, 32), per_device_batch=2),
+    "760m": dict(pretrain=(29000, 64, 1.25e-3), extend=(725, 32), per_device_batch=1),
+    "1b": dict(pretrain=(50000, 64, 1e-3), extend=(1250, 32), per_device_batch=1),
+    "3b": dict(pretrain=(52000, 128, 8e-4), extend=(1300, 64), per_device_batch=1),
+}
+
 
 def count_gpus() -> int:
     if "NUM_GPUS" in os.environ:
@@ -41,12 +64,12 @@ def count_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def batch_split(processes: int, max_per_device: int) -> tuple:
-    """(per-device batch, accumulation steps) with per_device * accumulation * processes == GLOBAL_BATCH."""
-    if GLOBAL_BATCH % processes:
-        raise SystemExit(f"error: the global batch of {GLOBAL_BATCH} sequences does not split over {processes} "
+def batch_split(processes: int, max_per_device: int, global_batch: int = GLOBAL_BATCH) -> tuple:
+    """(per-device batch, accumulation steps) with per_device * accumulation * processes == global_batch."""
+    if global_batch % processes:
+        raise SystemExit(f"error: the global batch of {global_batch} sequences does not split over {processes} "
                          f"processes; use a process count that divides it")
-    per_process = GLOBAL_BATCH // processes
+    per_process = global_batch // processes
     per_device = min(max_per_device, per_process)
     while per_process % per_device:
         per_device -= 1
@@ -63,20 +86,46 @@ def flag_args(values: dict) -> list:
     return out
 
 
-def build_command(size, layer, num_gpus, extra) -> list:
+def ttt_flags(size, layer, processes) -> tuple:
+    """(trainer flags, use FSDP) of the TTT-Linear/MLP recipe."""
     recipe = RECIPES[size]
-    machines = int(os.environ.get("NUM_MACHINES", "1"))
-    processes = max(num_gpus, 1) * machines
     per_device_batch = int(os.environ.get("PER_DEVICE_BATCH", recipe["per_device_batch"]))
     per_device, accumulation = batch_split(processes, per_device_batch)
-    trainer = flag_args({**COMMON, "model_size": size, "ttt_layer_type": layer, "ttt_base_lr": INNER_BASE_LR[layer],
-                         "learning_rate": recipe["learning_rate"], "max_train_steps": recipe["max_train_steps"],
-                         "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
-                         "output_dir": f"outputs/ttt-{layer}-{size}-c4"})
+    return {**COMMON, "model_size": size, "ttt_layer_type": layer, "ttt_base_lr": INNER_BASE_LR[layer],
+            "learning_rate": recipe["learning_rate"], "max_train_steps": recipe["max_train_steps"],
+            "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
+            "output_dir": f"outputs/ttt-{layer}-{size}-c4"}, recipe["fsdp"]
+
+
+def e2e_flags(size, stage, variant, processes) -> tuple:
+    """(trainer flags, use FSDP) of a TTT-E2E recipe: `variant` e2e (meta-learned TTT) or fa (full attention)."""
+    recipe = E2E_RECIPES[size]
+    steps, global_batch, *peak = recipe[stage]
+    per_device_batch = int(os.environ.get("PER_DEVICE_BATCH", recipe["per_device_batch"]))
+    per_device, accumulation = batch_split(processes, per_device_batch, global_batch)
+    flags = {**E2E_COMMON, **E2E_STAGES[stage], "model_type": "e2e" if variant == "e2e" else "e2e_fa",
+             "model_size": size, "max_train_steps": steps, "per_device_train_batch_size": per_device,
+             "gradient_accumulation_steps": accumulation, "output_dir": f"outputs/{variant}-{size}-{stage}"}
+    if stage == "pretrain":
+        flags |= {"learning_rate": peak[0]}
+        if variant == "e2e":
+            flags |= {"ilr_init": 0.1, "ilr_warmup_steps": steps // 10}  # over the outer warm-up
+    if variant == "fa":
+        flags = {k: v for k, v in flags.items() if k not in ("ilr_init", "ilr_warmup_steps")}
+    if stage == "extend":
+        flags.pop("model_size")  # the size is that of --init_from, the pretrained model
+    return flags, size in ("760m", "1b", "3b")
+
+
+def build_command(size, layer, num_gpus, extra, family="ttt", stage="pretrain", variant="e2e") -> list:
+    machines = int(os.environ.get("NUM_MACHINES", "1"))
+    processes = max(num_gpus, 1) * machines
+    flags, fsdp = ttt_flags(size, layer, processes) if family == "ttt" else e2e_flags(size, stage, variant, processes)
+    trainer = flag_args(flags)
     script = str(ROOT / "train_gpu_optimized.py")
     if processes == 1:
         return [sys.executable, script, *trainer, *extra]
-    config = ROOT / ("accelerate_fsdp_config.yaml" if recipe["fsdp"] else "accelerate_config.yaml")
+    config = ROOT / ("accelerate_fsdp_config.yaml" if fsdp else "accelerate_config.yaml")
     launcher = ["accelerate", "launch", "--config_file", str(config), "--num_processes", str(processes),
                 "--num_machines", str(machines)]
     if machines > 1:
@@ -88,8 +137,14 @@ def build_command(size, layer, num_gpus, extra) -> list:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("size", choices=list(RECIPES))
-    parser.add_argument("--layer", choices=list(INNER_BASE_LR), default="linear")
+    parser.add_argument("size", choices=list(E2E_RECIPES))
+    parser.add_argument("--family", choices=["ttt", "e2e"], default="ttt",
+                        help="ttt: TTT-Linear/MLP on C4 (train_<size>_c4.sh); e2e: TTT-E2E (train_e2e.sh)")
+    parser.add_argument("--layer", choices=list(INNER_BASE_LR), default="linear", help="ttt: the inner model")
+    parser.add_argument("--stage", choices=list(E2E_STAGES), default="pretrain",
+                        help="e2e: pretraining at 8K, or extension at 32K (needs --init_from and --dataset_name)")
+    parser.add_argument("--variant", choices=["e2e", "fa"], default="e2e",
+                        help="e2e: TTT-E2E; fa: its full-attention baseline")
     parser.add_argument("--num_gpus", type=int, help="default: NUM_GPUS, else the GPUs torch sees")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the command instead of running it")
@@ -101,7 +156,18 @@ def main(argv=None):
         parser.error(f"--num_gpus must be >= 0, got {num_gpus}")
     if num_gpus == 0:
         print("launch: no GPU found; the run goes to the CPU as one process", file=sys.stderr)
-    command = build_command(args.size, args.layer, num_gpus, extra)
+    if args.family == "ttt" and args.size not in RECIPES:
+        parser.error(f"TTT-Linear/MLP recipes exist for {', '.join(RECIPES)}, not {args.size}")
+    if args.family == "e2e" and args.stage == "extend":
+        given = {a.split("=")[0] for a in extra}
+        missing = [flag for flag in ("--init_from", "--dataset_name") if flag not in given]
+        if missing:
+            parser.error(f"--stage extend needs {' and '.join(missing)}: extension starts from the pretrained model "
+                         f"(--init_from) on long documents (Books3 in the paper, not distributed: --dataset_name)")
+        if args.variant == "fa":
+            parser.error("--stage extend --variant fa: the official fa extension raises RoPE theta (2e6 at 32K), "
+                         "which a run started with --init_from cannot change yet; extend the E2E model only")
+    command = build_command(args.size, args.layer, num_gpus, extra, args.family, args.stage, args.variant)
     print(shlex.join(command), flush=True)
     if not args.dry_run:  # from where the user is: their relative paths (data, output_dir) mean what they wrote
         os.execvp(command[0], command)

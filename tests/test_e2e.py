@@ -383,3 +383,21 @@ def test_bad_e2e_flags_are_one_error_line(tmp_path, capsys, flags, match):
 
     fails(capsys, *FAST, "--output_dir", str(tmp_path / "run"), *flags, match=match)
     assert not (tmp_path / "run" / "final_model").exists()
+
+
+def test_extension_from_a_pretrained_e2e_model_resets_the_warm_up(tmp_path, capsys):
+    from helpers import FAST, fails, metrics, run
+
+    pre = run(tmp_path, *E2E_RUN, "--max_train_steps", "2", out="pre")
+    assert E2EConfig.from_pretrained(pre / "final_model").ilr_warmup_steps == 8
+    extended = tmp_path / "ext"
+    train = [*FAST[2:], "--init_from", str(pre / "final_model"), "--seq_length", "128", "--max_train_steps", "2",
+             "--logging_steps", "1", "--output_dir", str(extended)]
+    import train_ttt
+
+    train_ttt.main([*train, "--ilr_init", "1.0", "--ilr_warmup_steps", "0"])
+    config = E2EConfig.from_pretrained(extended / "final_model")
+    assert (config.ilr_init, config.ilr_warmup_steps, config.sliding_window) == (1.0, 0, 64)
+    assert [r["e2e/ilr_multiplier"] for r in metrics(extended) if "e2e/ilr_multiplier" in r] == [1.0, 1.0]
+    fails(capsys, *train[:-1], str(tmp_path / "other"), "--sliding_window", "128",
+          match="--sliding_window 128 conflicts with --init_from")

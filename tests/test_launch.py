@@ -56,6 +56,38 @@ def test_recipe_passes_extra_arguments_and_mlp_settings():
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 4 == 256
 
 
+# TTT-E2E (SPEC.md 2.6): size -> pretraining (steps, global batch, peak lr), extension (steps, global batch)
+E2E_RECIPES = {"125m": ((4800, 64, 3e-3), (120, 32)), "350m": ((13500, 64, 1.5e-3), (337, 32)),
+               "760m": ((29000, 64, 1.25e-3), (725, 32)), "1b": ((50000, 64, 1e-3), (1250, 32)),
+               "3b": ((52000, 128, 8e-4), (1300, 64))}
+
+
+@pytest.mark.parametrize("size", list(E2E_RECIPES))
+def test_e2e_recipes_dry_run(size):
+    (steps, batch, lr), (ext_steps, ext_batch) = E2E_RECIPES[size]
+    launcher, args = trainer_args(launcher_command("train_e2e.sh", size, "--dry-run", NUM_GPUS="8"))
+    assert (args.model_type, args.model_size, args.seq_length) == ("e2e", size, 8192)
+    assert (args.max_train_steps, args.learning_rate, args.ilr_init, args.ilr_warmup_steps) == (steps, lr, 0.1,
+                                                                                               steps // 10)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 8 == batch
+    assert (args.weight_decay, args.lr_end, args.warmup_ratio, args.max_grad_norm) == (0.1, 1e-5, 0.1, 1.0)
+    assert launcher[:2] == ["accelerate", "launch"]
+    _, fa = trainer_args(launcher_command("train_e2e.sh", size, "--variant", "fa", "--dry-run", NUM_GPUS="1"))
+    assert (fa.model_type, fa.max_train_steps, fa.learning_rate, fa.ilr_init) == ("e2e_fa", steps, lr, None)
+    _, ext = trainer_args(launcher_command("train_e2e.sh", size, "--stage", "extend", "--init_from", "pre/final_model",
+                                           "--dataset_name", "books", "--dry-run", NUM_GPUS="8"))
+    assert (ext.seq_length, ext.max_train_steps, ext.learning_rate, ext.init_from, ext.model_size) == (
+        32768, ext_steps, 4e-4, "pre/final_model", None)
+    assert (ext.ilr_init, ext.ilr_warmup_steps) == (1.0, 0)
+    assert ext.per_device_train_batch_size * ext.gradient_accumulation_steps * 8 == ext_batch
+
+
+def test_e2e_extension_needs_the_pretrained_model_and_data():
+    result = subprocess.run([str(ROOT / "scripts" / "train_e2e.sh"), "125m", "--stage", "extend", "--dry-run"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode != 0 and "needs --init_from and --dataset_name" in result.stderr
+
+
 def test_recipe_refuses_a_process_count_that_does_not_split_the_batch():
     result = subprocess.run([str(ROOT / "scripts" / "train_125m_c4.sh"), "--dry-run", "--num_gpus", "3"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)

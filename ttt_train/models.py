@@ -19,6 +19,9 @@ E2E_FLAGS = ("sliding_window", "mini_batch_size", "suffix_len", "train_mode", "i
              "ilr_warmup_steps", "first_order")
 FLAGS = {"ttt": TTT_FLAGS, "transformer": TRANSFORMER_FLAGS, "e2e": E2E_FLAGS, "e2e_fa": ()}
 ALL_FLAGS = tuple(dict.fromkeys(TTT_FLAGS + TRANSFORMER_FLAGS + E2E_FLAGS))
+# TTT-E2E training settings, not architecture: --init_from may change them (extension starts without the inner
+# step's warm-up, from a model pretrained with it).
+INIT_OVERRIDES = ("ilr_init", "ilr_warmup_steps", "first_order")
 CONFIG_MODEL_TYPE = {"ttt": "ttt", "transformer": "mistral", "e2e": "ttt_e2e", "e2e_fa": "ttt_e2e"}
 
 
@@ -55,12 +58,14 @@ def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_tok
         raise UserError(f"model configuration: {error}") from error
 
 
-def check_flags_agree(args, config, source: str):
+def check_flags_agree(args, config, source: str, skip=()):
     """The explicitly given architecture flags must be those of `config` (the model of `source`): resuming or
     initialising from a saved model cannot change its architecture."""
     if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
         raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {config.model_type} model")
     for flag in ALL_FLAGS:
+        if flag in skip:
+            continue
         value = getattr(args, flag)
         if value is not None and value != getattr(config, flag, None):
             raise UserError(f"--{flag} {value} conflicts with {source}, whose model has "
@@ -86,7 +91,16 @@ def init_config(args):
     except Exception as error:  # OSError, ValueError, JSON errors...: all mean "not a saved model"
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--init_from {args.init_from} is not a saved model (config.json): {detail}") from error
-    check_flags_agree(args, config, f"--init_from {args.init_from}")
+    overrides = {f: getattr(args, f) for f in INIT_OVERRIDES if getattr(args, f) is not None}
+    if overrides and config.model_type != "ttt_e2e":
+        raise UserError(f"--{next(iter(overrides))} applies to TTT-E2E models; --init_from {args.init_from} is a "
+                        f"{config.model_type} model")
+    check_flags_agree(args, config, f"--init_from {args.init_from}", skip=INIT_OVERRIDES)
+    if overrides:
+        try:
+            config = type(config)(**{**config.to_diff_dict(), **overrides})
+        except ValueError as error:
+            raise UserError(f"model configuration: {error}") from error
     return config
 
 
