@@ -337,10 +337,10 @@ def test_e2e_training_resumes_exactly_and_logs_the_inner_loop(tmp_path):
     for step, record in inner.items():  # logged after step s: the factor step s used (0-based index s - 1)
         assert record["e2e/ilr_multiplier"] == pytest.approx(config.ilr_multiplier(step - 1))
         assert 0 <= record["e2e/clipped_fraction"] <= 1 and record["e2e/inner_grad_norm"] > 0
-        assert sorted(k for k in record if k.startswith("e2e/chunk_loss/")) == [f"e2e/chunk_loss/{c}" for c in range(4)]
+        assert sorted(k for k in record if k.startswith("e2e/chunk_loss/")) == [f"e2e/chunk_loss/{c}" for c in range(2)]
     resumed_inner = {r["step"]: r for r in metrics(resumed) if "e2e/ilr_multiplier" in r}
     assert all(resumed_inner[s] == inner[s] for s in (8, 10, 12))
-    assert config.train_mode == "meta" and config.sliding_window == 64 and config.ilr_warmup_steps == 8
+    assert config.train_mode == "meta" and config.sliding_window == 128 and config.ilr_warmup_steps == 8
 
 
 def test_e2e_variants_train_evaluate_and_generate(tmp_path, capsys):
@@ -354,8 +354,8 @@ def test_e2e_variants_train_evaluate_and_generate(tmp_path, capsys):
         "e2e": ["--model_type", "e2e"], "off": ["--model_type", "e2e", "--train_mode", "pretrain"],
         "fa": ["--model_type", "e2e_fa"]}.items()}
     out = capsys.readouterr().out
-    assert "TTT-E2E (window 64, prime MLPs in the last 1 blocks, chunks of 16)" in out
-    assert "TTT-E2E (window 64, prime MLPs in the last 1 blocks, TTT off)" in out
+    assert "TTT-E2E (window 128, prime MLPs in the last 1 blocks, chunks of 32)" in out
+    assert "TTT-E2E (window 128, prime MLPs in the last 1 blocks, TTT off)" in out
     assert "TTT-E2E's full-attention baseline (full attention)" in out
     configs = {name: E2EConfig.from_pretrained(folder / "final_model") for name, folder in folders.items()}
     assert configs["fa"].intermediate_size == 512 and configs["e2e"].intermediate_size == 416
@@ -372,7 +372,7 @@ def test_e2e_variants_train_evaluate_and_generate(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,match", [
     (["--model_type", "e2e", "--seq_length", "72"], "--seq_length 72 is not a multiple of the E2E chunk"),
-    (["--model_type", "e2e", "--sliding_window", "8"], "sliding_window (8) is smaller than mini_batch_size (16)"),
+    (["--model_type", "e2e", "--sliding_window", "8"], "sliding_window (8) is smaller than mini_batch_size (32)"),
     (["--model_type", "e2e", "--suffix_len", "5"], "suffix_len (5) exceeds num_hidden_layers (4)"),
     (["--model_type", "e2e_fa", "--first_order"], "--first_order does not apply to --model_type e2e_fa"),
     (["--suffix_len", "1"], "--suffix_len does not apply to --model_type ttt"),
@@ -397,7 +397,7 @@ def test_extension_from_a_pretrained_e2e_model_resets_the_warm_up(tmp_path, caps
 
     train_ttt.main([*train, "--ilr_init", "1.0", "--ilr_warmup_steps", "0"])
     config = E2EConfig.from_pretrained(extended / "final_model")
-    assert (config.ilr_init, config.ilr_warmup_steps, config.sliding_window) == (1.0, 0, 64)
+    assert (config.ilr_init, config.ilr_warmup_steps, config.sliding_window) == (1.0, 0, 128)
     assert [r["e2e/ilr_multiplier"] for r in metrics(extended) if "e2e/ilr_multiplier" in r] == [1.0, 1.0]
-    fails(capsys, *train[:-1], str(tmp_path / "other"), "--sliding_window", "128",
-          match="--sliding_window 128 conflicts with --init_from")
+    fails(capsys, *train[:-1], str(tmp_path / "other"), "--sliding_window", "256",
+          match="--sliding_window 256 conflicts with --init_from")
