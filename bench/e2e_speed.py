@@ -4,6 +4,7 @@ memory is its own.
 
     python bench/e2e_speed.py                                   # tiny, T = 512 .. 4096, B = 1, on this machine
     python bench/e2e_speed.py --size 125m --lengths 8192 16384  # the 125m recipe's shapes (W 8192, chunk 1024)
+    python bench/e2e_speed.py --batch_size 4 --lengths 1024 --mini_batch_size 64 --sliding_window 256
     python bench/e2e_speed.py --run e2e --size tiny --seq_length 1024   # one measurement, JSON
 
 A step is forward, backward (second order through the inner loop for e2e) and AdamW. Reported: ms per step,
@@ -38,8 +39,11 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    shape = {k: getattr(args, k) for k in ("sliding_window", "mini_batch_size") if getattr(args, k)}
+    if args.run == "fa":
+        shape = {}
     config = E2EConfig.from_size(args.size, VARIANTS[args.run], vocab_size=8000 if args.size == "tiny" else 32000,
-                                 bos_token_id=1)
+                                 bos_token_id=1, **shape)
     model = E2EForCausalLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     ids = torch.randint(3, config.vocab_size, (args.batch_size, args.seq_length), device=device)
@@ -77,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--run", choices=list(VARIANTS), help="one measurement in this process, printed as JSON")
     parser.add_argument("--seq_length", type=int)
+    parser.add_argument("--sliding_window", type=int, help="default: the size's (tiny 128, else 8192)")
+    parser.add_argument("--mini_batch_size", type=int, help="the chunk; default: the size's (tiny 32, else 1024)")
     args = parser.parse_args(argv)
     if args.run:
         print(json.dumps(measure(args)))
@@ -87,6 +93,7 @@ def main(argv=None):
             command = [sys.executable, __file__, "--run", variant, "--size", args.size, "--seq_length", str(length),
                        "--batch_size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup",
                        str(args.warmup)]
+            command += [f"--{k}={getattr(args, k)}" for k in ("sliding_window", "mini_batch_size") if getattr(args, k)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 rows.append(dict(model=variant, seq_length=length, error=done.stderr.strip().splitlines()[-1]))
