@@ -401,3 +401,16 @@ def test_extension_from_a_pretrained_e2e_model_resets_the_warm_up(tmp_path, caps
     assert [r["e2e/ilr_multiplier"] for r in metrics(extended) if "e2e/ilr_multiplier" in r] == [1.0, 1.0]
     fails(capsys, *train[:-1], str(tmp_path / "other"), "--sliding_window", "256",
           match="--sliding_window 256 conflicts with --init_from")
+
+
+def test_activation_checkpointing_of_the_prefix_keeps_the_gradients():
+    from ttt_train.models import enable_activation_checkpointing
+
+    model = tiny_model(torch.float64).train()
+    ids = token_ids(2, 16)
+    plain = gradients(model, model(ids, labels=ids).loss)
+    enable_activation_checkpointing(model)
+    assert model.model.gradient_checkpointing
+    checkpointed = gradients(model, model(ids, labels=ids).loss)
+    for name, grad in plain.items():
+        assert_close(f"gradient of {name}", checkpointed[name], grad, atol=1e-12)
