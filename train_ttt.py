@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--streaming_eval_docs", type=int, default=1000,
                    help="documents held out from a streamed dataset that has no validation split")
     d.add_argument("--max_eval_samples", type=int, default=64, help="validation blocks of seq_length tokens")
+    d.add_argument("--max_train_examples", type=int, help="train on the first N training documents only")
+    d.add_argument("--max_eval_examples", type=int, help="validate on the first N validation documents only")
 
     t = p.add_argument_group("optimisation")
     t.add_argument("--per_device_train_batch_size", type=int, default=4)
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save_total_limit", type=int, default=3, help="checkpoint-<step>/ folders kept")
     o.add_argument("--save_milestone_freq", type=int, default=0, help="steps between milestone-<step>/ (0: off)")
     o.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' in --output_dir")
+    o.add_argument("--save_best", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep best_model/: the model at the evaluation with the lowest validation loss so far "
+                        "(never pruned; training_summary.json names it)")
     o.add_argument("--logging_steps", type=int, default=10)
     o.add_argument("--eval_steps", type=int, default=100, help="0: evaluate only at the end")
     o.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"])
@@ -195,7 +200,8 @@ def check_args(args, parser):
                  "lr_end", "lr_warmup_steps", "streaming_eval_docs", "seed"]:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ["ttt_base_lr", "mini_batch_size", "conv_kernel", "sliding_window"]:
+    for name in ["ttt_base_lr", "mini_batch_size", "conv_kernel", "sliding_window", "max_train_examples",
+                 "max_eval_examples"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.scan_checkpoint_group_size is not None and args.scan_checkpoint_group_size < 0:

@@ -18,6 +18,7 @@ would load with `weights_only=False`, is neither written nor read).
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from accelerate.utils.other import load as accelerate_load  # torch.load(weights_only=True) + numpy's RNG types
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -36,6 +37,7 @@ from safetensors.torch import load_file
 from ttt_train.cli import UserError
 
 TRAINER_STATE = "trainer_state.json"
+BEST_MODEL = "best_model"
 TRAINING_STATE_DIR = "training_state"
 REQUIRED_FILES = ("config.json", "model.safetensors", TRAINER_STATE, f"{TRAINING_STATE_DIR}/optimizer.bin",
                   f"{TRAINING_STATE_DIR}/random_states_0.pkl")
@@ -135,16 +137,32 @@ def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with
     accelerator.wait_for_everyone()
 
 
+def read_best(output_dir: Path) -> tuple | None:
+    """(step, eval_loss) of `output_dir`'s best_model, or None when there is none (or it is not complete)."""
+    try:
+        state = json.loads((Path(output_dir) / BEST_MODEL / TRAINER_STATE).read_text())
+        return int(state["step"]), float(state["eval_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class Checkpointer:
     """Owns what a run saves and when: `checkpoint-<step>` every --save_checkpoint_freq steps, at a stop request
     and at the last step (keeping the newest --save_total_limit), `milestone-<step>` every --save_milestone_freq
-    steps, and `final_model` at the end. `stream` is the data stream whose position each checkpoint records."""
+    steps, `best_model` (--save_best) whenever an evaluation beats the best validation loss so far (also across
+    resumes; never pruned), and `final_model` at the end. `stream` is the data stream whose position each
+    checkpoint records; `tokens` counts the training tokens so far."""
 
-    def __init__(self, accelerator, output_dir: Path, model, tokenizer, scheduler, stream, run_args: dict, elapsed):
+    def __init__(self, accelerator, output_dir: Path, model, tokenizer, scheduler, stream, run_args: dict, elapsed,
+                 tokens=lambda: None):
         self.accelerator, self.output_dir, self.model, self.tokenizer = accelerator, Path(output_dir), model, tokenizer
         self.scheduler, self.stream, self.run_args, self.elapsed = scheduler, stream, run_args, elapsed
+        self.tokens = tokens
+        # every process must take the same save decisions (a save is collective): the main process reads, all get it
+        best = [read_best(self.output_dir) if accelerator.is_main_process else None]
+        self.best = (broadcast_object_list(best) if accelerator.num_processes > 1 else best)[0]
 
-    def after_step(self, step: int, args, stop_requested: bool):
+    def after_step(self, step: int, args, stop_requested: bool, eval_loss: float | None = None):
         if args.save_milestone_freq and step % args.save_milestone_freq == 0:
             self.save(f"milestone-{step}", step)
         if (args.save_checkpoint_freq and step % args.save_checkpoint_freq == 0) or stop_requested \
@@ -152,6 +170,11 @@ class Checkpointer:
             self.save(f"checkpoint-{step}", step)
             if self.accelerator.is_main_process:
                 prune_checkpoints(self.output_dir, args.save_total_limit)
+        if args.save_best and eval_loss is not None and math.isfinite(eval_loss) \
+                and (self.best is None or eval_loss < self.best[1]):
+            self.save(BEST_MODEL, step, with_training_state=False, extra={"eval_loss": eval_loss})
+            self.best = (step, eval_loss)
+            self.accelerator.print(f"{BEST_MODEL}: step {step}, eval_loss {eval_loss:.4f}")
 
     def weights_finite(self) -> bool:
         """Whether every parameter is finite on every process (each checks its own shards under FSDP)."""
@@ -162,9 +185,9 @@ class Checkpointer:
     def save_final(self, step: int):
         self.save("final_model", step, with_training_state=False)
 
-    def save(self, folder: str, step: int, with_training_state: bool = True):
-        state = {"step": step, "elapsed": self.elapsed(), "args": self.run_args,
-                 "world_size": self.accelerator.num_processes}
+    def save(self, folder: str, step: int, with_training_state: bool = True, extra: dict | None = None):
+        state = {"step": step, "elapsed": self.elapsed(), "tokens": self.tokens(), "args": self.run_args,
+                 "world_size": self.accelerator.num_processes, **(extra or {})}
         if with_training_state:  # what resuming needs; a final model carries no training text (packing leftover)
             state.update(scheduler=self.scheduler.state_dict(), data=gather_object([self.stream.state_dict()]))
         if not self.weights_finite():  # the divergence guard's last line
@@ -323,6 +346,9 @@ def branch_from(output_dir: Path, step: int) -> Path | None:
     later = [path for s, path in list_checkpoints(output_dir) if s > step]
     if (Path(output_dir) / "final_model").exists():
         later.append(Path(output_dir) / "final_model")
+    best = read_best(output_dir)
+    if best is not None and best[0] > step:  # the best of the abandoned continuation goes with it
+        later.append(Path(output_dir) / BEST_MODEL)
     if not later:
         return None
     destination = Path(output_dir) / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")

@@ -229,6 +229,15 @@ def split_train_validation(raw, validation_fraction: float, validation_docs: int
     return parts["train"], parts["test"]
 
 
+def first_documents(dataset, count: int | None):
+    """The first `count` documents (all when None), for a dataset or a stream."""
+    if count is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))
+
+
 def first_rows(dataset, count: int):
     """The first `count` rows; a streamed file that cannot be read is one DataError."""
     try:

@@ -21,6 +21,7 @@ from ttt_train import data, models
 from ttt_train.cli import UserError
 from ttt_train.metrics import (
     METRICS_FILE,
+    SUMMARY_FILE,
     InnerLoopMetrics,
     MetricsLog,
     StepMetrics,
@@ -30,6 +31,7 @@ from ttt_train.metrics import (
     tracker_config,
     trackers,
     training_flops_per_token,
+    write_summary,
 )
 
 # Flags whose change on resume is allowed (a curriculum) and reported.
@@ -194,7 +196,8 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
             if args.resume_from_checkpoint:
                 checkpoint = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
                 outcome[1], outcome[3] = str(checkpoint), ckpt.validate_checkpoint(checkpoint)
-            elif ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists():
+            elif ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists() \
+                    or (output_dir / ckpt.BEST_MODEL).exists():
                 raise UserError(f"output_dir {output_dir} already holds a run (checkpoints or final_model); pass "
                                 f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
             elif (output_dir / METRICS_FILE).exists():
@@ -238,15 +241,20 @@ class Evaluator:
 
     def __init__(self, model, blocks, accelerator, args, log, is_ttt: bool):
         self.model, self.blocks, self.accelerator, self.args, self.log = model, blocks, accelerator, args, log
-        self.is_ttt, self.noted = is_ttt, set()
+        self.is_ttt, self.noted, self.last = is_ttt, set(), None
 
-    def after_step(self, step: int):
+    def after_step(self, step: int) -> float | None:
+        """The validation loss when this step evaluates, else None."""
         if not ((self.args.eval_steps and step % self.args.eval_steps == 0) or step == self.args.max_train_steps):
-            return
+            return None
         eval_loss = evaluate(self.model, self.blocks, self.accelerator, self.args.per_device_eval_batch_size)
         self.log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
-        if not self.is_ttt:
-            return
+        self.last = eval_loss
+        if self.is_ttt:
+            self.log_ttt_statistics(step)
+        return eval_loss
+
+    def log_ttt_statistics(self, step: int):
         statistics = ttt_statistics(self.model, self.blocks, self.accelerator, self.args)
         self.log.log({"step": step, **statistics})
         newly_clamped = sorted(set(clamped_layers(statistics)) - self.noted)
@@ -337,6 +345,8 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
         name in raw for name in data.VALIDATION_SPLITS if hasattr(raw, "keys"))
     hint = (f": a stream without a validation split gives its first --streaming_eval_docs ({args.streaming_eval_docs})"
             f" documents to validation, and this one has no more; lower --streaming_eval_docs" if held_out else "")
+    train_docs = data.first_documents(train_docs, args.max_train_examples)
+    eval_docs = data.first_documents(eval_docs, args.max_eval_examples)
     text_column = data.detect_text_column(train_docs, args.text_column, empty_hint=hint)
     data.check_not_empty(train_docs, text_column, "training", hint=hint)
     eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
@@ -386,8 +396,9 @@ def _train(args, accelerator, output_dir, lock):
     log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
     start_time = time.time()
     elapsed = lambda: elapsed_before + time.time() - start_time  # seconds over all resumed segments
+    tokens = resume_state.get("tokens", 0) if checkpoint else 0  # training tokens over all resumed segments
     checkpointer = ckpt.Checkpointer(accelerator, output_dir, model, tokenizer, scheduler, train_batches, run_args,
-                                     elapsed)
+                                     elapsed, tokens=lambda: tokens)
     if checkpoint and step >= args.max_train_steps:  # a kill while the final model was written: write it now
         checkpointer.save_final(step)
         accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / 'final_model'}")
@@ -436,10 +447,11 @@ def _train(args, accelerator, output_dir, lock):
             step += 1
             progress.update(1)
 
+            tokens += tokens_per_step
             metrics.after_step(step, scheduler.get_last_lr()[0], grad_norm)
             inner_loop.after_step(step, getattr(unwrapped, "inner_lr_multiplier", 1.0))
-            evaluator.after_step(step)
-            checkpointer.after_step(step, args, stop_now)
+            eval_loss = evaluator.after_step(step)
+            checkpointer.after_step(step, args, stop_now, eval_loss)
             if stop_now:
                 accelerator.print(f"stop requested: saved checkpoint-{step}; resume with --resume_from_checkpoint "
                                   f"latest")
@@ -449,6 +461,9 @@ def _train(args, accelerator, output_dir, lock):
         train_batches.close()
     if step == args.max_train_steps:
         checkpointer.save_final(step)
+        if accelerator.is_main_process:
+            write_summary(output_dir / SUMMARY_FILE, step=step, tokens=tokens, elapsed=elapsed(), parameters=params,
+                          final_eval_loss=evaluator.last, best=checkpointer.best)
         accelerator.print(f"done: {output_dir / 'final_model'}")
     accelerator.end_training()
     return step

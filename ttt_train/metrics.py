@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ttt_train.cli import UserError
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "training_summary.json"
 
 
 def trackers(report_to: str) -> list:
@@ -141,6 +142,21 @@ class InnerLoopMetrics:
             record[f"e2e/chunk_loss/{first}"] = sum(group) / len(group)
         self.log.log(record)
         self.reset()
+
+
+def write_summary(path: Path, step: int, tokens: int, elapsed: float, parameters: int, final_eval_loss, best):
+    """training_summary.json at the end of a run (written atomically): steps, training tokens and time over all
+    resumed segments, throughput, parameters, the final and best validation loss and perplexity (best: with
+    --save_best, the best_model's)."""
+    summary = {"steps": step, "tokens": tokens, "train_time_sec": elapsed,
+               "tokens_per_sec": tokens / elapsed if elapsed > 0 else None, "parameters": parameters,
+               "final_eval_loss": final_eval_loss,
+               "final_eval_perplexity": perplexity(final_eval_loss) if final_eval_loss is not None else None,
+               "best_step": best[0] if best else None, "best_eval_loss": best[1] if best else None,
+               "best_eval_perplexity": perplexity(best[1]) if best else None}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def quiet_libraries():
