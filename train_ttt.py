@@ -5,10 +5,12 @@
         --tokenizer_name ../shared/data/llama2_tokenizer --model_size tiny --max_train_steps 300
     accelerate launch train_ttt.py --config run.yaml --resume_from_checkpoint latest
 
-Every flag can also be a key of the YAML file given to --config; the command line wins.
+Every flag can also be a key of the YAML file given to --config; the command line wins. Every flag also takes its
+dashed spelling (--max-train-steps), and a few take the names other trainers use (listed beside the flag).
 """
 
 import argparse
+import difflib
 import math
 import os
 import sys
@@ -25,8 +27,70 @@ LAYER_TYPES = ("linear", "mlp")
 PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
 
 
+# The spellings users bring from other trainers (all-in-one CLIs, the Hugging Face Trainer), as aliases of the
+# flags: one option each in --help. Every flag also takes its dashed spelling (added by add_aliases).
+FLAG_ALIASES = {
+    "model_size": ["--model-preset"],
+    "max_train_steps": ["--max_steps"],
+    "lr_warmup_steps": ["--warmup_steps"],
+    "save_checkpoint_freq": ["--save_steps", "--save-every"],
+    "resume_from_checkpoint": ["--resume-from"],
+    "logging_steps": ["--log-every"],
+    "eval_steps": ["--eval-every"],
+    "per_device_train_batch_size": ["--batch-size"],
+    "seq_length": ["--seq-len"],
+    "num_train_epochs": ["--epochs"],
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """An unknown flag gets a "did you mean" suggestion among the known spellings."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            known = [name for action in self._actions for name in action.option_strings]
+            for argument in message.split(":", 1)[1].split():
+                if argument.startswith("--"):
+                    close = difflib.get_close_matches(argument.split("=")[0], known, n=1, cutoff=0.6)
+                    if close:
+                        message += f" (did you mean {close[0]}?)"
+                        break
+        super().error(message)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """A flag's line shows its name and its named aliases, not the automatic dashed spellings."""
+
+    def _format_action_invocation(self, action):
+        shown = getattr(action, "shown_option_strings", None)
+        if shown is None:
+            return super()._format_action_invocation(action)
+        full = action.option_strings
+        try:
+            action.option_strings = shown
+            return super()._format_action_invocation(action)
+        finally:
+            action.option_strings = full
+
+
+def add_aliases(parser):
+    """Each flag's dashed spelling and FLAG_ALIASES, as further option strings of the same action."""
+    for action in list(parser._actions):
+        if not action.option_strings or action.dest == "help":
+            continue
+        named = FLAG_ALIASES.get(action.dest, [])
+        dashed = [name.replace("_", "-") for name in action.option_strings if "_" in name]
+        action.shown_option_strings = [*action.option_strings, *named]
+        if isinstance(action, argparse.BooleanOptionalAction):  # its usage entry lists every spelling otherwise
+            action.format_usage = lambda shown=action.shown_option_strings: " | ".join(shown)
+        for alias in [*named, *dashed]:
+            if alias not in parser._option_string_actions:
+                action.option_strings.append(alias)
+                parser._option_string_actions[alias] = action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML file of flag values (keys are flag names without --)")
 
     m = p.add_argument_group("model (unset flags take the official defaults; on resume they come from the checkpoint)")
@@ -94,9 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
     t.add_argument("--weight_decay", type=float, default=0.1)
     t.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    t.add_argument("--max_train_steps", type=int, default=200)
+    t.add_argument("--max_train_steps", type=int, help="optimizer steps (default 200)")
+    t.add_argument("--num_train_epochs", type=float,
+                   help="train for this many passes over the training data instead: the step count is computed "
+                        "from the data's tokens (not for streamed data)")
     t.add_argument("--mixed_precision", choices=PRECISIONS,
-                   help="default: the `accelerate launch` config's mixed_precision, else no")
+                   help="default: the `accelerate launch` config's mixed_precision, else no (--bf16: bf16)")
+    t.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--on_nonfinite", default="stop", choices=["stop", "skip"],
                    help="a non-finite loss or gradient norm: stop the run (default; nothing from the step is "
@@ -133,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"])
     o.add_argument("--wandb_project", default="ttt")
     o.add_argument("--wandb_run_name")
+    add_aliases(p)
     return p
 
 
@@ -186,11 +255,15 @@ def cuda_available() -> bool:
 
 
 def check_args(args, parser):
+    if args.num_train_epochs is not None and args.max_train_steps is not None:
+        parser.error("give --max_train_steps or --num_train_epochs, not both")
+    if args.num_train_epochs is None and args.max_train_steps is None:
+        args.max_train_steps = 200
     positive = ["seq_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "max_train_steps", "logging_steps", "save_total_limit",
-                "max_eval_samples"]
+                "max_eval_samples", "num_train_epochs"]
     for name in positive:
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     for action in parser._actions:  # every float flag: a finite number (inf and nan parse as floats)
         value = getattr(args, action.dest, None)
@@ -208,7 +281,8 @@ def check_args(args, parser):
         parser.error(f"--scan_checkpoint_group_size must be >= 0, got {args.scan_checkpoint_group_size}")
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.lr_warmup_steps is not None and args.lr_warmup_steps > args.max_train_steps:
+    if args.lr_warmup_steps is not None and args.max_train_steps is not None \
+            and args.lr_warmup_steps > args.max_train_steps:
         parser.error(f"--lr_warmup_steps ({args.lr_warmup_steps}) exceeds --max_train_steps ({args.max_train_steps})")
     if args.init_from and args.model_size is not None:
         parser.error(f"--model_size does not apply with --init_from: the size is that of {args.init_from}")

@@ -72,3 +72,56 @@ def test_resuming_from_an_earlier_checkpoint_sets_aside_a_later_best_model(tmp_p
     assert len(set_aside) == 1 and json.loads((set_aside[0] / "trainer_state.json").read_text())["step"] == 4
     # the resumed branch's own evaluations decide its best (its step 2 one, the branch point, is not re-run)
     assert json.loads((folder / "best_model" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_epochs_set_the_step_count_from_the_data_also_on_resume(tmp_path, capsys):
+    import re
+    import shutil
+
+    from helpers import FAST, fails, losses
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i:03d}" + "x" * 28}) + "\n" for i in range(60)))  # 31 bytes
+    flags = ["--dataset_name", str(corpus), "--epochs", "2", "--save_checkpoint_freq", "10"]
+    full = run(tmp_path, *flags, out="full")
+    line = re.search(r"--num_train_epochs 2: (\d+) training tokens, (\d+) blocks of 64, 2 per step -> (\d+) steps",
+                     capsys.readouterr().out)
+    tokens, blocks, steps = map(int, line.groups())
+    assert tokens % 32 == 0 and 50 <= tokens // 32 < 60  # 32 tokens per document (31 bytes and EOS), minus validation
+    assert blocks == tokens // 64 and steps == -(-2 * blocks // 2)
+    assert max(losses(full)) == steps and json.loads((full / "training_summary.json").read_text())["steps"] == steps
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-10", resumed / "checkpoint-10")
+    run(tmp_path, *flags, "--resume_from_checkpoint", "latest", out="resumed")
+    assert losses(resumed) == {s: v for s, v in losses(full).items() if s > 10}
+    fails(capsys, *FAST, "--output_dir", str(tmp_path / "x"), "--epochs", "1", "--max_steps", "5",
+          match="give --max_train_steps or --num_train_epochs, not both")
+    fails(capsys, *FAST, "--output_dir", str(tmp_path / "y"), *flags, "--streaming", "--streaming_eval_docs", "5",
+          match="--num_train_epochs needs training data of known size")
+
+
+def test_alias_spellings_and_did_you_mean(capsys):
+    import pytest
+
+    import train_ttt
+
+    args = train_ttt.parse_args(["--max_steps", "7", "--bf16", "--batch-size", "3", "--seq-len", "128",
+                                 "--save-every", "5", "--save_steps", "6", "--log-every", "2", "--eval-every", "4",
+                                 "--warmup_steps", "1", "--resume-from", "latest", "--model-preset", "125m",
+                                 "--max-eval-samples", "9", "--no-first-order"])
+    assert (args.max_train_steps, args.mixed_precision, args.per_device_train_batch_size, args.seq_length) == (
+        7, "bf16", 3, 128)
+    assert (args.save_checkpoint_freq, args.logging_steps, args.eval_steps, args.lr_warmup_steps) == (6, 2, 4, 1)
+    assert (args.resume_from_checkpoint, args.model_size, args.max_eval_samples, args.first_order) == (
+        "latest", "125m", 9, False)
+    assert train_ttt.parse_args(["--epochs", "1.5"]).num_train_epochs == 1.5
+    with pytest.raises(SystemExit):
+        train_ttt.parse_args(["--max_trian_steps", "3"])
+    assert "unrecognized arguments: --max_trian_steps 3 (did you mean --max_train_steps?)" in capsys.readouterr().err
+    help_text = train_ttt.build_parser().format_help()
+    assert "--max_steps MAX_TRAIN_STEPS" in help_text and "--max-train-steps MAX" not in help_text
+    assert "--bf16 " not in help_text
+    # one entry per flag: the usage line and the flag's line, its named aliases on that line
+    assert help_text.count("--save_checkpoint_freq SAVE_CHECKPOINT_FREQ") == 2
+    assert help_text.count("--save-every SAVE_CHECKPOINT_FREQ") == 1

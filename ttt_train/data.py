@@ -5,6 +5,7 @@ for streamed datasets the `datasets` iterator state) is saved with each checkpoi
 """
 
 import itertools
+import math
 import queue
 import random
 import threading
@@ -299,6 +300,20 @@ def tokenize_documents(tokenizer, texts) -> list:
         tokens.extend(ids)
         tokens.append(eos)
     return tokens
+
+
+def steps_for_epochs(dataset, tokenizer, text_column, seq_length: int, sequences_per_step: int,
+                     epochs: float) -> tuple:
+    """(steps, tokens, blocks) for `epochs` passes over `dataset`: its documents tokenised as packing does (each
+    followed by EOS), cut into blocks of seq_length, sequences_per_step blocks per optimizer step (rounded up)."""
+    if isinstance(dataset, datasets.IterableDataset):
+        raise DataError("--num_train_epochs needs training data of known size; this one is streamed: give "
+                        "--max_train_steps, or --no-streaming for data that fits on disk")
+    tokens = 0
+    for batch in dataset.iter(batch_size=1000):
+        tokens += len(tokenize_documents(tokenizer, batch[text_column]))
+    blocks = tokens // seq_length
+    return max(1, math.ceil(epochs * blocks / sequences_per_step)), tokens, blocks
 
 
 @dataclass

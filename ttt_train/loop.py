@@ -321,11 +321,6 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
         resolved["model_size"] = args.model_size or resume_state["args"].get("model_size")
         if args.tokenizer_name is not None:
             data.check_same_tokenizer(tokenizer, data.load_tokenizer(str(checkpoint)), args.tokenizer_name, checkpoint)
-        # a checkpoint at the last step without a final model (a kill while it was written) finishes the run
-        if resume_state["step"] > args.max_train_steps or (resume_state["step"] == args.max_train_steps
-                                                           and (output_dir / "final_model").exists()):
-            raise UserError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
-                            f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
     elif args.init_from:
         config = models.init_config(args)
         if len(tokenizer) > config.vocab_size:
@@ -349,6 +344,20 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
     eval_docs = data.first_documents(eval_docs, args.max_eval_examples)
     text_column = data.detect_text_column(train_docs, args.text_column, empty_hint=hint)
     data.check_not_empty(train_docs, text_column, "training", hint=hint)
+    if args.num_train_epochs is not None:  # the step count the epochs make; the same on resume (same data)
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        args.max_train_steps, tokens, blocks = data.steps_for_epochs(
+            train_docs, tokenizer, text_column, args.seq_length, per_step, args.num_train_epochs)
+        accelerator.print(f"--num_train_epochs {args.num_train_epochs:g}: {tokens} training tokens, {blocks} blocks "
+                          f"of {args.seq_length}, {per_step} per step -> {args.max_train_steps} steps")
+        if args.lr_warmup_steps is not None and args.lr_warmup_steps > args.max_train_steps:
+            raise UserError(f"--lr_warmup_steps ({args.lr_warmup_steps}) exceeds the {args.max_train_steps} steps "
+                            f"of --num_train_epochs {args.num_train_epochs:g}")
+    # a checkpoint at the last step without a final model (a kill while it was written) finishes the run
+    if checkpoint and (resume_state["step"] > args.max_train_steps or (
+            resume_state["step"] == args.max_train_steps and (output_dir / "final_model").exists())):
+        raise UserError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
+                        f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
     eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
     return tokenizer, config, resolved, train_docs, text_column, eval_set
 
