@@ -23,6 +23,7 @@ COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # ttt.TTT_LAYER_TYPES.
 MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b")
 E2E_MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b", "3b")
+PRESETS = ("nano", "small", "medium", "large", "xlarge")  # ttt_train.models.PRESETS
 LAYER_TYPES = ("linear", "mlp")
 PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
 
@@ -41,6 +42,18 @@ FLAG_ALIASES = {
     "seq_length": ["--seq-len"],
     "num_train_epochs": ["--epochs"],
 }
+
+
+def parameter_amount(text: str) -> int:
+    """A parameter count: 10000000, 1e7, 10M, 1.3B, 500K."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a parameter count like 10M or 1.3B, got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive parameter count, got {text!r}")
+    return int(value)
 
 
 class Parser(argparse.ArgumentParser):
@@ -97,8 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model_type", choices=["ttt", "transformer", "e2e", "e2e_fa"],
                    help="ttt (default, TTT-Linear/MLP), transformer (their Transformer++ baseline), e2e (TTT-E2E), or "
                         "e2e_fa (TTT-E2E's full-attention baseline)")
-    m.add_argument("--model_size", choices=E2E_MODEL_SIZES,  # those of ttt and transformer, and 3b
-                   help="default: tiny, or on resume the checkpoint's (a different one is refused); 3b: e2e only")
+    m.add_argument("--model_size", choices=[*E2E_MODEL_SIZES, *PRESETS],  # E2E's include the others' (and 3b)
+                   help="a paper size (3b: e2e only) or a preset (nano ~1M, small ~50M, medium ~125M, large "
+                        "~350M, xlarge ~700M parameters); default: tiny, or on resume the checkpoint's")
+    m.add_argument("--hidden_size", type=int, help="override the size's hidden size")
+    m.add_argument("--num_hidden_layers", type=int, help="override the size's number of layers")
+    m.add_argument("--num_attention_heads", type=int, help="override the size's number of heads")
+    m.add_argument("--intermediate_size", type=int, help="override the size's MLP width")
+    m.add_argument("--target_params", type=parameter_amount,
+                   help="choose the shape whose parameter count (with the real vocabulary) is closest to this, e.g. "
+                        "10M or 1.3B, and print it")
+    m.add_argument("--prefer_depth", action="store_true", help="--target_params: the deepest of the close shapes")
     m.add_argument("--init_from", help="start from this saved model's weights with a fresh optimizer and schedule: "
                    "a converted official checkpoint (convert_jax_checkpoint.py), a final_model or checkpoint folder, "
                    "or a Hub id; the architecture (and, unless --tokenizer_name, the tokenizer) are the model's")
@@ -286,7 +308,17 @@ def check_args(args, parser):
         parser.error(f"--lr_warmup_steps ({args.lr_warmup_steps}) exceeds --max_train_steps ({args.max_train_steps})")
     if args.init_from and args.model_size is not None:
         parser.error(f"--model_size does not apply with --init_from: the size is that of {args.init_from}")
-    if args.model_size is None and not args.resume_from_checkpoint and not args.init_from:
+    if args.target_params is not None and (args.model_size or args.resume_from_checkpoint or args.init_from):
+        other = "--model_size" if args.model_size else "--resume_from_checkpoint" if args.resume_from_checkpoint \
+            else "--init_from"
+        parser.error(f"--target_params chooses a new model's shape; it does not go with {other}")
+    if args.prefer_depth and args.target_params is None:
+        parser.error("--prefer_depth applies to --target_params")
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.model_size is None and not args.resume_from_checkpoint and not args.init_from \
+            and args.target_params is None:
         args.model_size = "tiny"
     if args.lr_end > args.learning_rate:
         parser.error(f"--lr_end ({args.lr_end}) must not exceed --learning_rate ({args.learning_rate})")

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_ttt import COMPILE_MODES
-from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, InnerState, TTTConfig, TTTForCausalLM
+from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, TTT_STANDARD_CONFIGS, InnerState, TTTConfig, TTTForCausalLM
 from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token
 from ttt_train.models import transformer_config
 
@@ -116,7 +116,7 @@ def build_model(name, size):
     vocab = 32000 if size == "125m" else 8000
     if name == "transformer":
         from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_config(transformer_config(size, vocab))
+        return AutoModelForCausalLM.from_config(transformer_config(TTT_STANDARD_CONFIGS[size], vocab))
     return TTTForCausalLM(TTTConfig.from_size(size, vocab_size=vocab, ttt_layer_type=name.split("-")[1],
                                               scan_implementation=scan_of(name)))
 

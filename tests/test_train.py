@@ -431,6 +431,9 @@ def test_help_is_fast_and_names_the_models_tables():
 
     assert list(train_ttt.MODEL_SIZES) == list(ttt.TTT_STANDARD_CONFIGS)
     assert list(train_ttt.E2E_MODEL_SIZES) == list(ttt_e2e.E2E_STANDARD_CONFIGS)
+    from ttt_train import models
+
+    assert list(train_ttt.PRESETS) == list(models.PRESETS)
     assert tuple(train_ttt.LAYER_TYPES) == tuple(ttt.TTT_LAYER_TYPES)
     script = str(ROOT / "train_ttt.py")
     probe = (f"import runpy, sys\nsys.argv = [{script!r}, '--help']\n"

@@ -327,7 +327,8 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
             raise UserError(f"tokenizer {resolved['tokenizer_name']} has {len(tokenizer)} tokens, more than the "
                             f"vocabulary of --init_from {args.init_from} ({config.vocab_size})")
     else:
-        config = models.build_config(args, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        config = models.build_config(args, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                     report=accelerator.print)
     if config.model_type == "ttt_e2e" and config.train_mode == "meta" and args.seq_length % config.mini_batch_size:
         raise UserError(f"--seq_length {args.seq_length} is not a multiple of the E2E chunk (mini_batch_size "
                         f"{config.mini_batch_size}): the training loss weighs every chunk equally, as the official one")

@@ -2,6 +2,8 @@
 Llama-style architecture from transformers: RoPE, SwiGLU, RMSNorm, attention through
 torch.nn.functional.scaled_dot_product_attention, optional sliding window)."""
 
+import math
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
@@ -25,9 +27,24 @@ INIT_OVERRIDES = ("ilr_init", "ilr_warmup_steps", "first_order")
 CONFIG_MODEL_TYPE = {"ttt": "ttt", "transformer": "mistral", "e2e": "ttt_e2e", "e2e_fa": "ttt_e2e"}
 
 
-def transformer_config(size: str, vocab_size: int, sliding_window: int | None = None) -> MistralConfig:
-    """The baseline with the TTT size's hidden/intermediate/layers/heads, tied embeddings as the TTT models."""
-    dims = TTT_STANDARD_CONFIGS[size]
+# Presets named by scale (configuration as data): the shape of a TTT-Linear / Transformer++ model of about that
+# many parameters with the Llama-2 vocabulary (nano: with the byte tokenizer). TTT-E2E takes the same shape with
+# the prime MLP in the last quarter of the blocks and E2E_WIDTH of the MLP width (the official sizes' ratio).
+PRESETS = {
+    "nano": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
+    "small": dict(hidden_size=512, num_hidden_layers=10, num_attention_heads=8, intermediate_size=1408),
+    "medium": TTT_STANDARD_CONFIGS["125m"],
+    "large": TTT_STANDARD_CONFIGS["350m"],
+    "xlarge": TTT_STANDARD_CONFIGS["760m"],
+}
+DIM_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+E2E_WIDTH = 13 / 16  # 1664 / 2048, 2304 / 2816 (rounded), ...
+HEAD_DIM = 64  # --target_params shapes: heads of 64, MLP width 8/3 of the hidden size (multiples of 64)
+TARGET_TOLERANCE = 0.1  # shapes within 10% of --target_params compete on their aspect; else the closest wins
+
+
+def transformer_config(dims: dict, vocab_size: int, sliding_window: int | None = None) -> MistralConfig:
+    """The baseline with the given hidden/intermediate/layers/heads, tied embeddings as the TTT models."""
     return MistralConfig(vocab_size=vocab_size, num_key_value_heads=dims["num_attention_heads"],
                          head_dim=dims["hidden_size"] // dims["num_attention_heads"], sliding_window=sliding_window,
                          max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6,
@@ -35,27 +52,97 @@ def transformer_config(size: str, vocab_size: int, sliding_window: int | None = 
                          **dims)
 
 
-def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None):
+def make_config(model_type: str, size: str | None, dims: dict, vocab_size: int, overrides: dict, bos_token_id=None,
+                eos_token_id=None):
+    """The config of `model_type` with the shape `dims` (on top of the standard `size` when there is one)."""
+    if model_type == "transformer":
+        return transformer_config(dims, vocab_size, overrides.get("sliding_window"))
+    if model_type == "ttt":
+        return TTTConfig(**{**TTT_STANDARD_CONFIGS.get(size, {}), **dims, "vocab_size": vocab_size, **overrides})
+    overrides = dict(overrides)
+    variant = "fa" if model_type == "e2e_fa" else "pretrain" if overrides.pop("train_mode", None) == "pretrain" \
+        else "e2e"
+    if size not in E2E_STANDARD_CONFIGS:  # a preset or a searched shape: E2E's proportions on it
+        base = "tiny" if dims["hidden_size"] <= 256 else "125m"  # tiny's window and chunk, or the official ones
+        dims = dict(dims)
+        if variant != "fa":
+            dims["intermediate_size"] = max(32, round(dims["intermediate_size"] * E2E_WIDTH / 32) * 32)
+            dims.setdefault("suffix_len", max(1, dims["num_hidden_layers"] // 4))
+        size = base
+    elif "num_hidden_layers" in dims and variant != "fa":
+        dims = {**dims, "suffix_len": max(1, dims["num_hidden_layers"] // 4)}
+    return E2EConfig.from_size(size, variant, vocab_size=vocab_size, bos_token_id=bos_token_id,
+                               eos_token_id=eos_token_id, **{**dims, **overrides})
+
+
+def search_shape(target: int, prefer_depth: bool, make) -> tuple:
+    """(dims, parameters) of the shape whose parameter count is closest to `target`: hidden sizes in multiples of
+    64 (heads of 64, MLP 8/3 wide), for each the depth that comes closest (counted by building the config: exact
+    per layer, with the real vocabulary). Among the shapes within TARGET_TOLERANCE: the one whose hidden size per
+    layer is closest to 64 (the paper's sizes' aspect), or with prefer_depth the deepest. None within it: the
+    closest."""
+    def shape(hidden, layers):
+        return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // HEAD_DIM),
+                    intermediate_size=max(64, round(hidden * 8 / 3 / 64) * 64))
+
+    smallest = parameter_count(make(shape(64, 1)))
+    if target < smallest:
+        raise UserError(f"--target_params {target} is below the smallest model of this type with this vocabulary "
+                        f"({smallest} parameters: hidden 64, one layer)")
+    candidates = []
+    for hidden in range(64, 8193, 64):
+        one, two = parameter_count(make(shape(hidden, 1))), parameter_count(make(shape(hidden, 2)))
+        if one > target * (1 + TARGET_TOLERANCE):
+            break
+        per_layer = max(two - one, 1)
+        layers = max(1, min(128, round((target - (one - per_layer)) / per_layer)))
+        candidates.append((shape(hidden, layers), one + (layers - 1) * per_layer))
+    close = [c for c in candidates if abs(c[1] - target) <= TARGET_TOLERANCE * target]
+    if not close:
+        dims, _ = min(candidates, key=lambda c: abs(c[1] - target))
+    elif prefer_depth:
+        dims, _ = max(close, key=lambda c: (c[0]["num_hidden_layers"], -abs(c[1] - target)))
+    else:
+        dims, _ = min(close, key=lambda c: abs(math.log(c[0]["hidden_size"] / c[0]["num_hidden_layers"] / 64)))
+    return dims, parameter_count(make(dims))
+
+
+def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None,
+                 report=print):
+    """The config the flags ask for: a standard size of the model type, a preset, or the shape --target_params
+    finds; explicit dimension flags override the size's."""
     model_type = args.model_type or "ttt"
     wrong = [f for f in ALL_FLAGS if f not in FLAGS[model_type] and getattr(args, f) is not None]
     if wrong:
         raise UserError(f"--{wrong[0]} does not apply to --model_type {model_type}")
     sizes = E2E_STANDARD_CONFIGS if model_type.startswith("e2e") else TTT_STANDARD_CONFIGS
-    if args.model_size not in sizes:
-        raise UserError(f"--model_size {args.model_size} is not a size of --model_type {model_type} "
-                        f"({', '.join(sizes)})")
-    if model_type == "transformer":
-        return transformer_config(args.model_size, vocab_size, args.sliding_window)
+    explicit = {k: getattr(args, k) for k in DIM_FLAGS if getattr(args, k) is not None}
     overrides = {k: getattr(args, k) for k in FLAGS[model_type] if getattr(args, k) is not None}
+    make = lambda dims, size=None: make_config(model_type, size, dims, vocab_size, overrides, bos_token_id,
+                                              eos_token_id)
     try:
-        if model_type == "ttt":
-            return TTTConfig.from_size(args.model_size, vocab_size=vocab_size, **overrides)
-        variant = "fa" if model_type == "e2e_fa" else "pretrain" if overrides.pop("train_mode", None) == "pretrain" \
-            else "e2e"
-        return E2EConfig.from_size(args.model_size, variant, vocab_size=vocab_size, bos_token_id=bos_token_id,
-                                   eos_token_id=eos_token_id, **overrides)
+        if args.target_params is not None:
+            if explicit:
+                raise UserError(f"--target_params chooses the dimensions; --{next(iter(explicit))} conflicts with it")
+            dims, count = search_shape(args.target_params, args.prefer_depth, make)
+            config = make(dims)
+            report(f"--target_params {args.target_params}: hidden {config.hidden_size}, {config.num_hidden_layers} "
+                   f"layers, {config.num_attention_heads} heads, MLP {config.intermediate_size} -> {count} "
+                   f"parameters (vocabulary {vocab_size})")
+            return config
+        if args.model_size in PRESETS:
+            return make({**PRESETS[args.model_size], **explicit})
+        if args.model_size not in sizes:
+            raise UserError(f"--model_size {args.model_size} is not a size of --model_type {model_type} "
+                            f"({', '.join([*sizes, *PRESETS])})")
+        if model_type == "transformer":
+            return make({**TTT_STANDARD_CONFIGS[args.model_size], **explicit})
+        return make(explicit, args.model_size)
     except ValueError as error:  # the config names the field and the value
-        raise UserError(f"model configuration: {error}") from error
+        if isinstance(error, UserError):
+            raise
+        given = f" (from {', '.join('--' + k for k in explicit)} on --model_size {args.model_size})" if explicit else ""
+        raise UserError(f"model configuration: {error}{given}") from error
 
 
 def check_flags_agree(args, config, source: str, skip=()):
@@ -63,7 +150,7 @@ def check_flags_agree(args, config, source: str, skip=()):
     initialising from a saved model cannot change its architecture."""
     if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
         raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {config.model_type} model")
-    for flag in ALL_FLAGS:
+    for flag in ALL_FLAGS + DIM_FLAGS:
         if flag in skip:
             continue
         value = getattr(args, flag)
