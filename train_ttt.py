@@ -158,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text_column", help="default: the first of text, content, article, body")
     d.add_argument("--tokenizer_name", help="Hub id or local folder; builtin:bytes is a byte-level tokenizer "
                                             "(default for new runs; resumed runs use the checkpoint's tokenizer)")
+    d.add_argument("--train_tokenizer", action="store_true",
+                   help="train a byte-level BPE on the training data (saved to <output_dir>/tokenizer and with every "
+                        "checkpoint; a resumed run keeps it)")
+    d.add_argument("--vocab_size", type=int, help="--train_tokenizer: its vocabulary size (default 8192)")
+    d.add_argument("--auto_vocab_size", action="store_true",
+                   help="--train_tokenizer: one token per word occurring twice in the sample, plus the 256 bytes and "
+                        "3 special tokens, rounded up to 64, within --min_vocab_size and --max_vocab_size")
+    d.add_argument("--min_vocab_size", type=int, default=1024)
+    d.add_argument("--max_vocab_size", type=int, default=32000)
+    d.add_argument("--tokenizer_train_docs", type=int, default=10000,
+                   help="--train_tokenizer: the first documents of the training data it learns from")
     d.add_argument("--streaming", action=argparse.BooleanOptionalAction,
                    help="stream the dataset (default: on for Hub datasets, off for local files)")
     d.add_argument("--seq_length", "--max_seq_length", dest="seq_length", type=int, default=512)
@@ -312,6 +323,23 @@ def check_args(args, parser):
         other = "--model_size" if args.model_size else "--resume_from_checkpoint" if args.resume_from_checkpoint \
             else "--init_from"
         parser.error(f"--target_params chooses a new model's shape; it does not go with {other}")
+    tokenizer_flags = [f for f in ("vocab_size", "auto_vocab_size") if getattr(args, f)]
+    if tokenizer_flags and not args.train_tokenizer:
+        parser.error(f"--{tokenizer_flags[0]} applies to --train_tokenizer")
+    if args.train_tokenizer:
+        other = next((f for f in ("tokenizer_name", "resume_from_checkpoint", "init_from") if getattr(args, f)), None)
+        if other:
+            parser.error(f"--train_tokenizer makes a new run's tokenizer; it does not go with --{other} (a resumed "
+                         f"run keeps its checkpoint's tokenizer, a loaded model its vocabulary)")
+        if args.vocab_size is not None and args.auto_vocab_size:
+            parser.error("give --vocab_size or --auto_vocab_size, not both")
+        if args.vocab_size is None and not args.auto_vocab_size:
+            args.vocab_size = 8192
+        if not 0 < args.min_vocab_size <= args.max_vocab_size:
+            parser.error(f"--min_vocab_size ({args.min_vocab_size}) must be positive and at most --max_vocab_size "
+                         f"({args.max_vocab_size})")
+        if args.tokenizer_train_docs <= 0:
+            parser.error(f"--tokenizer_train_docs must be positive, got {args.tokenizer_train_docs}")
     if args.prefer_depth and args.target_params is None:
         parser.error("--prefer_depth applies to --target_params")
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):

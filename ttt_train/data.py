@@ -4,6 +4,7 @@ The stream of token blocks is exactly resumable: its state (epoch, documents con
 for streamed datasets the `datasets` iterator state) is saved with each checkpoint.
 """
 
+import collections
 import itertools
 import math
 import queue
@@ -15,7 +16,7 @@ from pathlib import Path
 import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ttt_train import hub
@@ -44,6 +45,35 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=10**9)
+
+
+TRAINED_SPECIALS = ("<unk>", "<s>", "</s>")  # as the byte tokenizer's: unknown, BOS, EOS (document ends)
+BYTE_SYMBOLS = 256
+
+
+def auto_vocab_size(texts: list, low: int, high: int) -> int:
+    """The rule of --auto_vocab_size: one token per distinct word (whitespace-separated) that occurs at least twice
+    in the sample, on top of the 256 byte symbols and the special tokens, rounded up to a multiple of 64 and
+    clamped to [low, high]."""
+    counts = collections.Counter(word for text in texts for word in text.split())
+    wanted = BYTE_SYMBOLS + len(TRAINED_SPECIALS) + sum(1 for n in counts.values() if n >= 2)
+    return max(low, min(high, -(-wanted // 64) * 64))
+
+
+def train_tokenizer(texts: list, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of `vocab_size` tokens (the 256 bytes, the merges learned from `texts`, <unk> <s> </s>)."""
+    minimum = BYTE_SYMBOLS + len(TRAINED_SPECIALS)
+    if vocab_size < minimum:
+        raise DataError(f"--vocab_size {vocab_size} is smaller than the {BYTE_SYMBOLS} byte symbols plus "
+                        f"{len(TRAINED_SPECIALS)} special tokens ({minimum}) a byte-level BPE needs")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TRAINED_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", model_max_length=10**9)
 

@@ -38,6 +38,7 @@ from ttt_train.metrics import (
 RESUMABLE_CHANGES = ("seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "learning_rate", "lr_end", "lr_warmup_steps", "warmup_ratio", "lr_scheduler_type",
                      "weight_decay", "max_grad_norm", "mixed_precision")
+TOKENIZER_DIR = "tokenizer"  # --train_tokenizer's tokenizer in the output directory
 SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "polynomial", "constant": "constant_with_warmup"}
 MAX_SKIPPED_IN_A_ROW = 10  # --on_nonfinite skip: more non-finite steps in a row than this stop the run
 
@@ -298,13 +299,58 @@ def synchronised_flags(accelerator, stop, loss, grad_norm) -> tuple:
     return stop_now, nonfinite
 
 
+def read_data(args) -> tuple:
+    """(train_docs, eval_docs, text_column): the dataset split, limited, its text column found and checked."""
+    raw = data.load_raw_dataset(args.dataset_name, args.dataset_config or None, args.streaming)
+    train_docs, eval_docs = data.split_train_validation(raw, args.validation_split, args.streaming_eval_docs,
+                                                        args.seed)
+    held_out = isinstance(train_docs, datasets.IterableDataset) and not any(  # a stream: validation held out
+        name in raw for name in data.VALIDATION_SPLITS if hasattr(raw, "keys"))
+    hint = (f": a stream without a validation split gives its first --streaming_eval_docs ({args.streaming_eval_docs})"
+            f" documents to validation, and this one has no more; lower --streaming_eval_docs" if held_out else "")
+    train_docs = data.first_documents(train_docs, args.max_train_examples)
+    eval_docs = data.first_documents(eval_docs, args.max_eval_examples)
+    text_column = data.detect_text_column(train_docs, args.text_column, empty_hint=hint)
+    data.check_not_empty(train_docs, text_column, "training", hint=hint)
+    return train_docs, eval_docs, text_column
+
+
+def trained_tokenizer(args, accelerator, output_dir: Path, train_docs, text_column) -> str:
+    """--train_tokenizer: a byte-level BPE trained by the main process on the first --tokenizer_train_docs training
+    documents, saved to <output_dir>/tokenizer (atomically), which every process then loads. Returns that path."""
+    folder = output_dir / TOKENIZER_DIR
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            texts = [t for t in (row[text_column] for row in data.first_rows(train_docs, args.tokenizer_train_docs))
+                     if isinstance(t, str) and t]
+            size = args.vocab_size or data.auto_vocab_size(texts, args.min_vocab_size, args.max_vocab_size)
+            tokenizer = data.train_tokenizer(texts, size)
+            partial = ckpt.partial_of(folder)
+            shutil.rmtree(partial, ignore_errors=True)
+            tokenizer.save_pretrained(partial)
+            shutil.rmtree(folder, ignore_errors=True)  # one from an earlier attempt that saved no checkpoint
+            os.replace(partial, folder)
+            accelerator.print(f"--train_tokenizer: byte-level BPE of {len(tokenizer)} tokens ({size} asked"
+                              f"{', --auto_vocab_size' if not args.vocab_size else ''}) from {len(texts)} documents "
+                              f"-> {folder}")
+        except UserError as failure:
+            error[0] = str(failure)
+    error = broadcast_object_list(error) if accelerator.num_processes > 1 else error
+    if error[0]:
+        raise UserError(error[0])
+    return str(folder)
+
+
 def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tuple:
-    """Everything that reads user input, before any model is built: the tokenizer, the configuration (checked
-    against the checkpoint's), the disk space, the data. Returns (tokenizer, config, resolved, train_docs,
-    text_column, eval_set); `resolved` holds what the run settles that the flags left open (the arguments stay as
-    parsed)."""
+    """Everything that reads user input, before any model is built: the data, the tokenizer (loaded or trained),
+    the configuration (checked against the checkpoint's), the disk space. Returns (tokenizer, config, resolved,
+    train_docs, text_column, eval_set); `resolved` holds what the run settles that the flags left open."""
+    train_docs, eval_docs, text_column = read_data(args)
     saved_source = checkpoint or args.init_from  # where the tokenizer comes from when --tokenizer_name is not given
     resolved = {"tokenizer_name": args.tokenizer_name or str(saved_source or data.BUILTIN_TOKENIZER)}
+    if args.train_tokenizer:
+        resolved["tokenizer_name"] = trained_tokenizer(args, accelerator, output_dir, train_docs, text_column)
     try:
         tokenizer = data.load_tokenizer(resolved["tokenizer_name"])
     except data.DataError as error:
@@ -334,17 +380,6 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
                         f"{config.mini_batch_size}): the training loss weighs every chunk equally, as the official one")
     if accelerator.is_main_process:
         ckpt.check_disk_space(output_dir, models.parameter_count(config))
-    raw = data.load_raw_dataset(args.dataset_name, args.dataset_config or None, args.streaming)
-    train_docs, eval_docs = data.split_train_validation(raw, args.validation_split, args.streaming_eval_docs,
-                                                        args.seed)
-    held_out = isinstance(train_docs, datasets.IterableDataset) and not any(  # a stream: validation held out
-        name in raw for name in data.VALIDATION_SPLITS if hasattr(raw, "keys"))
-    hint = (f": a stream without a validation split gives its first --streaming_eval_docs ({args.streaming_eval_docs})"
-            f" documents to validation, and this one has no more; lower --streaming_eval_docs" if held_out else "")
-    train_docs = data.first_documents(train_docs, args.max_train_examples)
-    eval_docs = data.first_documents(eval_docs, args.max_eval_examples)
-    text_column = data.detect_text_column(train_docs, args.text_column, empty_hint=hint)
-    data.check_not_empty(train_docs, text_column, "training", hint=hint)
     if args.num_train_epochs is not None:  # the step count the epochs make; the same on resume (same data)
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         args.max_train_steps, tokens, blocks = data.steps_for_epochs(

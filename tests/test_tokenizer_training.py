@@ -1,0 +1,65 @@
+"""--train_tokenizer: a byte-level BPE trained on the run's data, saved with the run, kept on resume."""
+
+import json
+import os
+
+from transformers import AutoTokenizer
+
+import train_ttt
+from helpers import FAST, fails, run
+from ttt_train import data
+
+
+def corpus(tmp_path):
+    words = ["king", "queen", "crown", "sword", "castle", "river", "night", "morning", "honour", "brother"]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j * 3) % 10] for j in range(40))}) + "\n"
+                            for i in range(120)))
+    return path
+
+
+def test_trained_tokenizer_is_used_saved_and_kept_on_resume(tmp_path, capsys):
+    folder = run(tmp_path, "--dataset_name", str(corpus(tmp_path)), "--train_tokenizer", "--vocab_size", "300",
+                 "--max_train_steps", "2", "--save_checkpoint_freq", "1")
+    assert "--train_tokenizer: byte-level BPE of 300 tokens" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    assert len(tokenizer) == 300 and tokenizer.eos_token == "</s>" and tokenizer.bos_token == "<s>"
+    text = "king queen crown sword castle"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) < len(text) / 2 and tokenizer.decode(ids) == text  # merges learned, lossless
+    assert json.loads((folder / "final_model" / "config.json").read_text())["vocab_size"] == 300
+    assert AutoTokenizer.from_pretrained(folder / "checkpoint-1").get_vocab() == tokenizer.get_vocab()
+    assert json.loads((folder / "training_args.json").read_text())["tokenizer_name"] == str(folder / "tokenizer")
+    stamp = os.stat(folder / "tokenizer" / "tokenizer.json").st_mtime_ns
+    run(tmp_path, "--dataset_name", str(corpus(tmp_path)), "--max_train_steps", "3", "--resume_from_checkpoint",
+        "latest")
+    assert os.stat(folder / "tokenizer" / "tokenizer.json").st_mtime_ns == stamp  # not retrained
+    assert AutoTokenizer.from_pretrained(folder / "final_model").get_vocab() == tokenizer.get_vocab()
+
+
+def test_auto_vocab_size_rule():
+    texts = ["a b c a b", "c d e f"]  # a, b, c occur at least twice
+    assert data.auto_vocab_size(texts, 1, 10**6) == 320  # 256 + 3 + 3 = 262 -> 320
+    assert data.auto_vocab_size(texts, 1024, 10**6) == 1024 and data.auto_vocab_size(texts, 1, 300) == 300
+    many = [" ".join(f"w{i}" for i in range(1000))] * 2
+    assert data.auto_vocab_size(many, 1, 10**6) == 1280  # 1259 -> 1280
+
+
+def test_auto_vocab_size_through_the_trainer(tmp_path, capsys):
+    run(tmp_path, "--dataset_name", str(corpus(tmp_path)), "--train_tokenizer", "--auto_vocab_size",
+        "--min_vocab_size", "260", "--max_vocab_size", "4096", "--max_train_steps", "1")
+    # 10 distinct words occur: the rule asks 320; BPE stops when no pair is left to merge (fewer tokens, said so)
+    assert "tokens (320 asked, --auto_vocab_size) from" in capsys.readouterr().out
+
+
+def test_tokenizer_training_errors(tmp_path, capsys):
+    base = [*FAST, "--dataset_name", str(corpus(tmp_path)), "--output_dir", str(tmp_path / "run")]
+    fails(capsys, *base, "--train_tokenizer", "--vocab_size", "100",
+          match="--vocab_size 100 is smaller than the 256 byte symbols plus 3 special tokens (259)")
+    fails(capsys, *base, "--vocab_size", "500", match="--vocab_size applies to --train_tokenizer")
+    fails(capsys, *base, "--train_tokenizer", "--tokenizer_name", "builtin:bytes",
+          match="it does not go with --tokenizer_name")
+    fails(capsys, *base, "--train_tokenizer", "--vocab_size", "500", "--auto_vocab_size",
+          match="give --vocab_size or --auto_vocab_size, not both")
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    assert train_ttt.parse_args(["--train_tokenizer"]).vocab_size == 8192
