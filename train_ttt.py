@@ -150,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--first_order", action=argparse.BooleanOptionalAction,
                    help="drop the second-order terms of the meta-gradient: faster, NOT the official algorithm")
 
+    lo = p.add_argument_group("LoRA fine-tuning (peft; with --init_from)")
+    lo.add_argument("--use_lora", action="store_true",
+                    help="train low-rank adapters on the --init_from model instead of its weights; checkpoints hold "
+                         "the adapters only")
+    lo.add_argument("--lora_rank", type=int, help="the adapters' rank (default 8)")
+    lo.add_argument("--lora_alpha", type=float, help="their scale numerator (default 16: scale alpha / rank)")
+    lo.add_argument("--lora_dropout", type=float, help="dropout on their input (default 0)")
+    lo.add_argument("--lora_target_modules",
+                    help="comma-separated module names (default: per model type, the attention / TTT projections "
+                         "and the MLP)")
+    lo.add_argument("--merge_lora", action="store_true",
+                    help="write final_model/ as a merged full model (else the adapters, which need peft to load)")
+
     d = p.add_argument_group("data")
     d.add_argument("--dataset_name", default="builtin:synthetic",
                    help="Hub dataset id, a local file or folder (.txt/.json/.jsonl/.parquet/.csv, or a "
@@ -323,6 +336,16 @@ def check_args(args, parser):
         other = "--model_size" if args.model_size else "--resume_from_checkpoint" if args.resume_from_checkpoint \
             else "--init_from"
         parser.error(f"--target_params chooses a new model's shape; it does not go with {other}")
+    lora_flags = [f for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
+                  if getattr(args, f) not in (None, False)]
+    if lora_flags and not args.use_lora:
+        parser.error(f"--{lora_flags[0]} applies to --use_lora")
+    if args.use_lora and not (args.init_from or args.resume_from_checkpoint):
+        parser.error("--use_lora adapts a saved model: give --init_from (or resume a LoRA run)")
+    if args.lora_rank is not None and args.lora_rank <= 0:
+        parser.error(f"--lora_rank must be positive, got {args.lora_rank}")
+    if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     tokenizer_flags = [f for f in ("vocab_size", "auto_vocab_size") if getattr(args, f)]
     if tokenizer_flags and not args.train_tokenizer:
         parser.error(f"--{tokenizer_flags[0]} applies to --train_tokenizer")

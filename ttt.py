@@ -830,10 +830,14 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, cache: TTTCache | None = None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep: int = 0,
-                past_key_values: TTTCache | None = None, cache_position=None, num_items_in_batch=None):
+                past_key_values: TTTCache | None = None, cache_position=None, num_items_in_batch=None,
+                output_attentions=None):
         """TTTModel.forward's arguments, and `labels` (the loss is the mean cross-entropy of logits[:, :-1]
         against labels[:, 1:], ignore_index -100, or a sum over `num_items_in_batch` tokens as HF's Trainer
-        asks under gradient accumulation)."""
+        asks under gradient accumulation). `output_attentions` (which peft passes) must be falsy: a TTT layer has
+        no attention weights."""
+        if output_attentions:
+            raise ValueError("TTT models have no attention weights (output_attentions=True)")
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, past_key_values=past_key_values,
                              output_hidden_states=output_hidden_states, return_dict=True)

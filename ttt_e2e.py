@@ -680,7 +680,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, cache: E2ECache | None = None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep: int = 0,
-                past_key_values: E2ECache | None = None, cache_position=None):
+                past_key_values: E2ECache | None = None, cache_position=None, output_attentions=None):
         """Logits of every position; in meta mode those of the fast weights of its chunk (the inner loop runs in
         every forward, training or not; in training mode the graph goes through it, so a loss computed from the
         logits differentiates through the inner loop). `labels`: the loss is the mean over chunks of each chunk's
@@ -691,8 +691,8 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
             raise ValueError("E2E models need input_ids (inputs_embeds alone give the inner loop no targets)")
         if inputs_embeds is not None:
             raise ValueError("pass input_ids, not inputs_embeds: the inner loop trains on the next tokens' ids")
-        if output_hidden_states:
-            raise ValueError("output_hidden_states is not supported by E2E models")
+        if output_hidden_states or output_attentions:
+            raise ValueError("output_hidden_states and output_attentions are not supported by E2E models")
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"expected a (batch, length) input with length >= 1, got shape {tuple(input_ids.shape)}")
         if not torch.compiler.is_compiling():

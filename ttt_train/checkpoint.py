@@ -39,8 +39,9 @@ from ttt_train.cli import UserError
 TRAINER_STATE = "trainer_state.json"
 BEST_MODEL = "best_model"
 TRAINING_STATE_DIR = "training_state"
-REQUIRED_FILES = ("config.json", "model.safetensors", TRAINER_STATE, f"{TRAINING_STATE_DIR}/optimizer.bin",
+REQUIRED_FILES = ("config.json", TRAINER_STATE, f"{TRAINING_STATE_DIR}/optimizer.bin",
                   f"{TRAINING_STATE_DIR}/random_states_0.pkl")
+WEIGHTS, ADAPTER_WEIGHTS = "model.safetensors", "adapter_model.safetensors"  # a checkpoint holds one (LoRA: adapters)
 CHECKPOINT_NAME = re.compile(r"^(checkpoint|milestone)-(\d+)$")
 UNSAFE_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # Accelerate unpickles these with weights_only=False
 LOCK_FILE = ".lock"
@@ -123,7 +124,10 @@ def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with
     # torch.compile wraps the model as `_orig_mod`; the saved model must carry the plain parameter names
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(partial, state_dict=state_dict)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        unwrapped.save_pretrained(partial, state_dict=state_dict)
+        if hasattr(unwrapped, "peft_config"):  # adapters only: the base model's config beside them (resume reads it)
+            unwrapped.get_base_model().config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         _write_json(partial / TRAINER_STATE, {**trainer_state, "manifest": _manifest(partial)})
         if folder.exists():
@@ -182,7 +186,9 @@ class Checkpointer:
         bad = torch.stack([(~torch.isfinite(p.detach())).any() for p in local]).any().float()
         return self.accelerator.reduce(bad, "sum").item() == 0
 
-    def save_final(self, step: int):
+    def save_final(self, step: int, merge_lora: bool = False):
+        if merge_lora:  # the adapters folded into the base weights: a plain model (the run ends here)
+            self.model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).merge_and_unload()
         self.save("final_model", step, with_training_state=False)
 
     def save(self, folder: str, step: int, with_training_state: bool = True, extra: dict | None = None):
@@ -210,6 +216,8 @@ def validate_checkpoint(folder: Path) -> dict:
     for name in REQUIRED_FILES:
         if not (folder / name).is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+    if not (folder / WEIGHTS).is_file() and not (folder / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: {WEIGHTS} is missing")
     try:
         state = json.loads((folder / TRAINER_STATE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -264,8 +272,16 @@ def load_training_state(accelerator, model, scheduler, folder: Path, state: dict
     finally:
         handle.remove()
         shutil.rmtree(view, ignore_errors=True)
-    if accelerator.distributed_type != DistributedType.FSDP:
-        load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), folder / "model.safetensors")
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if (folder / ADAPTER_WEIGHTS).is_file():  # LoRA: the adapters (the base weights come from --init_from)
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(unwrapped, load_file(folder / ADAPTER_WEIGHTS, device="cpu"))
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{folder / ADAPTER_WEIGHTS} does not match the adapters: unexpected "
+                                  f"{result.unexpected_keys[:3]}")
+    elif accelerator.distributed_type != DistributedType.FSDP:
+        load_weights(unwrapped, folder / WEIGHTS)
     if "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     else:  # a checkpoint of an earlier version: the schedule is a function of the step

@@ -5,6 +5,7 @@ for streamed datasets the `datasets` iterator state) is saved with each checkpoi
 """
 
 import collections
+import importlib.util
 import itertools
 import math
 import queue
@@ -111,8 +112,18 @@ def load_model(name: str, **kwargs):
     import ttt  # noqa: F401  (registers the TTT models with the Auto classes)
     import ttt_e2e  # noqa: F401
 
+    path = hub.resolve(name, "model")
+    adapters = (Path(path) / "adapter_config.json").is_file()  # LoRA adapters (--use_lora): their base, then them
+    if adapters and importlib.util.find_spec("peft") is None:
+        raise DataError(f"model {name} holds LoRA adapters, which need peft: pip install peft (or train with "
+                        f"--merge_lora for a plain model)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(hub.resolve(name, "model"), **kwargs).eval()
+        if adapters:
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     except Exception as error:  # OSError, ValueError, SafetensorError, ...: all mean "cannot load"
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"cannot load model {name}: {detail}") from error

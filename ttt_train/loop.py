@@ -73,6 +73,8 @@ def param_groups(model, weight_decay):
     embeddings and the per-position tau."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (the base model under LoRA)
+            continue
         leaf = name.rsplit(".", 1)[-1]
         exempt = (p.ndim < 2 or "norm" in name or "embed_tokens" in name or "bias" in leaf
                   or leaf in ("b1", "b2", "learnable_token_idx"))
@@ -406,9 +408,19 @@ def _train(args, accelerator, output_dir, lock):
         args, accelerator, output_dir, checkpoint, resume_state)
     run_args = {**vars(args), **resolved}  # what checkpoints and training_args.json record
 
-    model = models.load_initial_model(args, config) if args.init_from and not checkpoint else models.build_model(config)
-    if args.gradient_checkpointing:
-        models.enable_activation_checkpointing(model)
+    lora = models.lora_settings(args, resume_state["args"] if checkpoint else None)
+    init_from = args.init_from or (resume_state["args"].get("init_from") if checkpoint else None)
+    if lora:  # the base weights come from --init_from on resume too: checkpoints hold only the adapters
+        model = models.load_initial_model(init_from, config)
+        if args.gradient_checkpointing:
+            models.enable_activation_checkpointing(model)
+        model = models.apply_lora(model, lora)
+        run_args.update(use_lora=True, init_from=init_from, **lora)
+    else:
+        model = models.load_initial_model(init_from, config) if args.init_from and not checkpoint \
+            else models.build_model(config)
+        if args.gradient_checkpointing:
+            models.enable_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                                   betas=(0.9, 0.95), eps=1e-8, fused=accelerator.device.type == "cuda")
     # The scheduler is neither `prepare`d (Accelerate would step it once per process; ours steps once per optimizer
@@ -460,6 +472,10 @@ def _train(args, accelerator, output_dir, lock):
                       f"{describe_setup(accelerator)}")
     if args.init_from and not checkpoint:
         accelerator.print(f"weights from --init_from {args.init_from} (optimizer and schedule start fresh)")
+    if lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        accelerator.print(f"LoRA: rank {lora['lora_rank']}, alpha {lora['lora_alpha']:g}, {trainable} trainable "
+                          f"parameters ({100 * trainable / params:.2f}% of {params}); checkpoints hold the adapters")
     metrics = StepMetrics(log, accelerator, args.logging_steps, args.max_train_steps, tokens_per_step,
                           training_flops_per_token(config, params, args.seq_length),
                           args.peak_tflops or gpu_peak_tflops(), elapsed)
@@ -505,7 +521,7 @@ def _train(args, accelerator, output_dir, lock):
     if args.data_prefetch:
         train_batches.close()
     if step == args.max_train_steps:
-        checkpointer.save_final(step)
+        checkpointer.save_final(step, merge_lora=bool(lora) and args.merge_lora)
         if accelerator.is_main_process:
             write_summary(output_dir / SUMMARY_FILE, step=step, tokens=tokens, elapsed=elapsed(), parameters=params,
                           final_eval_loss=evaluator.last, best=checkpointer.best)

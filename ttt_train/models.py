@@ -191,10 +191,11 @@ def init_config(args):
     return config
 
 
-def load_initial_model(args, config):
-    """The --init_from model's weights in float32 (training keeps float32 master weights, whatever dtype they were
-    saved in), from safetensors only (a pickled pytorch_model.bin is refused: it could run code)."""
-    model = data.load_model(args.init_from, config=config, dtype=torch.float32, use_safetensors=True)
+def load_initial_model(name: str, config):
+    """The weights of the saved model `name` (--init_from) in float32 (training keeps float32 master weights,
+    whatever dtype they were saved in), from safetensors only (a pickled pytorch_model.bin is refused: it could run
+    code)."""
+    model = data.load_model(name, config=config, dtype=torch.float32, use_safetensors=True)
     return model.train()
 
 
@@ -231,3 +232,47 @@ def describe(config) -> str:
                 if config.train_mode == "meta" else "TTT off")
         return f"TTT-E2E ({attention}, prime MLPs in the last {config.suffix_len} blocks, {mode})"
     return "Transformer++" + (f" (sliding window {config.sliding_window})" if config.sliding_window else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA (peft)
+
+# Default adapter targets per model: the attention / TTT layer's projections and the MLP. TTT-E2E's prime MLP is
+# left out: its weights are the fast weights' initial values, which the inner loop reads directly.
+LORA_TARGETS = {
+    "ttt": ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "ttt_e2e": r".*\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+}
+LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_target_modules": None}
+
+
+def lora_settings(args, saved_args: dict | None) -> dict | None:
+    """The run's LoRA settings: the flags', or on resume the checkpoint's (given flags must agree); None: no LoRA."""
+    given = {k: getattr(args, k) for k in LORA_DEFAULTS if getattr(args, k) is not None}
+    if saved_args is not None and saved_args.get("use_lora"):
+        settings = {k: saved_args.get(k) if saved_args.get(k) is not None else v for k, v in LORA_DEFAULTS.items()}
+        wrong = next((k for k, v in given.items() if v != settings[k]), None)
+        if wrong:
+            raise UserError(f"--{wrong} {given[wrong]} conflicts with the LoRA run being resumed ({wrong}="
+                            f"{settings[wrong]})")
+        return settings
+    if saved_args is not None and args.use_lora:
+        raise UserError("--use_lora: the run being resumed trained full weights, not adapters")
+    return {**LORA_DEFAULTS, **given} if args.use_lora else None
+
+
+def apply_lora(model, settings: dict):
+    """`model` wrapped by peft with LoRA adapters on the target modules: only the adapters train."""
+    try:
+        import peft
+    except ImportError as error:
+        raise UserError("--use_lora needs peft: pip install peft") from error
+    targets = settings["lora_target_modules"]
+    targets = [t.strip() for t in targets.split(",") if t.strip()] if targets else LORA_TARGETS[model.config.model_type]
+    config = peft.LoraConfig(r=settings["lora_rank"], lora_alpha=settings["lora_alpha"],
+                             lora_dropout=settings["lora_dropout"], target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+        raise UserError(f"--lora_target_modules {targets}: {str(error).splitlines()[0]}") from error
