@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the accelerator's peak TFLOP/s for MFU (default: looked up from the GPU name)")
 
     o = p.add_argument_group("checkpoints and logging")
-    o.add_argument("--output_dir", default="outputs/ttt-tiny")
+    o.add_argument("--output_dir", default="outputs/ttt-tiny",
+                   help="a folder, or s3:// gs:// az:// (staged locally, each checkpoint uploaded whole)")
     o.add_argument("--save_checkpoint_freq", type=int, default=100, help="steps between checkpoint-<step>/ (0: off)")
     o.add_argument("--save_total_limit", type=int, default=3, help="checkpoint-<step>/ folders kept")
     o.add_argument("--save_milestone_freq", type=int, default=0, help="steps between milestone-<step>/ (0: off)")

@@ -158,10 +158,11 @@ class Checkpointer:
     checkpoint records; `tokens` counts the training tokens so far."""
 
     def __init__(self, accelerator, output_dir: Path, model, tokenizer, scheduler, stream, run_args: dict, elapsed,
-                 tokens=lambda: None):
+                 tokens=lambda: None, remote=None, remote_files=()):
         self.accelerator, self.output_dir, self.model, self.tokenizer = accelerator, Path(output_dir), model, tokenizer
         self.scheduler, self.stream, self.run_args, self.elapsed = scheduler, stream, run_args, elapsed
-        self.tokens = tokens
+        # a cloud output_dir (ttt_train.remote): each saved folder is uploaded whole, with remote_files beside it
+        self.tokens, self.remote, self.remote_files = tokens, remote, remote_files
         # every process must take the same save decisions (a save is collective): the main process reads, all get it
         best = [read_best(self.output_dir) if accelerator.is_main_process else None]
         self.best = (broadcast_object_list(best) if accelerator.num_processes > 1 else best)[0]
@@ -174,6 +175,8 @@ class Checkpointer:
             self.save(f"checkpoint-{step}", step)
             if self.accelerator.is_main_process:
                 prune_checkpoints(self.output_dir, args.save_total_limit)
+                if self.remote:
+                    self.remote.prune(args.save_total_limit)
         if args.save_best and eval_loss is not None and math.isfinite(eval_loss) \
                 and (self.best is None or eval_loss < self.best[1]):
             self.save(BEST_MODEL, step, with_training_state=False, extra={"eval_loss": eval_loss})
@@ -200,6 +203,10 @@ class Checkpointer:
             raise CheckpointError(f"step {step}: the weights are not finite; {folder} was not saved")
         save_checkpoint(self.accelerator, self.output_dir / folder, self.model, self.tokenizer, state,
                         with_training_state)
+        if self.remote and self.accelerator.is_main_process:
+            self.remote.upload_folder(self.output_dir / folder, folder)
+            for name in self.remote_files:
+                self.remote.upload_file(self.output_dir / name, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from ttt_train.metrics import (
     training_flops_per_token,
     write_summary,
 )
+from ttt_train.remote import RemoteDir, download_model, is_remote
 
 # Flags whose change on resume is allowed (a curriculum) and reported.
 RESUMABLE_CHANGES = ("seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps",
@@ -218,19 +219,78 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
     return (Path(checkpoint), state) if checkpoint else (None, None)
 
 
+def stage_remote(args, remote: RemoteDir, output_dir: Path):
+    """A cloud --output_dir: the local staging folder made afresh with what the run needs of the bucket (the
+    checkpoint it resumes from, metrics.jsonl, the best model's score). A resume from an earlier checkpoint moves
+    the bucket's later ones (an abandoned continuation) to abandoned/<time>/ there, as branch_from does locally."""
+    remote.check_writable()
+    if output_dir.exists():  # another trainer staging the same URL on this machine holds its lock: refused here
+        probe = ckpt.RunLock(output_dir)
+        probe.acquire()
+        probe.release()
+    shutil.rmtree(output_dir, ignore_errors=True)  # a cache of the bucket, never the only copy of anything
+    output_dir.mkdir(parents=True)
+    checkpoints, folders = remote.checkpoints(), remote.complete_folders()
+    if not args.resume_from_checkpoint:
+        if checkpoints or "final_model" in folders:
+            raise UserError(f"output_dir {remote.url} already holds a run (checkpoints or final_model); pass "
+                            f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+        return
+    spec = args.resume_from_checkpoint
+    if spec == "latest":
+        if not checkpoints:
+            raise ckpt.CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ "
+                                       f"folder in {remote.url} (uploads that did not complete do not count)")
+        name = checkpoints[-1][1]
+    elif spec.startswith(remote.url + "/"):
+        name = spec[len(remote.url) + 1:].strip("/")
+        if name not in folders:
+            raise ckpt.CheckpointError(f"{spec} is not a complete checkpoint (missing, or its upload did not complete)")
+    else:
+        raise UserError(f"--resume_from_checkpoint {spec}: with --output_dir {remote.url}, give 'latest' or a "
+                        f"checkpoint under it")
+    remote.download(name, output_dir / name)
+    args.resume_from_checkpoint = str(output_dir / name)
+    step = int(ckpt.CHECKPOINT_NAME.match(name).group(2))
+    later = [n for s, n in checkpoints if s > step] + [n for n in ("final_model",) if n in folders]
+    for other in later:
+        remote._call("move in", remote.fs.mv, remote.path(other),
+                     remote.path(f"{ckpt.ABANDONED_DIR}/{time.strftime('%Y%m%d-%H%M%S')}/{other}"), recursive=True)
+    if remote.fs.exists(remote.path(METRICS_FILE)):
+        remote.download(METRICS_FILE, output_dir / METRICS_FILE)
+    if ckpt.BEST_MODEL in folders:  # its score, for --save_best's comparisons (the weights stay in the bucket)
+        remote.download(f"{ckpt.BEST_MODEL}/{ckpt.TRAINER_STATE}", output_dir / ckpt.BEST_MODEL / ckpt.TRAINER_STATE)
+
+
 def train(args):
     """Set-up, each step that can fail on bad input before any model is built, then the step loop."""
     quiet_libraries()
-    output_dir = Path(args.output_dir)
+    remote = RemoteDir(args.output_dir) if is_remote(args.output_dir) else None
+    output_dir = remote.staging if remote else Path(args.output_dir)
     # Without CUDA, Accelerate joins a multi-process launch (gloo) only when told it runs on the CPU.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers(args.report_to) or None,
                               project_dir=str(output_dir), cpu=multi_process_cpu,
                               dynamo_plugin=compile_plugin(args))
+    if remote or is_remote(args.init_from):
+        outcome = [None, args.resume_from_checkpoint, args.init_from]
+        if accelerator.is_main_process:
+            try:
+                if remote:
+                    stage_remote(args, remote, output_dir)
+                if is_remote(args.init_from):
+                    args.init_from = download_model(args.init_from)
+                outcome = [None, args.resume_from_checkpoint, args.init_from]
+            except UserError as error:
+                outcome[0] = str(error)
+        outcome = broadcast_object_list(outcome) if accelerator.num_processes > 1 else outcome
+        if outcome[0]:
+            raise UserError(outcome[0])
+        args.resume_from_checkpoint, args.init_from = outcome[1], outcome[2]
     lock = ckpt.RunLock(output_dir)
     created = not output_dir.exists()
     try:
-        return _train(args, accelerator, output_dir, lock)
+        return _train(args, accelerator, output_dir, lock, remote)
     finally:
         lock.release()
         if created and accelerator.is_main_process and [p.name for p in output_dir.iterdir()] == [ckpt.LOCK_FILE]:
@@ -400,7 +460,7 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
     return tokenizer, config, resolved, train_docs, text_column, eval_set
 
 
-def _train(args, accelerator, output_dir, lock):
+def _train(args, accelerator, output_dir, lock, remote=None):
     checkpoint, resume_state = claim_output_dir(accelerator, args, output_dir, lock)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     set_seed(args.seed)
@@ -455,7 +515,8 @@ def _train(args, accelerator, output_dir, lock):
     elapsed = lambda: elapsed_before + time.time() - start_time  # seconds over all resumed segments
     tokens = resume_state.get("tokens", 0) if checkpoint else 0  # training tokens over all resumed segments
     checkpointer = ckpt.Checkpointer(accelerator, output_dir, model, tokenizer, scheduler, train_batches, run_args,
-                                     elapsed, tokens=lambda: tokens)
+                                     elapsed, tokens=lambda: tokens, remote=remote,
+                                     remote_files=(METRICS_FILE, "training_args.json"))
     if checkpoint and step >= args.max_train_steps:  # a kill while the final model was written: write it now
         checkpointer.save_final(step)
         accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / 'final_model'}")
@@ -525,6 +586,9 @@ def _train(args, accelerator, output_dir, lock):
         if accelerator.is_main_process:
             write_summary(output_dir / SUMMARY_FILE, step=step, tokens=tokens, elapsed=elapsed(), parameters=params,
                           final_eval_loss=evaluator.last, best=checkpointer.best)
+            if remote:
+                for name in (SUMMARY_FILE, METRICS_FILE):
+                    remote.upload_file(output_dir / name, name)
         accelerator.print(f"done: {output_dir / 'final_model'}")
     accelerator.end_training()
     return step

@@ -1,0 +1,96 @@
+"""Cloud output directories through fsspec, against a real S3-compatible server (moto) on loopback: checkpoints
+uploaded whole and listed only once complete, `latest` and rotation in the bucket, a resume after an interrupted
+upload, --init_from from the bucket, and one clear error for an unreachable or missing bucket."""
+
+import json
+import socket
+
+import pytest
+
+from helpers import FAST, fails, losses, run
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] and s3fs are test extras (CI installs them)")
+pytest.importorskip("s3fs", reason="s3fs is optional (pip install s3fs)")
+
+
+@pytest.fixture(scope="module")
+def server():
+    s3 = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    yield f"http://{host}:{port}"
+    s3.stop()
+
+
+@pytest.fixture
+def bucket(server, monkeypatch, tmp_path):
+    import boto3
+
+    for key, value in {"AWS_ENDPOINT_URL": server, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "TTT_STAGING_DIR": str(tmp_path / "staging")}.items():
+        monkeypatch.setenv(key, value)
+    name = f"runs-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    boto3.client("s3", endpoint_url=server).create_bucket(Bucket=name)
+    return name
+
+
+def listing(bucket, prefix):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/{prefix}", detail=False))
+
+
+def test_checkpoints_go_to_the_bucket_and_a_resume_after_an_interrupted_upload_is_exact(bucket, tmp_path):
+    import s3fs
+
+    url = f"s3://{bucket}/run"
+    flags = ["--max_train_steps", "6", "--save_checkpoint_freq", "2", "--save_total_limit", "2"]
+    local = run(tmp_path, *flags, out="local")  # the same run on a local disk, for the losses
+    import train_ttt
+
+    train_ttt.main([*FAST, "--output_dir", url, *flags])
+    names = listing(bucket, "run")
+    assert {"checkpoint-4", "checkpoint-6", "final_model", "metrics.jsonl", "training_summary.json"} <= set(names)
+    assert "checkpoint-2" not in names  # rotated in the bucket
+    fs = s3fs.S3FileSystem()
+    assert fs.exists(f"{bucket}/run/checkpoint-6/model.safetensors")
+    assert fs.exists(f"{bucket}/run/checkpoint-6/.upload-complete")
+    metrics = [json.loads(line) for line in fs.cat(f"{bucket}/run/metrics.jsonl").decode().splitlines()]
+    assert {r["step"]: r["loss"] for r in metrics if "loss" in r} == losses(local)
+
+    # checkpoint-6's upload interrupted halfway (its marker and its weights missing), the final model lost too
+    fs.rm(f"{bucket}/run/checkpoint-6/.upload-complete")
+    fs.rm(f"{bucket}/run/checkpoint-6/model.safetensors")
+    fs.rm(f"{bucket}/run/final_model", recursive=True)
+    train_ttt.main([*FAST, "--output_dir", url, *flags, "--max_train_steps", "8", "--resume_from_checkpoint",
+                    "latest"])  # resumes from checkpoint-4: the last complete upload
+    metrics = [json.loads(line) for line in fs.cat(f"{bucket}/run/metrics.jsonl").decode().splitlines()]
+    resumed = {r["step"]: r["loss"] for r in metrics if "loss" in r}
+    assert sorted(resumed) == list(range(1, 9)) and all(resumed[s] == losses(local)[s] for s in range(1, 7))
+    assert {"checkpoint-8", "final_model"} <= set(listing(bucket, "run"))
+    # a model in the bucket starts another run
+    out = tmp_path / "from-bucket"
+    train_ttt.main([*FAST[2:], "--init_from", f"{url}/final_model", "--max_train_steps", "1", "--output_dir",
+                    str(out)])
+    assert (out / "final_model" / "model.safetensors").exists()
+
+
+def test_a_bucket_run_is_not_overwritten(bucket, capsys):
+    url = f"s3://{bucket}/taken"
+    import train_ttt
+
+    train_ttt.main([*FAST, "--output_dir", url, "--max_train_steps", "2"])
+    fails(capsys, *FAST, "--output_dir", url, "--max_train_steps", "2", match="already holds a run")
+
+
+def test_unreachable_or_missing_buckets_are_one_error_line(bucket, monkeypatch, capsys):
+    fails(capsys, *FAST, "--output_dir", "s3://no-such-bucket-here/run", match="cannot write to s3://no-such-bucket")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    fails(capsys, *FAST, "--output_dir", f"s3://{bucket}/run", match=f"cannot write to s3://{bucket}/run")
+    fails(capsys, *FAST, "--output_dir", "ftp2://host/run", match="unsupported storage scheme ftp2://")
