@@ -255,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 def yaml_argv(values: dict, parser, path: str) -> list:
     """The YAML mapping as command-line arguments, each value checked against its flag's type, so that it is
     parsed exactly as if it had been typed (and typed flags after it win)."""
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    actions = {}
+    for action in parser._actions:  # a key is a flag's name: the first action of its dest (not an alias like --bf16)
+        if action.option_strings and action.dest != "help":
+            actions.setdefault(action.dest, action)
     unknown = sorted(set(values) - set(actions) - {"config"})
     if unknown:
         parser.error(f"--config {path}: unknown keys {unknown} (keys are flag names)")
@@ -265,6 +268,11 @@ def yaml_argv(values: dict, parser, path: str) -> list:
         if action is None:
             continue
         flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):  # a switch: true turns it on
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {key} must be true or false, got {value!r}")
+            argv += [flag] if value else []
+            continue
         if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
                 parser.error(f"--config {path}: {key} must be true or false, got {value!r}")

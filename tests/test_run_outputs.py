@@ -125,3 +125,14 @@ def test_alias_spellings_and_did_you_mean(capsys):
     # one entry per flag: the usage line and the flag's line, its named aliases on that line
     assert help_text.count("--save_checkpoint_freq SAVE_CHECKPOINT_FREQ") == 2
     assert help_text.count("--save-every SAVE_CHECKPOINT_FREQ") == 1
+
+
+def test_yaml_config_takes_switches_and_the_flag_not_its_alias(tmp_path):
+    import train_ttt
+
+    config = tmp_path / "run.yaml"
+    config.write_text("use_lora: true\ninit_from: some/model\nmixed_precision: bf16\ntrain_tokenizer: false\n"
+                      "save_best: true\n")
+    args = train_ttt.parse_args(["--config", str(config)])
+    assert (args.use_lora, args.init_from, args.mixed_precision, args.train_tokenizer, args.save_best) == (
+        True, "some/model", "bf16", False, True)
