@@ -414,3 +414,11 @@ def test_activation_checkpointing_of_the_prefix_keeps_the_gradients():
     checkpointed = gradients(model, model(ids, labels=ids).loss)
     for name, grad in plain.items():
         assert_close(f"gradient of {name}", checkpointed[name], grad, atol=1e-12)
+
+
+def test_resume_refuses_the_other_e2e_model_type(tmp_path, capsys):
+    from helpers import FAST, fails, run
+
+    folder = run(tmp_path, "--model_type", "e2e_fa", "--max_train_steps", "1", "--save_checkpoint_freq", "1")
+    fails(capsys, *FAST, "--output_dir", str(folder), "--model_type", "e2e", "--max_train_steps", "2",
+          "--resume_from_checkpoint", "latest", match="--model_type e2e conflicts with checkpoint")

@@ -150,6 +150,9 @@ def check_flags_agree(args, config, source: str, skip=()):
     initialising from a saved model cannot change its architecture."""
     if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
         raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {config.model_type} model")
+    if args.model_type in ("e2e", "e2e_fa") and (args.model_type == "e2e_fa") != (config.suffix_len == 0):
+        actual = "TTT-E2E's full-attention baseline" if config.suffix_len == 0 else "a TTT-E2E model"
+        raise UserError(f"--model_type {args.model_type} conflicts with {source}, {actual}")
     for flag in ALL_FLAGS + DIM_FLAGS:
         if flag in skip:
             continue
