@@ -59,7 +59,7 @@ class RemoteDir:
     def _call(self, what: str, action, *args, **kwargs):
         try:
             return action(*args, **kwargs)
-        except (FileNotFoundError, PermissionError, OSError, Exception) as error:  # botocore, gcsfs, adlfs errors
+        except Exception as error:  # OSError, botocore's, gcsfs's, adlfs's: all mean the bucket refused or is away
             raise RemoteError(f"cannot {what} {self.url}: {_reason(error)}") from error
 
     def path(self, name: str) -> str:
