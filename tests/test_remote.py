@@ -94,3 +94,36 @@ def test_unreachable_or_missing_buckets_are_one_error_line(bucket, monkeypatch, 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     fails(capsys, *FAST, "--output_dir", f"s3://{bucket}/run", match=f"cannot write to s3://{bucket}/run")
     fails(capsys, *FAST, "--output_dir", "ftp2://host/run", match="unsupported storage scheme ftp2://")
+
+
+def test_an_upload_that_fails_halfway_stops_the_run_and_the_resume_starts_before_it(bucket, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """The connection drops while checkpoint-4's weights are uploaded: the run stops with one error line, the bucket
+    holds checkpoint-4 without its marker, and `latest` resumes from checkpoint-2 to the same losses."""
+    import s3fs
+
+    import train_ttt
+
+    url = f"s3://{bucket}/cut"
+    flags = ["--max_train_steps", "6", "--save_checkpoint_freq", "2", "--save_total_limit", "5"]
+    local = run(tmp_path, *flags, out="local")
+    original = s3fs.S3FileSystem._put_file
+
+    async def dropping(self, lpath, rpath, *args, **kwargs):
+        if "checkpoint-4/model.safetensors" in rpath:
+            raise ConnectionResetError("connection reset by peer")
+        return await original(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", dropping)
+    fails(capsys, *FAST, "--output_dir", url, *flags, match=f"cannot upload to {url}")
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", original)
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket}/cut/checkpoint-4/config.json")  # half uploaded
+    assert not fs.exists(f"{bucket}/cut/checkpoint-4/.upload-complete")
+    train_ttt.main([*FAST, "--output_dir", url, *flags, "--resume_from_checkpoint", "latest"])
+    out = capsys.readouterr().out
+    assert "at step 2" in out  # checkpoint-4 did not count
+    metrics = [json.loads(line) for line in fs.cat(f"{bucket}/cut/metrics.jsonl").decode().splitlines()]
+    assert {r["step"]: r["loss"] for r in metrics if "loss" in r} == losses(local)
+    assert fs.exists(f"{bucket}/cut/checkpoint-4/.upload-complete")  # uploaded again, whole
