@@ -513,7 +513,9 @@ def _train(args, accelerator, output_dir, lock, remote=None):
     log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
     start_time = time.time()
     elapsed = lambda: elapsed_before + time.time() - start_time  # seconds over all resumed segments
-    tokens = resume_state.get("tokens", 0) if checkpoint else 0  # training tokens over all resumed segments
+    # training tokens over all resumed segments (a checkpoint that predates the count: its steps at this step size)
+    tokens = resume_state.get("tokens", step * args.per_device_train_batch_size * args.seq_length
+                              * args.gradient_accumulation_steps * accelerator.num_processes) if checkpoint else 0
     checkpointer = ckpt.Checkpointer(accelerator, output_dir, model, tokenizer, scheduler, train_batches, run_args,
                                      elapsed, tokens=lambda: tokens, remote=remote,
                                      remote_files=(METRICS_FILE, "training_args.json"))
