@@ -692,13 +692,15 @@ class TTTCache:
         self.conv_states = [{name: pick(t) for name, t in convs.items()} for convs in self.conv_states]
 
 
-def decoding_state(cache, past_key_values) -> "TTTCache | None":
-    """The TTTCache passed under either name (transformers 5.x renamed `past_key_values` to `cache`)."""
+def decoding_state(cache, past_key_values, cache_class: type | None = None):
+    """The decoding state passed under either name (transformers 5.x renamed `past_key_values` to `cache`), which
+    must be a `cache_class` (default TTTCache; ttt_e2e.py passes its E2ECache)."""
+    cache_class = cache_class or TTTCache
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise TypeError("pass the decoding state once, as `cache` or as `past_key_values`, not both")
     state = cache if cache is not None else past_key_values
-    if state is not None and not isinstance(state, TTTCache):
-        raise TypeError(f"a TTT model decodes through a TTTCache, got {type(state).__name__}")
+    if state is not None and not isinstance(state, cache_class):
+        raise TypeError(f"this model decodes through a {cache_class.__name__}, got {type(state).__name__}")
     return state
 
 

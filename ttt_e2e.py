@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ttt import CACHE_FIELD
+from ttt import CACHE_FIELD, decoding_state
 
 TRAIN_MODES = ("meta", "pretrain")  # meta: the inner loop runs (TTT-E2E); pretrain: it does not (TTT off, or fa)
 
@@ -403,16 +403,6 @@ class E2ECache:
         self.chunk_inputs, self.chunk_ids = pick(self.chunk_inputs), pick(self.chunk_ids)
 
 
-def decoding_state(cache, past_key_values) -> "E2ECache | None":
-    """The E2ECache passed under either name (transformers 5.x renamed `past_key_values` to `cache`)."""
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise TypeError("pass the decoding state once, as `cache` or as `past_key_values`, not both")
-    state = cache if cache is not None else past_key_values
-    if state is not None and not isinstance(state, E2ECache):
-        raise TypeError(f"an E2E model decodes through an E2ECache, got {type(state).__name__}")
-    return state
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -704,7 +694,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
             raise ValueError("E2E models read every token in order and do not support padding (attention_mask has "
                              "zeros); pass unpadded sequences of equal length")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        cache = decoding_state(cache, past_key_values)
+        cache = decoding_state(cache, past_key_values, E2ECache)
         chunk_stats = grad_norms = None
         if use_cache:
             cache = cache if cache is not None else E2ECache(self.config.num_hidden_layers)
