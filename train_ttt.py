@@ -329,7 +329,8 @@ def check_args(args, parser):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ["ttt_base_lr", "mini_batch_size", "conv_kernel", "sliding_window", "max_train_examples",
-                 "max_eval_examples"]:
+                 "max_eval_examples", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "lora_rank"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.scan_checkpoint_group_size is not None and args.scan_checkpoint_group_size < 0:
@@ -351,8 +352,6 @@ def check_args(args, parser):
         parser.error(f"--{lora_flags[0]} applies to --use_lora")
     if args.use_lora and not (args.init_from or args.resume_from_checkpoint):
         parser.error("--use_lora adapts a saved model: give --init_from (or resume a LoRA run)")
-    if args.lora_rank is not None and args.lora_rank <= 0:
-        parser.error(f"--lora_rank must be positive, got {args.lora_rank}")
     if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
         parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     tokenizer_flags = [f for f in ("vocab_size", "auto_vocab_size") if getattr(args, f)]
@@ -374,9 +373,6 @@ def check_args(args, parser):
             parser.error(f"--tokenizer_train_docs must be positive, got {args.tokenizer_train_docs}")
     if args.prefer_depth and args.target_params is None:
         parser.error("--prefer_depth applies to --target_params")
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.model_size is None and not args.resume_from_checkpoint and not args.init_from \
             and args.target_params is None:
         args.model_size = "tiny"
