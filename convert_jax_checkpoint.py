@@ -231,13 +231,14 @@ def infer_ttt_architecture(params: dict) -> dict:
 
 
 def ttt_mapping(config) -> dict:
-    """ttt.py state_dict key -> (JAX path, transform) for `config`: the table of ../shared/reference_jax/README.md.
+    """ttt.py state_dict key -> (JAX path, None, transform) for `config` (the format of map_state_dict; no stacked
+    layer axis here): the table of ../shared/reference_jax/README.md.
     Transforms: "T" Dense kernel [in, out] -> Linear weight [out, in]; "conv" flax Conv [K, 1, C] -> torch
     Conv1d [C, 1, K]; "lr" [H, C, 1] -> [H, 1, C]; None unchanged. A tied lm_head is the embedding, not a key."""
-    table = {"model.embed_tokens.weight": ("model/wte/embedding", None),
-             "model.norm.weight": ("model/ln_f/kernel", None)}
+    table = {"model.embed_tokens.weight": ("model/wte/embedding", None, None),
+             "model.norm.weight": ("model/ln_f/kernel", None, None)}
     if not config.tie_word_embeddings:
-        table["lm_head.weight"] = ("lm_head/kernel", "T")
+        table["lm_head.weight"] = ("lm_head/kernel", None, "T")
     for n in range(config.num_hidden_layers):
         jax, pt = f"model/h/{n}/", f"model.layers.{n}."
         layer = {"seq_norm.weight": ("seq_norm/kernel", None), "ffn_norm.weight": ("ffn_norm/kernel", None),
@@ -263,8 +264,9 @@ def ttt_mapping(config) -> dict:
             block["k_proj.weight"] = ("wk/kernel", "T")
         if config.use_gate:
             block["g_proj.weight"] = ("wg/kernel", "T")
-        table |= {pt + k: (jax + p, t) for k, (p, t) in layer.items()}
-        table |= {pt + "seq_modeling_block." + k: (jax + "seq_modeling_block/" + p, t) for k, (p, t) in block.items()}
+        table |= {pt + k: (jax + p, None, t) for k, (p, t) in layer.items()}
+        table |= {pt + "seq_modeling_block." + k: (jax + "seq_modeling_block/" + p, None, t)
+                  for k, (p, t) in block.items()}
     return table
 
 
@@ -272,31 +274,42 @@ TRANSFORMS = {None: lambda x: x, "T": lambda x: x.T, "conv": lambda x: x.permute
               "lr": lambda x: x.permute(0, 2, 1)}
 
 
-def map_state_dict(params: dict, mapping: dict, expected: dict) -> dict:
-    """The model's state dict from the JAX params through `mapping`, every parameter checked: none missing, none
-    left over, each of the model's shape, each finite. `expected` is {key: shape} of the model."""
+def map_state_dict(params: dict, mapping: dict, expected: dict, extra_hint: str) -> dict:
+    """The model's state dict from the official params through `mapping` (key -> (path, index along the path's
+    stacked layer axis or None, transform)), every parameter checked: none missing, none left over (`extra_hint`
+    says what to check), each floating point, of the model's shape (`expected`: {key: shape}), finite."""
     import torch
 
-    missing = [jax for key, (jax, _) in mapping.items() if jax not in params]
+    paths = {path for path, _, _ in mapping.values()}
+    missing = sorted(paths - set(params))
     if missing:
         raise ConversionError(f"missing parameter {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
                                                                    else ""))
-    extra = sorted(set(params) - {jax for jax, _ in mapping.values()})
+    extra = sorted(set(params) - paths)
     if extra:
         raise ConversionError(f"unexpected parameter {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1
-                                                                    else "") + ": not part of the inferred model")
+                                                                    else "") + f": {extra_hint}")
+    stacked = {path: sum(1 for p, i, _ in mapping.values() if p == path and i is not None) for path in params}
     state = {}
-    for key, (jax, transform) in mapping.items():
-        value = params[jax]
+    for key, (path, index, transform) in mapping.items():
+        value = params[path]
         if not value.is_floating_point():
-            raise ConversionError(f"parameter {jax} is {value.dtype}, not a floating-point array")
+            raise ConversionError(f"parameter {path} is {value.dtype}, not a floating-point array")
+        if index is not None:
+            if value.ndim == 0 or value.shape[0] != stacked[path]:
+                raise ConversionError(f"parameter {path} has shape {list(value.shape)}: its leading (layer) axis "
+                                      f"should be {stacked[path]}")
+            value = value[index]
         value = TRANSFORMS[transform](value).float().contiguous()
         if list(value.shape) != list(expected[key]):
-            raise ConversionError(f"parameter {jax} has shape {list(params[jax].shape)}, expected "
+            if index is not None:
+                raise ConversionError(f"parameter {path} has shape {list(params[path].shape)}, which does not give "
+                                      f"{list(expected[key])} for {key}")
+            raise ConversionError(f"parameter {path} has shape {list(params[path].shape)}, expected "
                                   f"{list(TRANSFORMS[transform](torch.empty(expected[key], device='meta')).shape)} "
                                   f"for {key}")
         if not torch.isfinite(value).all():
-            raise ConversionError(f"parameter {jax} holds non-finite values: the checkpoint is corrupted")
+            raise ConversionError(f"parameter {path} holds non-finite values: the checkpoint is corrupted")
         state[key] = value
     return state
 
@@ -375,7 +388,7 @@ def convert_ttt(args) -> tuple:
     with torch.device("meta"):
         expected = {k: v.shape for k, v in ttt.TTTForCausalLM(config).state_dict().items()}
     mapping = ttt_mapping(config)
-    state = map_state_dict(params, mapping, expected)
+    state = map_state_dict(params, mapping, expected, "not part of the inferred model")
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     if set(state) != set(expected):  # the mapping covers the model exactly (a guard on the table itself)
@@ -477,31 +490,8 @@ def e2e_state_dict(params: dict, config) -> dict:
 
     with torch.device("meta"):
         expected = {k: v.shape for k, v in E2EForCausalLM(config).state_dict().items()}
-    mapping = e2e_mapping(config)
-    missing = sorted({path for path, _, _ in mapping.values()} - set(params))
-    if missing:
-        raise ConversionError(f"missing parameter {missing[0]}" + (f" (and {len(missing) - 1} more)"
-                                                                   if len(missing) > 1 else ""))
-    extra = sorted(set(params) - {path for path, _, _ in mapping.values()})
-    if extra:
-        raise ConversionError(f"unexpected parameter {extra[0]}: not part of the configured model (check "
-                              f"--official_config: prime, suffix_len, tie_word_embeddings)")
-    stacked = {path: (sum(1 for p, i, _ in mapping.values() if p == path and i is not None)) for path in params}
-    state = {}
-    for key, (path, index, transform) in mapping.items():
-        value = params[path]
-        if index is not None:
-            if value.ndim == 0 or value.shape[0] != stacked[path]:
-                raise ConversionError(f"parameter {path} has shape {list(value.shape)}: its leading (layer) axis "
-                                      f"should be {stacked[path]}")
-            value = value[index]
-        value = TRANSFORMS[transform](value).float().contiguous()
-        if list(value.shape) != list(expected[key]):
-            raise ConversionError(f"parameter {path} has shape {list(params[path].shape)}, which does not give "
-                                  f"{list(expected[key])} for {key}")
-        if not torch.isfinite(value).all():
-            raise ConversionError(f"parameter {path} holds non-finite values")
-        state[key] = value
+    state = map_state_dict(params, e2e_mapping(config), expected, "not part of the configured model (check "
+                           "--official_config: prime, suffix_len, tie_word_embeddings)")
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state

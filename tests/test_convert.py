@@ -121,7 +121,7 @@ def test_other_backbone_options_round_trip(tmp_path):
     inverse = {"T": lambda x: x.T, "conv": lambda x: x.permute(2, 1, 0), "lr": lambda x: x.permute(0, 2, 1),
                None: lambda x: x}
     records = {}
-    for key, (jax, transform) in convert.ttt_mapping(config).items():
+    for key, (jax, _, transform) in convert.ttt_mapping(config).items():
         parts = jax.split("/")
         if parts[-2] in ("learnable_ttt_lr", "ttt_norm"):  # one key element holding a "/", as the trainer writes it
             parts = parts[:-2] + ["/".join(parts[-2:])]
