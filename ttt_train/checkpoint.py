@@ -316,14 +316,21 @@ def load_weights(model, path: Path):
 # The output directory
 
 
+def order_checkpoints(items, kinds=("checkpoint", "milestone")) -> list:
+    """(step, item) of the items (paths, or folder names in a bucket) named like a checkpoint of `kinds`, oldest
+    first (at equal steps, the milestone first)."""
+    found = []
+    for item in items:
+        match = CHECKPOINT_NAME.match(Path(item).name)
+        if match and match.group(1) in kinds:
+            found.append((int(match.group(2)), match.group(1) == "checkpoint", item))
+    return [(step, item) for step, _, item in sorted(found)]
+
+
 def list_checkpoints(output_dir: Path, kinds=("checkpoint", "milestone")) -> list:
     """(step, path) of the complete checkpoints in `output_dir`, oldest first."""
-    found = []
-    for path in Path(output_dir).iterdir() if Path(output_dir).is_dir() else []:
-        match = CHECKPOINT_NAME.match(path.name)
-        if match and match.group(1) in kinds and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(2)), match.group(1) == "checkpoint", path))
-    return [(step, path) for step, _, path in sorted(found)]
+    folders = Path(output_dir).iterdir() if Path(output_dir).is_dir() else []
+    return order_checkpoints([path for path in folders if (path / TRAINER_STATE).is_file()], kinds)
 
 
 def foreign_folders(output_dir: Path) -> list:

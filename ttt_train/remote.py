@@ -13,11 +13,11 @@ import re
 import shutil
 from pathlib import Path
 
+from ttt_train.checkpoint import order_checkpoints
 from ttt_train.cli import UserError
 
 BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 COMPLETE = ".upload-complete"  # written last into an uploaded folder
-CHECKPOINT_NAME = re.compile(r"^(checkpoint|milestone)-(\d+)$")
 
 
 class RemoteError(UserError):
@@ -85,9 +85,7 @@ class RemoteDir:
 
     def checkpoints(self) -> list:
         """(step, name) of the complete checkpoint-/milestone- folders, oldest first."""
-        found = [(int(m.group(2)), m.group(1) == "checkpoint", name) for name in self.complete_folders()
-                 if (m := CHECKPOINT_NAME.match(name))]
-        return [(step, name) for step, _, name in sorted(found)]
+        return order_checkpoints(self.complete_folders())
 
     def upload_folder(self, local: Path, name: str):
         """`local` as `name`: the old marker and folder go first, the new marker last."""
@@ -121,8 +119,8 @@ class RemoteDir:
 
     def prune(self, keep: int):
         """All but the newest `keep` complete checkpoint-* folders (milestones stay), in the bucket."""
-        ordinary = [name for _, name in self.checkpoints() if name.startswith("checkpoint-")]
-        for name in ordinary[:-keep or None]:
+        ordinary = order_checkpoints(self.complete_folders(), kinds=("checkpoint",))
+        for _, name in ordinary[:-keep or None]:
             self.remove(name)
 
 
