@@ -243,6 +243,8 @@ def test_warm_up_applies_to_training_forwards_only():
     static = tiny_model(ilr_init=0.1, ilr_warmup_steps=10, train_mode="pretrain")(ids).logits.detach()
     assert_close("multiplier 0 = TTT off", frozen, static, atol=1e-5)
     assert (full - frozen).abs().max() > 1e-3
+    model.eval()  # the multiplier set for training does not reach evaluation
+    assert_close("eval logits with the training multiplier at 0", model(ids).logits, full, atol=0)
 
 
 # ---------------------------------------------------------------- decoding, saving, bad settings
