@@ -405,11 +405,13 @@ def check_args(args, parser):
 
 
 def main(argv=None, parser=None):
+    """The trainer on `argv` (default: the command line). Only as the program (argv None) does it take over SIGTERM
+    and SIGINT (save, then exit 143 / 130); called with an argv, as a library, the caller keeps its handlers."""
     args = parse_args(argv, parser)
     from ttt_train import cli  # imported after parsing: --help stays fast
     from ttt_train.loop import train
 
-    cli.run(train, args)
+    cli.run(train, args, argv is None)
 
 
 if __name__ == "__main__":

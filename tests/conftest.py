@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,17 @@ def shakespeare():
 def llama_tokenizer_dir():
     return shared_path("data/llama2_tokenizer")
 
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """The (host, port) of every TCP connection the code under test opens (or tries to) in this process, through
+    socket.create_connection, which the Hub libraries' HTTP clients and the Hub check use."""
+    opened, create = [], socket.create_connection
+
+    def counting(address, *args, **kwargs):
+        opened.append(tuple(address[:2]))
+        return create(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", counting)
+    return opened

@@ -1,7 +1,10 @@
 """Helpers shared by the tests: the named tensor comparison, the reference fixtures, and runs of a model with
 one scan or another."""
 
+import contextlib
 import json
+import socket
+import threading
 
 import pytest
 import torch
@@ -143,3 +146,32 @@ def official_gradients(model) -> dict:
         grad = model.get_parameter(key).grad
         parts.setdefault(path, {})[index] = grad.T if transform == "T" else grad
     return {path: p[None] if None in p else torch.stack([p[i] for i in sorted(p)]) for path, p in parts.items()}
+
+
+# ---------------------------------------------------------------- loopback servers
+
+@contextlib.contextmanager
+def counting_server():
+    """(url, accepted): a loopback TCP server that accepts connections, records their peers in `accepted` and closes
+    them without a byte, for tests that a code path makes no (or exactly N) network requests."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    accepted, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                connection, peer = server.accept()
+            except TimeoutError:
+                continue
+            accepted.append(peer)
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    finally:
+        stop.set()
+        thread.join()
+        server.close()

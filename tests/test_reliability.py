@@ -115,7 +115,7 @@ def test_two_trainers_on_one_output_dir(tmp_path):
                              "latest"], capture_output=True, text=True, timeout=120)
     first.send_signal(signal.SIGTERM)
     output, _ = first.communicate(timeout=120)
-    assert first.returncode == 0, output
+    assert first.returncode == 143, output
     assert second.returncode == 1
     errors = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and f"output_dir {out} is in use by a running trainer (pid {first.pid}" in errors[0]

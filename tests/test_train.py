@@ -2,6 +2,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -91,25 +92,58 @@ def test_curriculum_resume_with_longer_sequences(tmp_path, capsys):
     assert json.loads((folder / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
 
 
-def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
-    out = tmp_path / "run"
+def started_trainer(out, *extra):
+    """A trainer process on `out` that has logged at least 3 steps."""
     cmd = [sys.executable, str(ROOT / "train_ttt.py"), *FAST, "--max_train_steps", "100000",
-           "--save_checkpoint_freq", "0", "--output_dir", str(out)]
+           "--save_checkpoint_freq", "0", "--output_dir", str(out), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_says_how_to_resume_and_exits_non_zero(tmp_path, signum, status):
+    """SIGTERM / SIGINT: a checkpoint, the command that resumes, and exit 128 + the signal (a scheduler or a script
+    must not read a stopped run as a finished one); that command then finishes the run."""
+    out = tmp_path / "run"
+    proc = started_trainer(out)
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == status, output
+    saved = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1
+    step = int(saved[0].split("-")[1])
+    assert step >= 3 and not (out / "final_model").exists()
+    line = next(line for line in output.splitlines() if "resume with:" in line)
+    assert f"stopped by {signal.Signals(signum).name} at step {step} of 100000: saved checkpoint-{step}" in line
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[:2] == ["python", str(ROOT / "train_ttt.py")] and command[-2:] == ["--resume_from_checkpoint",
+                                                                                     "latest"]
+    argv = command[2:]
+    argv[argv.index("--max_train_steps") + 1] = str(step + 2)
+    train_ttt.main(argv)
+    assert max(losses(out)) == step + 2 and (out / "final_model").exists()
+
+
+def test_called_as_a_library_the_trainer_leaves_signals_to_its_caller(tmp_path):
+    """train_ttt.main(argv) inside another program (a test runner, a notebook) does not take SIGTERM over: the
+    signal ends that program as it would have without the trainer, instead of becoming a saved checkpoint."""
+    out = tmp_path / "run"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv = ['host']; import train_ttt; "
+            f"train_ttt.main({[*FAST, '--max_train_steps', '100000', '--output_dir', str(out)]!r}); print('returned')")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
-    saved = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
-    assert len(saved) == 1
-    step = int(saved[0].split("-")[1])
-    assert step >= 3 and not (out / "final_model").exists()
-    train_ttt.main([*FAST, "--output_dir", str(out), "--max_train_steps", str(step + 2),
-                    "--resume_from_checkpoint", "latest"])
-    assert max(losses(out)) == step + 2 and (out / "final_model").exists()
+    assert proc.returncode == -signal.SIGTERM, output  # ended by the signal, as the caller's default handler does
+    assert "returned" not in output and not list(out.glob("checkpoint-*"))
 
 
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "csv", "folder", "save_to_disk"])

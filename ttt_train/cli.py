@@ -2,6 +2,7 @@
 errors that are the user's to fix, and the wrapper that prints them as one line. Any other exception is a bug
 and keeps its traceback."""
 
+import shlex
 import sys
 
 
@@ -9,10 +10,39 @@ class UserError(ValueError):
     """Bad input (a flag, a file, a checkpoint, a directory): the message names what is wrong and how to fix it."""
 
 
+class Stopped(Exception):
+    """The run stopped early on a signal after saving what resumes it: the process exits 128 + the signal's number
+    (143 for SIGTERM, 130 for SIGINT), as shells and schedulers expect of a process a signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def resume_command(argv=None) -> str:
+    """The command line of this process with `--resume_from_checkpoint latest` (replacing any resume flag given)."""
+    argv = list(sys.argv if argv is None else argv)
+    kept, skip = [], False
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name in ("--resume_from_checkpoint", "--resume-from-checkpoint", "--resume-from"):
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    program = ["python", argv[0]] if argv[0].endswith(".py") else [argv[0]]
+    return shlex.join([*program, *kept, "--resume_from_checkpoint", "latest"])
+
+
 def run(work, *args):
-    """work(*args); a UserError becomes `<program>: error: <message>` on stderr and exit status 1."""
+    """work(*args); a UserError becomes `<program>: error: <message>` on stderr and exit status 1; a Stopped run
+    prints its message and exits 128 + the signal's number."""
     try:
         return work(*args)
     except UserError as error:
         print(f"{sys.argv[0]}: error: {error}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as stop:
+        print(f"{sys.argv[0]}: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)

@@ -18,7 +18,7 @@ from transformers import get_scheduler
 
 from ttt_train import checkpoint as ckpt
 from ttt_train import data, models
-from ttt_train.cli import UserError
+from ttt_train.cli import Stopped, UserError, resume_command
 from ttt_train.metrics import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -49,18 +49,23 @@ class DivergenceError(UserError):
 
 
 class StopRequest:
-    """While active, SIGTERM / SIGINT ask the loop to save a checkpoint and exit 0 at the end of the current step;
-    a second signal ends the process at once."""
+    """While active, SIGTERM / SIGINT ask the loop to save a checkpoint at the end of the current step and stop (the
+    process then exits 128 + the signal's number, as a shell reports a process the signal ended); a second signal
+    ends the process at once. Installed only when the trainer is the program (`enabled`): called as a library (the
+    tests, a notebook), the caller's handlers stay, and a signal does what the caller's process does with it."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+    def __init__(self, enabled: bool):
+        self.enabled, self.requested, self.signum, self.previous = enabled, False, None, {}
+
     def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        if self.enabled:
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
 
@@ -262,8 +267,10 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
         remote.download(f"{ckpt.BEST_MODEL}/{ckpt.TRAINER_STATE}", output_dir / ckpt.BEST_MODEL / ckpt.TRAINER_STATE)
 
 
-def train(args):
-    """Set-up, each step that can fail on bad input before any model is built, then the step loop."""
+def train(args, handle_signals: bool = False):
+    """Set-up, each step that can fail on bad input before any model is built, then the step loop. With
+    `handle_signals` (the trainer is the program), SIGTERM / SIGINT save a checkpoint and end the run with
+    cli.Stopped."""
     quiet_libraries()
     remote = RemoteDir(args.output_dir) if is_remote(args.output_dir) else None
     output_dir = remote.staging if remote else Path(args.output_dir)
@@ -290,7 +297,7 @@ def train(args):
     lock = ckpt.RunLock(output_dir)
     created = not output_dir.exists()
     try:
-        return _train(args, accelerator, output_dir, lock, remote)
+        return _train(args, accelerator, output_dir, lock, remote, handle_signals)
     finally:
         lock.release()
         if created and accelerator.is_main_process and [p.name for p in output_dir.iterdir()] == [ckpt.LOCK_FILE]:
@@ -460,7 +467,7 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
     return tokenizer, config, resolved, train_docs, text_column, eval_set
 
 
-def _train(args, accelerator, output_dir, lock, remote=None):
+def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=False):
     checkpoint, resume_state = claim_output_dir(accelerator, args, output_dir, lock)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     set_seed(args.seed)
@@ -547,7 +554,8 @@ def _train(args, accelerator, output_dir, lock, remote=None):
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     guard = DivergenceGuard(args.on_nonfinite, output_dir, log)
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
-    with StopRequest() as stop:
+    stop_now = False
+    with StopRequest(handle_signals) as stop:
         model.train()
         while step < args.max_train_steps:
             # one optimizer step: forward/backward over the accumulated micro-batches, clip, AdamW, schedule
@@ -577,12 +585,15 @@ def _train(args, accelerator, output_dir, lock, remote=None):
             eval_loss = evaluator.after_step(step)
             checkpointer.after_step(step, args, stop_now, eval_loss)
             if stop_now:
-                accelerator.print(f"stop requested: saved checkpoint-{step}; resume with --resume_from_checkpoint "
-                                  f"latest")
                 break
     progress.close()
     if args.data_prefetch:
         train_batches.close()
+    if stop_now and step < args.max_train_steps:
+        accelerator.end_training()
+        signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops with the one that did
+        raise Stopped(f"stopped by {signal.Signals(signum).name} at step {step} of {args.max_train_steps}: saved "
+                      f"checkpoint-{step}; resume with: {resume_command()}", signum)
     if step == args.max_train_steps:
         checkpointer.save_final(step, merge_lora=bool(lora) and args.merge_lora)
         if accelerator.is_main_process:
