@@ -99,6 +99,107 @@ def test_a_pickle_planted_in_any_checkpoint_file_never_runs(saved_run, tmp_path,
         assert {n for n, o in outcomes.items() if o == "resumed"} == {"generation_config.json"}, outcomes
 
 
+# A module that records its own execution: shipped in a folder beside an auto_map that names it.
+FOREIGN_CODE = """import os, pathlib
+pathlib.Path(os.environ["TTT_TEST_MARKER"]).write_text("ran")
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
+class ForeignConfig(PretrainedConfig):
+    model_type = "foreign_model"
+class ForeignTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def folder_with_code(folder: Path, kind: str) -> Path:
+    """A model folder (config.json) or a tokenizer folder (tokenizer_config.json) whose auto_map points at
+    foreign.py, a file of its own."""
+    folder.mkdir(parents=True)
+    (folder / "foreign.py").write_text(FOREIGN_CODE)
+    if kind == "model":
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "foreign_model", "architectures": ["ForeignModel"],
+            "auto_map": {"AutoConfig": "foreign.ForeignConfig", "AutoModelForCausalLM": "foreign.ForeignModel"}}))
+    else:
+        from ttt_train.data import byte_tokenizer
+
+        byte_tokenizer().save_pretrained(folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.update(tokenizer_class="ForeignTokenizer",
+                      auto_map={"AutoTokenizer": [None, "foreign.ForeignTokenizer"]})
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def on_a_terminal(argv, env) -> tuple:
+    """(exit status, output) of argv run on a pseudo-terminal that answers `y` to every question (as a user who
+    types y at transformers' "Do you wish to run the custom code? [y/N]")."""
+    import pty  # noqa: F401  (POSIX only, as the rest of these process tests)
+
+    controller, terminal = os.openpty()
+    proc = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal, env=env, cwd=ROOT,
+                            start_new_session=True)
+    os.close(terminal)
+    output = b""
+    os.write(controller, b"y\ny\ny\ny\n")
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    return proc.wait(timeout=120), output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("tool, kind", [("generate", "model"), ("evaluate", "model"), ("init_from", "model"),
+                                        ("train", "tokenizer"), ("generate", "tokenizer")])
+def test_code_in_a_model_or_tokenizer_folder_never_runs(tmp_path, tool, kind):
+    """Every loader passes trust_remote_code=False: a folder that ships code is one error line, even on a terminal
+    whose user answers y to transformers' question."""
+    folder = folder_with_code(tmp_path / "folder", kind)
+    marker = tmp_path / "ran"
+    script = {"generate": "generate.py", "evaluate": "evaluate.py"}.get(tool, "train_ttt.py")
+    if kind == "model":
+        argv = {"generate": ["--model_name_or_path", str(folder), "--tokenizer_name", "builtin:bytes"],
+                "evaluate": ["--model_name_or_path", str(folder), "--tokenizer_name", "builtin:bytes",
+                             "--dataset_name", "builtin:synthetic", "--seq_length", "32", "--output_dir",
+                             str(tmp_path / "eval")],
+                "init_from": [*FAST[2:], "--init_from", str(folder), "--tokenizer_name", "builtin:bytes",
+                              "--output_dir", str(tmp_path / "out")]}[tool]
+    else:
+        argv = {"train": [*FAST, "--tokenizer_name", str(folder), "--output_dir", str(tmp_path / "out")],
+                "generate": ["--model_name_or_path", str(tmp_path / "nope"), "--tokenizer_name", str(folder)]}[tool]
+    if tool == "generate" and kind == "tokenizer":  # a real model, so that the tokenizer is what gets refused
+        ttt.TTTForCausalLM(ttt.TTTConfig(**ttt.TTT_STANDARD_CONFIGS["tiny"], vocab_size=259)).save_pretrained(
+            tmp_path / "nope")
+    status, output = on_a_terminal([sys.executable, str(ROOT / script), *argv],
+                                   {**os.environ, "TTT_TEST_MARKER": str(marker)})
+    assert not marker.exists(), output
+    assert status == 1, output
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "ships Python code of its own" in errors[0] and "[y/N]" not in output, output
+
+
+def test_a_folder_of_our_own_model_type_loads_our_classes_and_ignores_its_auto_map(tmp_path, monkeypatch):
+    """A TTT model folder whose auto_map names code beside it (as a portable model folder does) loads the
+    project's TTTForCausalLM; the folder's copy is never imported."""
+    from ttt_train import data
+
+    folder = tmp_path / "model"
+    model = ttt.TTTForCausalLM(ttt.TTTConfig(**ttt.TTT_STANDARD_CONFIGS["tiny"], vocab_size=259))
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "foreign.ForeignConfig", "AutoModelForCausalLM": "foreign.ForeignModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "foreign.py").write_text(FOREIGN_CODE)
+    monkeypatch.setenv("TTT_TEST_MARKER", str(tmp_path / "ran"))
+    loaded = data.load_model(str(folder))
+    assert type(loaded) is ttt.TTTForCausalLM and not (tmp_path / "ran").exists()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
 # ---------------------------------------------------------------- 2. one owner per output directory, branches
 
 def test_two_trainers_on_one_output_dir(tmp_path):
@@ -224,6 +325,33 @@ def test_a_corrupt_trainer_state_is_one_line(saved_run, tmp_path, capsys):
     path = folder / "checkpoint-2" / ckpt.TRAINER_STATE
     path.write_bytes(path.read_bytes()[:100])
     fails(capsys, *resume(folder), match=f"{ckpt.TRAINER_STATE} is not valid JSON")
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "generate", "init_from"])
+def test_a_final_model_altered_after_training_is_refused_wherever_it_is_read(saved_run, tmp_path, capsys, tool):
+    """final_model's trainer_state.json holds the SHA-256 of each of its files: evaluate.py, generate.py and
+    --init_from check them before loading (a folder without that manifest, e.g. a converted model, loads as is)."""
+    import evaluate
+    import generate
+
+    model = tmp_path / "final_model"
+    shutil.copytree(saved_run / "final_model", model)
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[-3] ^= 0x01  # one bit of one weight: still a readable safetensors file
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    main, argv = {
+        "evaluate": (evaluate.main, ["--model_name_or_path", str(model), "--dataset_name", "builtin:synthetic",
+                                     "--seq_length", "32", "--output_dir", str(tmp_path / "eval")]),
+        "generate": (generate.main, ["--model_name_or_path", str(model), "--max_new_tokens", "2"]),
+        "init_from": (train_ttt.main, [*FAST[2:], "--init_from", str(model), "--output_dir", str(tmp_path / "o"),
+                                       "--max_train_steps", "1"])}[tool]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and f"{model} is corrupt: model.safetensors does not match the SHA-256" in err[0], err
+    assert not (tmp_path / "eval" / "eval.json").exists()
 
 
 # ---------------------------------------------------------------- 6. kills at any moment

@@ -232,23 +232,53 @@ def validate_checkpoint(folder: Path) -> dict:
             f"checkpoint {folder} is corrupt: {TRAINER_STATE} is not valid JSON ({error})") from error
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "args" not in state:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {TRAINER_STATE} lacks the step or the arguments")
-    manifest = state.get("manifest", {})
-    for name, recorded in manifest.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
-        size, digest = (recorded, None) if isinstance(recorded, int) else (recorded["size"], recorded["sha256"])
-        if path.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
-                                  f"{size} were written")
-        if digest is not None and sha256(path) != digest:
-            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match the SHA-256 recorded "
-                                  f"when it was written")
+    check_manifest(folder, state.get("manifest", {}), "checkpoint")
     for path in (folder / TRAINING_STATE_DIR).iterdir():
         if UNSAFE_PICKLE.match(path.name) and "scheduler" in state:
             raise CheckpointError(f"checkpoint {folder}: {TRAINING_STATE_DIR}/{path.name} was not written by this "
                                   f"trainer; refusing it (it would run code when loaded)")
     return state
+
+
+def check_manifest(folder: Path, manifest: dict, what: str, include=lambda name: True):
+    """Every file of the manifest that `include` selects is in `folder` with its recorded size and SHA-256
+    (manifests written before checksums were recorded: its size); else one CheckpointError naming the file."""
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{what} {folder} is corrupt: the manifest of {TRAINER_STATE} is not a mapping")
+    for name, recorded in manifest.items():
+        if not include(name):
+            continue
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{what} {folder} is corrupt: its manifest names {name}, outside the folder")
+        if not path.is_file():
+            raise CheckpointError(f"{what} {folder} is incomplete: {name} is missing")
+        try:
+            size, digest = (recorded, None) if isinstance(recorded, int) else (int(recorded["size"]),
+                                                                               str(recorded["sha256"]))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{what} {folder} is corrupt: the manifest entry of {name} is malformed") from None
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{what} {folder} is corrupt: {name} has {path.stat().st_size} bytes, "
+                                  f"{size} were written")
+        if digest is not None and sha256(path) != digest:
+            raise CheckpointError(f"{what} {folder} is corrupt: {name} does not match the SHA-256 recorded "
+                                  f"when it was written")
+
+
+def verify_saved_folder(folder, what: str = "model", include=lambda name: True):
+    """A model folder that this trainer wrote (checkpoint, best_model, final_model: a trainer_state.json with a
+    manifest) is checked against its manifest before anything reads it; a folder without one (a converted model,
+    another tool's) is left as it is. Anything that is not a local folder (a Hub id) has nothing to check."""
+    folder = Path(folder)
+    if not (folder / TRAINER_STATE).is_file():
+        return
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise CheckpointError(f"{what} {folder} is corrupt: {TRAINER_STATE} is not valid JSON ({error})") from error
+    if isinstance(state, dict) and "manifest" in state:
+        check_manifest(folder, state["manifest"], what, include)
 
 
 def _safe_view(training_state: Path) -> Path:

@@ -79,14 +79,33 @@ def train_tokenizer(texts: list, vocab_size: int) -> PreTrainedTokenizerFast:
                                    eos_token="</s>", model_max_length=10**9)
 
 
+# Files of a saved folder that a tokenizer load does not read (its manifest check skips them: hashing the weights
+# to load a vocabulary would cost as much as loading the model).
+NOT_TOKENIZER_FILES = (".safetensors", ".bin", ".pt", ".pkl")
+
+
+def refusal(error: Exception, what: str, name: str) -> DataError:
+    """The DataError for a loader's failure; code shipped in the folder (an `auto_map` for a type this project does
+    not provide) is named as such: our tools never run it (every load passes trust_remote_code=False)."""
+    text = str(error).strip()
+    if "custom code" in text or "trust_remote_code" in text:
+        return DataError(f"{what} {name} ships Python code of its own (an auto_map in its config) for a type this "
+                         f"project does not provide; the tools never run code from a model or tokenizer folder")
+    return DataError(f"cannot load {what} {name!r}: {text.splitlines()[0] if text else type(error).__name__}")
+
+
 def load_tokenizer(name: str):
     if name == BUILTIN_TOKENIZER:
         return byte_tokenizer()
     hub.resolve(name, "tokenizer")
+    from ttt_train.checkpoint import verify_saved_folder
+
+    verify_saved_folder(name, "tokenizer folder", include=lambda file: not file.endswith(NOT_TOKENIZER_FILES)
+                        and not file.startswith("training_state/"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as error:  # the Hub and local loaders raise many types; all mean "cannot load"
-        raise DataError(f"cannot load tokenizer {name!r}: {str(error).splitlines()[0]}") from error
+        raise refusal(error, "tokenizer", name) from error
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {name!r} has no EOS token, needed to mark document ends")
     return tokenizer
@@ -111,22 +130,26 @@ def load_model(name: str, **kwargs):
 
     import ttt  # noqa: F401  (registers the TTT models with the Auto classes)
     import ttt_e2e  # noqa: F401
+    from ttt_train.checkpoint import verify_saved_folder
 
     path = hub.resolve(name, "model")
+    verify_saved_folder(path)
     adapters = (Path(path) / "adapter_config.json").is_file()  # LoRA adapters (--use_lora): their base, then them
     if adapters and importlib.util.find_spec("peft") is None:
         raise DataError(f"model {name} holds LoRA adapters, which need peft: pip install peft (or train with "
                         f"--merge_lora for a plain model)")
     try:
         if adapters:
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM, PeftConfig
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs).eval()
+            verify_saved_folder(PeftConfig.from_pretrained(path).base_model_name_or_path, "LoRA base model")
+            model = AutoPeftModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs).eval()
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs).eval()
+    except UserError:
+        raise
     except Exception as error:  # OSError, ValueError, SafetensorError, ...: all mean "cannot load"
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"cannot load model {name}: {detail}") from error
+        raise refusal(error, "model", name) from error
     bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:
         raise DataError(f"model {name} has non-finite weights ({bad}); it cannot be evaluated or sampled")

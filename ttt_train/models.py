@@ -164,7 +164,10 @@ def check_flags_agree(args, config, source: str, skip=()):
 
 def checkpoint_config(args, checkpoint, saved_args: dict):
     """The checkpoint's config, after checking that the explicitly given architecture flags agree with it."""
-    config = AutoConfig.from_pretrained(checkpoint)
+    try:
+        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
+    except Exception as error:  # a config.json that transformers cannot read: the checkpoint's error, one line
+        raise data.refusal(error, "checkpoint", str(checkpoint)) from error
     saved_size = saved_args.get("model_size")
     if args.model_size is not None and saved_size is not None and args.model_size != saved_size:
         raise UserError(f"--model_size {args.model_size} conflicts with checkpoint {checkpoint}, trained with "
@@ -177,8 +180,11 @@ def init_config(args):
     """The config of the --init_from model (a local folder or a Hub id), checked against the flags."""
     name = hub.resolve(args.init_from, "--init_from model")
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except Exception as error:  # OSError, ValueError, JSON errors...: all mean "not a saved model"
+        refused = data.refusal(error, "--init_from model", args.init_from)
+        if "ships Python code" in str(refused):
+            raise refused from error
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--init_from {args.init_from} is not a saved model (config.json): {detail}") from error
     overrides = {f: getattr(args, f) for f in INIT_OVERRIDES if getattr(args, f) is not None}
