@@ -516,6 +516,8 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         with torch.enable_grad():  # the inner gradient is taken even in evaluation
             if not keep_graph:
                 fast = [w.detach().requires_grad_(update) for w in fast]
+            elif update:  # theta(0) frozen (LoRA trains other weights): the inner gradient still needs a leaf
+                fast = [w if w.requires_grad else w.detach().requires_grad_() for w in fast]
             h, new_kv = x, []
             for i, block in enumerate(blocks):
                 def attention(xn, i=i, block=block):
@@ -559,7 +561,9 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         blocks = self.model.layers[:config.num_hidden_layers - config.suffix_len]
         h = self.model.run_sequence_blocks(hidden_states, blocks)
         state = self.initial_state(input_ids.shape[0], h)
-        keep_graph = torch.is_grad_enabled() and state[0].requires_grad
+        # the outer gradient goes through the inner loop whenever anything trains: theta(0), or only other weights
+        # (LoRA adapters on the attention and MLPs, with theta(0) frozen)
+        keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         step_size = self.inner_step_size()
         targets = shifted_targets(input_ids)
         b, length = config.mini_batch_size, input_ids.shape[1]

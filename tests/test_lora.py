@@ -95,3 +95,44 @@ def test_default_targets_per_model_type(model_type):
     assert adapted == expected
     assert not any("prime_mlp" in name and "lora_" in name for name, _ in wrapped.named_parameters())
     assert all(("lora_" in name) == p.requires_grad for name, p in wrapped.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def e2e_base(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("e2e") / "run", "--model_type", "e2e", "--model_size", "tiny",
+                 "--mini_batch_size", "16", "--sliding_window", "32", "--max_train_steps", "2") / "final_model"
+
+
+def test_lora_on_an_e2e_model_meta_learns_through_the_frozen_inner_loop(e2e_base):
+    """With theta(0) frozen, the adapters' gradient is still the meta-gradient through the inner loop: the same as
+    when every weight trains (second-order terms included), and not zero."""
+    from ttt_train import models
+    from ttt_train.data import load_model
+
+    model = models.apply_lora(load_model(str(e2e_base)).train(), dict(models.LORA_DEFAULTS))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at 0 (then A's gradient is 0): a non-degenerate point
+            p.data.normal_(0, 0.02)
+    ids = torch.randint(3, 259, (2, 64))
+
+    def adapter_gradients():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    frozen = adapter_gradients()
+    assert frozen and all(g.abs().max() > 0 for g in frozen.values())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    everything = adapter_gradients()
+    for name, grad in frozen.items():
+        assert_close(f"gradient of {name}", grad, everything[name], atol=1e-6, rtol=1e-4)
+
+
+def test_lora_on_an_e2e_model_trains_through_the_cli(tmp_path, e2e_base):
+    run = train(tmp_path / "run", "--init_from", str(e2e_base), "--use_lora", "--max_train_steps", "6",
+                "--learning_rate", "3e-2", "--save_checkpoint_freq", "6")
+    adapters = load_file(run / "checkpoint-6" / "adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for k, t in adapters.items() if "lora_B" in k)
+    assert len(set(losses(run).values())) == 6  # the loss moves step by step
