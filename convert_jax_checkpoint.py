@@ -532,9 +532,15 @@ def convert_e2e(args) -> tuple:
 
 
 def check_output_dir(path: Path):
+    """Before converting (and again before writing): OUT is new or empty, and can be made and written."""
+    from ttt_train.cli import unwritable_folder
+
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ConversionError(f"--output_dir {path} already exists and is not empty; nothing was written (choose "
                               f"a new folder: a conversion never overwrites)")
+    reason = unwritable_folder(path)
+    if reason:
+        raise ConversionError(f"--output_dir {path}: {reason}; nothing was converted")
 
 
 def load_tokenizer(name: str | None, vocab_size: int):

@@ -14,7 +14,6 @@ document of the data (a whole test file, e.g. WikiText-2's test.txt), up to --ma
 
 import argparse
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
 from ttt_train import cli, data, hub
 from ttt_train.checkpoint import TRAINER_STATE
+from ttt_train.metrics import perplexity
 
 
 def build_parser():
@@ -103,7 +103,7 @@ def by_position(totals, num_blocks, bucket_size):
     for start in range(1, totals.shape[0] + 1, bucket_size):
         end = min(start + bucket_size, totals.shape[0] + 1)
         loss = (totals[start - 1:end - 1].sum() / (num_blocks * (end - start))).item()
-        buckets.append({"start": start, "end": end, "loss": loss, "perplexity": math.exp(loss)})
+        buckets.append({"start": start, "end": end, "loss": loss, "perplexity": perplexity(loss)})
     return buckets
 
 
@@ -157,10 +157,10 @@ def evaluate(args):
         totals = position_losses(model, blocks, args.batch_size)
         loss = (totals.sum() / totals.numel() / blocks.shape[0]).item()
         results.append({"model": model_dir, "label": describe(model.config) + f" [{Path(model_dir).parent.name}]",
-                        "loss": loss, "perplexity": math.exp(loss), "tokens": int(totals.numel() * blocks.shape[0]),
+                        "loss": loss, "perplexity": perplexity(loss), "tokens": int(totals.numel() * blocks.shape[0]),
                         "training_context": training_context(model_dir),
                         "by_position": by_position(totals, blocks.shape[0], args.bucket_size)})
-        print(f"{model_dir}: loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {results[-1]['tokens']} tokens")
+        print(f"{model_dir}: loss {loss:.4f}, perplexity {perplexity(loss):.3f} over {results[-1]['tokens']} tokens")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))

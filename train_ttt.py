@@ -26,6 +26,9 @@ E2E_MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b", "3b")
 PRESETS = ("nano", "small", "medium", "large", "xlarge")  # ttt_train.models.PRESETS
 LAYER_TYPES = ("linear", "mlp")
 PRECISIONS = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
+# The largest --vocab_size / --max_vocab_size: the BPE trainer's memory grows with the vocabulary (10^9 asks the
+# tokenizers library for ~70 GB and aborts the process), and the largest vocabularies in use are about 256K.
+MAX_VOCAB_SIZE = 2**20
 
 
 # The spellings users bring from other trainers (all-in-one CLIs, the Hugging Face Trainer), as aliases of the
@@ -278,6 +281,11 @@ def yaml_argv(values: dict, parser, path: str) -> list:
                 parser.error(f"--config {path}: {key} must be true or false, got {value!r}")
             argv.append(flag if value else f"--no-{flag[2:]}")
             continue
+        if action.type is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         expected = {int: (int,), float: (int, float)}.get(action.type, (str,))
         if value is None or isinstance(value, bool) or not isinstance(value, expected):
             kind = {int: "an integer", float: "a number"}.get(action.type, "a string")
@@ -286,15 +294,67 @@ def yaml_argv(values: dict, parser, path: str) -> list:
     return argv
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags, no code), refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first, first_line = seen[key]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice, {first!r} (line {first_line}) and "
+                    f"{value_node.value!r} (line {key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = (value_node.value if isinstance(value_node, yaml.ScalarNode) else "...",
+                         key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+def command_line_conflicts(argv: list, parser) -> str | None:
+    """Two spellings of one setting (--max_steps 10 --max_train_steps 20, --bf16 --mixed_precision no), or one
+    flag twice, with different values: argparse would keep the last silently; this names both."""
+    given = {}
+    tokens = list(argv)
+    for i, token in enumerate(tokens):
+        if not token.startswith("--") or token == "--":
+            continue
+        name, has_value, value = token.partition("=")
+        action = parser._option_string_actions.get(name)
+        if action is None or action.dest in ("help", "config"):
+            continue
+        if has_value:
+            setting = value
+        elif action.nargs == 0:  # a switch: its constant (--bf16: bf16; --no-x: False)
+            setting = (not name.startswith("--no-")) if isinstance(action, argparse.BooleanOptionalAction) \
+                else action.const
+        else:
+            setting = tokens[i + 1] if i + 1 < len(tokens) else None
+        if action.type is not None and isinstance(setting, str):
+            try:
+                setting = action.type(setting)
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                pass  # argparse reports it
+        if action.dest in given and given[action.dest][1] != setting:
+            before, value_before = given[action.dest]
+            return (f"{before} {value_before} and {name} {setting} set the same setting ({action.dest}) to different "
+                    f"values; give it once")
+        given[action.dest] = (name, setting)
+    return None
+
+
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
     parser = parser or build_parser()
     args = parser.parse_args(argv)
+    conflict = command_line_conflicts(sys.argv[1:] if argv is None else argv, parser)
+    if conflict:
+        parser.error(conflict)
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as f:
-                values = yaml.safe_load(f)
+                values = yaml.load(f, Loader=UniqueKeyLoader)  # a SafeLoader: no tags, no code
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            parser.error(f"cannot read --config {args.config}: {str(error).splitlines()[0]}")
+            parser.error(f"cannot read --config {args.config}: {' '.join(str(error).split())}")
         if not isinstance(values, dict):
             parser.error(f"--config {args.config}: expected a mapping of flag names to values")
         args = parser.parse_args([*yaml_argv(values, parser, args.config),
@@ -310,6 +370,12 @@ def cuda_available() -> bool:
 
 
 def check_args(args, parser):
+    from ttt_train.cli import unwritable_folder  # a light module: no torch
+
+    if "://" not in args.output_dir:
+        reason = unwritable_folder(args.output_dir)
+        if reason:
+            parser.error(f"--output_dir {args.output_dir}: {reason}")
     if args.num_train_epochs is not None and args.max_train_steps is not None:
         parser.error("give --max_train_steps or --num_train_epochs, not both")
     if args.num_train_epochs is None and args.max_train_steps is None:
@@ -366,6 +432,10 @@ def check_args(args, parser):
             parser.error("give --vocab_size or --auto_vocab_size, not both")
         if args.vocab_size is None and not args.auto_vocab_size:
             args.vocab_size = 8192
+        for name in ("vocab_size", "max_vocab_size"):
+            if getattr(args, name) is not None and getattr(args, name) > MAX_VOCAB_SIZE:
+                parser.error(f"--{name} {getattr(args, name)} exceeds {MAX_VOCAB_SIZE}: a byte-level BPE's training "
+                             f"memory grows with its vocabulary, and the largest vocabularies in use are about 256K")
         if not 0 < args.min_vocab_size <= args.max_vocab_size:
             parser.error(f"--min_vocab_size ({args.min_vocab_size}) must be positive and at most --max_vocab_size "
                          f"({args.max_vocab_size})")

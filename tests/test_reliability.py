@@ -89,6 +89,7 @@ def test_a_pickle_planted_in_any_checkpoint_file_never_runs(saved_run, tmp_path,
             assert exit_info.code == 1
             errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
             assert len(errors) == 1 and "checkpoint" in errors[0], (name, errors)
+            assert "weights_only" not in errors[0] and "will likely succeed" not in errors[0], errors  # no unsafe tip
             outcome = "refused"
         assert not marker.exists(), f"a pickle in {name} ran code"
         outcomes[name] = outcome
@@ -527,6 +528,50 @@ def test_a_small_stream_held_out_entirely_says_why(tmp_path, capsys):
     path.write_text("\n\n".join(f"document {i}" for i in range(20)))
     fails(capsys, *FAST, "--dataset_name", str(path), "--streaming", "--output_dir", str(tmp_path / "o"),
           match="lower --streaming_eval_docs")
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--output_dir", "{tmp}/file/run"], "is a file, so no folder can be made under it"),
+    (["--train_tokenizer", "--vocab_size", "1000000000"], "--vocab_size 1000000000 exceeds 1048576"),
+    (["--target_params", "1e15"], "--target_params 1000000000000000 cannot be trained here"),
+    (["--max_steps", "3", "--max_train_steps", "4"], "--max_steps 3 and --max_train_steps 4 set the same setting"),
+    (["--bf16", "--mixed_precision", "no"], "--bf16 bf16 and --mixed_precision no set the same setting"),
+    (["--output_dir", "s3://"], "s3:// names no bucket"),
+], ids=["under-a-file", "vocab-size", "target-params", "two-spellings", "bf16-and-no", "bucketless"])
+def test_impossible_requests_are_one_line_before_any_work(tmp_path, capsys, flags, match):
+    (tmp_path / "file").write_text("not a folder")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    out = [] if "--output_dir" in flags else ["--output_dir", str(tmp_path / "run")]
+    fails(capsys, *FAST[2:], *out, *flags, match=match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_numbers_as_users_write_them_and_duplicate_keys(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 1e-3\nlr_end: 1e-5\n")  # YAML 1.1 (PyYAML) reads these as strings
+    args = train_ttt.parse_args(["--config", str(config)])
+    assert args.learning_rate == 1e-3 and args.lr_end == 1e-5
+    config.write_text("learning_rate: 1e-3\nmax_train_steps: 3\nmax_train_steps: 4\n")
+    fails(capsys, "--config", str(config), "--output_dir", str(tmp_path / "run"),
+          match="key 'max_train_steps' is given twice, '3' (line 2) and '4' (line 3)")
+
+
+def test_a_huge_loss_has_an_infinite_perplexity_not_a_crash():
+    import evaluate
+
+    buckets = evaluate.by_position(torch.full((4,), 800.0, dtype=torch.float64), num_blocks=1, bucket_size=2)
+    assert [b["perplexity"] for b in buckets] == [float("inf")] * 2
+
+
+def test_the_converter_checks_its_output_before_converting(tmp_path, capsys):
+    import convert_jax_checkpoint
+
+    (tmp_path / "file").write_text("not a folder")
+    params = tmp_path / "params.safetensors"  # never read: the output is checked first
+    assert convert_jax_checkpoint.main(["e2e", "--params", str(params), "--official_config", str(params),
+                                        "--output_dir", str(tmp_path / "file" / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, so no folder can be made under it; nothing was converted" in err[0], err
 
 
 def test_an_output_dir_that_is_a_file(tmp_path, capsys):

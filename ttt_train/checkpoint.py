@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -303,8 +304,7 @@ def load_training_state(accelerator, model, scheduler, folder: Path, state: dict
             accelerate_load(path)
         accelerator.load_state(str(view))
     except Exception as error:  # torch.load's refusals, truncated archives: all mean an unusable file
-        raise CheckpointError(f"checkpoint {folder}: cannot load {TRAINING_STATE_DIR}/: "
-                              f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+        raise CheckpointError(f"checkpoint {folder}: cannot load {TRAINING_STATE_DIR}/: {load_failure(error)}"
                               ) from error
     finally:
         handle.remove()
@@ -326,6 +326,16 @@ def load_training_state(accelerator, model, scheduler, folder: Path, state: dict
             warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
             for _ in range(state["step"]):
                 scheduler.step()
+
+
+def load_failure(error: Exception) -> str:
+    """Why a training-state file did not load, in one line. torch's refusal of a pickle that is not plain tensors
+    goes on to advise loading it unsafely; that advice is never repeated: the file is refused, as it could run code."""
+    text = str(error).strip()
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text.lower() or "Weights only" in text:
+        return ("a file holds a pickle of something other than tensors, which could run code when loaded; it is "
+                "refused (this trainer never loads such a file)")
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_weights(model, path: Path):

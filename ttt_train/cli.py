@@ -2,8 +2,10 @@
 errors that are the user's to fix, and the wrapper that prints them as one line. Any other exception is a bug
 and keeps its traceback."""
 
+import os
 import shlex
 import sys
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -17,6 +19,24 @@ class Stopped(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def unwritable_folder(path) -> str | None:
+    """Why the folder `path` (existing or to be created) cannot be written, or None: checked before any work, so a
+    bad output path is one line at once, not a traceback after the work. Nothing is created."""
+    path = Path(path).expanduser().absolute()
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, so no folder can be made under it"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable, so {path} cannot be made"
+    return None
 
 
 def resume_command(argv=None) -> str:

@@ -300,7 +300,8 @@ def train(args, handle_signals: bool = False):
         return _train(args, accelerator, output_dir, lock, remote, handle_signals)
     finally:
         lock.release()
-        if created and accelerator.is_main_process and [p.name for p in output_dir.iterdir()] == [ckpt.LOCK_FILE]:
+        if created and accelerator.is_main_process and output_dir.is_dir() \
+                and [p.name for p in output_dir.iterdir()] == [ckpt.LOCK_FILE]:
             (output_dir / ckpt.LOCK_FILE).unlink()  # a run that stopped on bad input leaves no folder behind
             output_dir.rmdir()
 
@@ -415,6 +416,7 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
     """Everything that reads user input, before any model is built: the data, the tokenizer (loaded or trained),
     the configuration (checked against the checkpoint's), the disk space. Returns (tokenizer, config, resolved,
     train_docs, text_column, eval_set); `resolved` holds what the run settles that the flags left open."""
+    models.check_target_fits(args, accelerator)
     train_docs, eval_docs, text_column = read_data(args)
     saved_source = checkpoint or args.init_from  # where the tokenizer comes from when --tokenizer_name is not given
     resolved = {"tokenizer_name": args.tokenizer_name or str(saved_source or data.BUILTIN_TOKENIZER)}

@@ -3,6 +3,7 @@ Llama-style architecture from transformers: RoPE, SwiGLU, RMSNorm, attention thr
 torch.nn.functional.scaled_dot_product_attention, optional sliding window)."""
 
 import math
+import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
@@ -160,6 +161,34 @@ def check_flags_agree(args, config, source: str, skip=()):
         if value is not None and value != getattr(config, flag, None):
             raise UserError(f"--{flag} {value} conflicts with {source}, whose model has "
                             f"{flag}={getattr(config, flag, None)}")
+
+
+BYTES_PER_TRAINED_PARAMETER = 16  # float32 weights, their gradients and AdamW's two moments
+
+
+def machine_memory(accelerator) -> tuple:
+    """(bytes, what): the memory that holds a run's training state: every process's GPU, or on CPUs each
+    machine's RAM (processes on one machine share it)."""
+    processes = accelerator.num_processes
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_properties(accelerator.device).total_memory * processes, \
+            f"{processes} GPU(s)"
+    machines = max(1, processes // int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * machines, f"{machines} machine(s)' memory"
+
+
+def check_target_fits(args, accelerator):
+    """--target_params plans a new shape: one whose training state cannot fit in the run's memory, even sharded
+    over all its processes, is refused before any data is read."""
+    if args.target_params is None:
+        return
+    available, where = machine_memory(accelerator)
+    needed = args.target_params * BYTES_PER_TRAINED_PARAMETER
+    if needed > available:
+        raise UserError(f"--target_params {args.target_params} cannot be trained here: its float32 weights, "
+                        f"gradients and AdamW moments take about {needed / 2**30:,.0f} GiB "
+                        f"({BYTES_PER_TRAINED_PARAMETER} bytes per parameter), and the {where} of this run hold "
+                        f"{available / 2**30:,.0f} GiB")
 
 
 def checkpoint_config(args, checkpoint, saved_args: dict):

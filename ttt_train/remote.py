@@ -41,11 +41,13 @@ class RemoteDir:
     """A folder in a bucket, and the local staging folder that mirrors what a run needs of it."""
 
     def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        scheme = self.url.split("://", 1)[0]
+        scheme, _, rest = url.partition("://")
+        self.url = f"{scheme}://{rest.rstrip('/')}"
         backend = BACKENDS.get(scheme)
         if backend is None:
             raise RemoteError(f"{url}: unsupported storage scheme {scheme}:// (s3://, gs://, az:// are)")
+        if not rest.strip("/"):
+            raise RemoteError(f"{url} names no bucket: give {scheme}://BUCKET/FOLDER")
         try:
             import fsspec
 
