@@ -26,6 +26,8 @@ from ttt_train import cli, data, hub
 from ttt_train.checkpoint import TRAINER_STATE
 from ttt_train.metrics import perplexity
 
+OUTPUTS = ("eval.json", "ppl_by_position.png")  # what an evaluation writes in --output_dir
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +47,8 @@ def build_parser():
     p.add_argument("--streaming_eval_docs", type=int, default=1000, help="as in train_ttt.py")
     p.add_argument("--seed", type=int, default=42, help="as in train_ttt.py (chooses the held-out documents)")
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help=f"replace the {' and '.join(OUTPUTS)} of an earlier evaluation in --output_dir")
     return p
 
 
@@ -59,6 +63,10 @@ def check_args(args, parser):
     args.bucket_size = args.bucket_size or max(1, args.seq_length // 16)
     if args.bucket_size <= 0:
         parser.error(f"--bucket_size must be positive, got {args.bucket_size}")
+    existing = [name for name in OUTPUTS if (Path(args.output_dir) / name).exists()]
+    if existing and not args.overwrite_output_dir:
+        parser.error(f"--output_dir {args.output_dir} already holds {' and '.join(existing)} of an earlier "
+                     f"evaluation; choose another folder, or pass --overwrite_output_dir to replace them")
     try:  # where the results go, before any model is evaluated
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.output_dir):
@@ -163,9 +171,9 @@ def evaluate(args):
         print(f"{model_dir}: loss {loss:.4f}, perplexity {perplexity(loss):.3f} over {results[-1]['tokens']} tokens")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "ppl_by_position.png", args.seq_length)
-    print(f"wrote {out / 'eval.json'} and {out / 'ppl_by_position.png'}")
+    (out / OUTPUTS[0]).write_text(json.dumps(results, indent=2))
+    plot(results, out / OUTPUTS[1], args.seq_length)
+    print(f"wrote {out / OUTPUTS[0]} and {out / OUTPUTS[1]}")
     return results
 
 

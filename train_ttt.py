@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save_total_limit", type=int, default=3, help="checkpoint-<step>/ folders kept")
     o.add_argument("--save_milestone_freq", type=int, default=0, help="steps between milestone-<step>/ (0: off)")
     o.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' in --output_dir")
+    o.add_argument("--overwrite_output_dir", action="store_true",
+                   help="a fresh run into a folder that holds files the trainer did not write (left untouched) or "
+                        "the metrics/arguments of a run that saved no checkpoint (replaced); never replaces "
+                        "checkpoints or models")
     o.add_argument("--save_best", action=argparse.BooleanOptionalAction, default=False,
                    help="keep best_model/: the model at the evaluation with the lowest validation loss so far "
                         "(never pruned; training_summary.json names it)")
@@ -312,8 +316,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def command_line_conflicts(argv: list, parser) -> str | None:
-    """Two spellings of one setting (--max_steps 10 --max_train_steps 20, --bf16 --mixed_precision no), or one
-    flag twice, with different values: argparse would keep the last silently; this names both."""
+    """Two spellings of one setting with different values (--max_steps 10 --max_train_steps 20, --bf16
+    --mixed_precision no): argparse would keep the last silently; this names both."""
     given = {}
     tokens = list(argv)
     for i, token in enumerate(tokens):
@@ -335,7 +339,9 @@ def command_line_conflicts(argv: list, parser) -> str | None:
                 setting = action.type(setting)
             except (ValueError, TypeError, argparse.ArgumentTypeError):
                 pass  # argparse reports it
-        if action.dest in given and given[action.dest][1] != setting:
+        # the same spelling again is an override (launchers append the user's flags to their own): argparse's
+        # last-wins; two spellings of one setting with different values is a mistake
+        if action.dest in given and given[action.dest][0] != name and given[action.dest][1] != setting:
             before, value_before = given[action.dest]
             return (f"{before} {value_before} and {name} {setting} set the same setting ({action.dest}) to different "
                     f"values; give it once")

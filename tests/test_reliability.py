@@ -481,7 +481,7 @@ def test_empty_input_and_out_of_vocabulary_ids_are_clear_errors():
 def test_a_fresh_run_refuses_a_directory_with_old_metrics(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
-    fails(capsys, *FAST, "--output_dir", str(tmp_path / "o"), match="holds the metrics.jsonl of a run that saved no")
+    fails(capsys, *FAST, "--output_dir", str(tmp_path / "o"), match="holds metrics.jsonl of a run that saved no")
     assert (tmp_path / "o" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
 
 
@@ -490,6 +490,85 @@ def test_a_checkpoint_folder_without_trainer_state_is_never_overwritten(tmp_path
     (tmp_path / "o" / "checkpoint-2" / "notes.txt").write_text("mine")
     fails(capsys, *FAST, "--output_dir", str(tmp_path / "o"), match="checkpoint-2 without trainer_state.json")
     assert (tmp_path / "o" / "checkpoint-2" / "notes.txt").read_text() == "mine"
+
+
+def users_files(folder: Path) -> dict:
+    """Files a user keeps in a run directory under names that look like the trainer's side-names, and their text."""
+    files = {".data.partial/corpus.txt": "my corpus", ".settings.previous/settings": "mine", "notes.md": "my notes",
+             "tokenizer/README": "my tokenizer"}
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return files
+
+
+def test_resume_touches_only_the_trainers_own_names(saved_run, tmp_path):
+    """Start-up clean-up removes a partial save only with the trainer's mark inside, restores only a .X.previous
+    that is a complete save; a user's folders with look-alike names stay as they were."""
+    folder = copy_of(saved_run, tmp_path)
+    files = users_files(folder)  # tokenizer/ too: this run did not train one
+    ours = folder / ".checkpoint-3.partial"  # what a kill mid-save leaves: the mark, part of the files
+    ours.mkdir()
+    (ours / ckpt.TRAINER_MARK).touch()
+    (ours / "model.safetensors").write_bytes(b"half")
+    train_ttt.main(resume(folder))
+    assert {name: (folder / name).read_text() for name in files} == files
+    assert not ours.exists() and (folder / "final_model").is_dir()
+
+
+def test_a_fresh_run_refuses_foreign_files_and_overwrite_leaves_them(tmp_path, capsys):
+    folder = tmp_path / "o"
+    folder.mkdir()
+    (folder / "notes.md").write_text("my notes")
+    fails(capsys, *FAST, "--output_dir", str(folder), match="holds files this trainer did not write (notes.md)")
+    train_ttt.main([*FAST, "--output_dir", str(folder), "--max_train_steps", "2", "--overwrite_output_dir"])
+    assert (folder / "notes.md").read_text() == "my notes" and (folder / "final_model").is_dir()
+
+
+def test_overwrite_replaces_an_attempts_files_but_never_a_users_tokenizer(tmp_path, capsys):
+    folder = tmp_path / "o"
+    folder.mkdir()
+    (folder / "training_args.json").write_text('{"old": true}')
+    fails(capsys, *FAST, "--output_dir", str(folder), match="holds training_args.json of a run that saved no")
+    assert (folder / "training_args.json").read_text() == '{"old": true}'
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.txt").write_text("mine")
+    fails(capsys, *FAST, "--output_dir", str(folder), "--train_tokenizer", "--vocab_size", "300",
+          "--overwrite_output_dir", match="tokenizer/ was not written by this trainer")
+    assert (folder / "tokenizer" / "vocab.txt").read_text() == "mine"
+    assert (folder / "training_args.json").read_text() == '{"old": true}'
+    shutil.rmtree(folder / "tokenizer")
+    capsys.readouterr()
+    train_ttt.main([*FAST, "--output_dir", str(folder), "--max_train_steps", "2", "--overwrite_output_dir"])
+    assert "removed training_args.json" in capsys.readouterr().out
+    assert json.loads((folder / "training_args.json").read_text())["max_train_steps"] == 2
+
+
+@pytest.mark.parametrize("link", ["checkpoint-1", ".checkpoint-6.partial", "final_model"])
+def test_a_link_in_the_run_directory_is_refused_and_its_target_untouched(saved_run, tmp_path, capsys, link):
+    folder = copy_of(saved_run, tmp_path)
+    target = tmp_path / "elsewhere"
+    shutil.copytree(saved_run / "checkpoint-2", target)
+    before = checkpoint_files(target)
+    (folder / link).symlink_to(target, target_is_directory=True)
+    fails(capsys, *resume(folder, "--save_total_limit", "1"), match=f"{link} is a symbolic link")
+    assert checkpoint_files(target) == before
+
+
+def test_evaluate_refuses_to_replace_an_earlier_evaluation(saved_run, tmp_path, capsys):
+    import evaluate
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text("[]")
+    argv = ["--model_name_or_path", str(saved_run / "final_model"), "--dataset_name", "builtin:synthetic",
+            "--seq_length", "32", "--max_eval_tokens", "64", "--output_dir", str(out)]
+    with pytest.raises(SystemExit):
+        evaluate.main(argv)
+    assert "already holds eval.json of an earlier evaluation" in capsys.readouterr().err
+    assert (out / "eval.json").read_text() == "[]"
+    evaluate.main([*argv, "--overwrite_output_dir"])
+    assert json.loads((out / "eval.json").read_text())[0]["tokens"] > 0
 
 
 def test_resume_keeps_one_metrics_line_per_step(saved_run, tmp_path):
@@ -623,6 +702,7 @@ def test_evaluate_and_generate_refuse_bad_models_at_once(saved_run, tmp_path, ca
     corrupt = tmp_path / "corrupt"
     shutil.copytree(saved_run / "final_model", corrupt)
     (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage")
+    (corrupt / ckpt.TRAINER_STATE).unlink()  # no manifest (another tool's folder): the loader's own refusal
     not_finite = tmp_path / "nan"
     model = ttt.TTTForCausalLM.from_pretrained(saved_run / "final_model")
     with torch.no_grad():

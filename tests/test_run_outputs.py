@@ -107,7 +107,7 @@ def test_alias_spellings_and_did_you_mean(capsys):
     import train_ttt
 
     args = train_ttt.parse_args(["--max_steps", "7", "--bf16", "--batch-size", "3", "--seq-len", "128",
-                                 "--save-every", "5", "--save_steps", "6", "--log-every", "2", "--eval-every", "4",
+                                 "--save_steps", "6", "--log-every", "2", "--eval-every", "4",
                                  "--warmup_steps", "1", "--resume-from", "latest", "--model-preset", "125m",
                                  "--max-eval-samples", "9", "--no-first-order"])
     assert (args.max_train_steps, args.mixed_precision, args.per_device_train_batch_size, args.seq_length) == (
@@ -116,6 +116,10 @@ def test_alias_spellings_and_did_you_mean(capsys):
     assert (args.resume_from_checkpoint, args.model_size, args.max_eval_samples, args.first_order) == (
         "latest", "125m", 9, False)
     assert train_ttt.parse_args(["--epochs", "1.5"]).num_train_epochs == 1.5
+    assert train_ttt.parse_args(["--save-every", "5", "--save_steps", "5"]).save_checkpoint_freq == 5  # agreeing
+    with pytest.raises(SystemExit):  # two spellings of one setting that disagree: refused, not last-wins
+        train_ttt.parse_args(["--save-every", "5", "--save_steps", "6"])
+    assert "--save-every 5 and --save_steps 6 set the same setting (save_checkpoint_freq)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_ttt.parse_args(["--max_trian_steps", "3"])
     assert "unrecognized arguments: --max_trian_steps 3 (did you mean --max_train_steps?)" in capsys.readouterr().err

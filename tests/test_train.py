@@ -444,13 +444,13 @@ def test_only_user_errors_become_one_line(monkeypatch, bug):
     import ttt_train.loop
     from ttt_train.cli import UserError
 
-    def broken(args):
+    def broken(args, handle_signals):
         raise bug("a bug")
     monkeypatch.setattr(ttt_train.loop, "train", broken)
     with pytest.raises(bug):
         train_ttt.main(FAST)
 
-    def refused(args):
+    def refused(args, handle_signals):
         raise UserError("your input")
     monkeypatch.setattr(ttt_train.loop, "train", refused)
     with pytest.raises(SystemExit):

@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ttt_train.cli import UserError
+from ttt_train.metrics import METRICS_FILE, SUMMARY_FILE
 
 TRAINER_STATE = "trainer_state.json"
 BEST_MODEL = "best_model"
@@ -47,6 +48,22 @@ CHECKPOINT_NAME = re.compile(r"^(checkpoint|milestone)-(\d+)$")
 UNSAFE_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # Accelerate unpickles these with weights_only=False
 LOCK_FILE = ".lock"
 ABANDONED_DIR = "abandoned"
+FINAL_MODEL = "final_model"
+TRAINING_ARGS = "training_args.json"
+TOKENIZER_DIR = "tokenizer"  # --train_tokenizer's tokenizer
+# Written first into every folder the trainer makes that is not (yet) a checkpoint (a save's .X.partial/, the
+# trained tokenizer/): what tells the trainer's own folders from a user's that happen to have the same name. A
+# complete checkpoint is recognised by its trainer_state.json.
+TRAINER_MARK = ".ttt-trainer"
+# The closed list of names a run writes in its output directory, besides checkpoint-N/ and milestone-N/, the
+# hidden .X.partial/ and .X.previous/ of a save of X, and the tracker's folder (--report_to): it deletes, renames
+# or overwrites nothing else there.
+OWNED_NAMES = frozenset({LOCK_FILE, METRICS_FILE, METRICS_FILE + ".tmp", TRAINING_ARGS, SUMMARY_FILE, FINAL_MODEL,
+                         BEST_MODEL, ABANDONED_DIR, TOKENIZER_DIR, "wandb"})
+# Owned files that a fresh run with --overwrite_output_dir replaces (a run that stopped before its first save
+# left them); everything else of an earlier run (checkpoints, models, abandoned/) is never replaced.
+REPLACEABLE_FILES = (METRICS_FILE, METRICS_FILE + ".tmp", TRAINING_ARGS, SUMMARY_FILE)
+SAVE_SIDE_NAME = re.compile(r"^\.(.+)\.(partial|previous)$")
 
 
 class CheckpointError(UserError):
@@ -111,8 +128,14 @@ def save_checkpoint(accelerator, folder: Path, model, tokenizer, trainer_state: 
 
 def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with_training_state: bool):
     partial = partial_of(folder)
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)  # left by a save that was killed; never a real checkpoint
+    if accelerator.is_main_process:
+        if partial.exists():  # left by a save of this run that failed (a user's folder is refused at start)
+            if not is_trainers(partial):
+                raise CheckpointError(f"{partial} is in the way of a save and was not written by this trainer; "
+                                      f"move it")
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        (partial / TRAINER_MARK).touch()
     accelerator.wait_for_everyone()
     if with_training_state:
         # The weights are stored once, in the top-level model.safetensors; Accelerate keeps only the rest (FSDP
@@ -130,6 +153,7 @@ def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with
         if hasattr(unwrapped, "peft_config"):  # adapters only: the base model's config beside them (resume reads it)
             unwrapped.get_base_model().config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        (partial / TRAINER_MARK).unlink()  # not part of the saved folder
         _write_json(partial / TRAINER_STATE, {**trainer_state, "manifest": _manifest(partial)})
         if folder.exists():
             previous = folder.with_name(f".{folder.name}.previous")
@@ -193,7 +217,7 @@ class Checkpointer:
     def save_final(self, step: int, merge_lora: bool = False):
         if merge_lora:  # the adapters folded into the base weights: a plain model (the run ends here)
             self.model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).merge_and_unload()
-        self.save("final_model", step, with_training_state=False)
+        self.save(FINAL_MODEL, step, with_training_state=False)
 
     def save(self, folder: str, step: int, with_training_state: bool = True, extra: dict | None = None):
         state = {"step": step, "elapsed": self.elapsed(), "tokens": self.tokens(), "args": self.run_args,
@@ -370,15 +394,9 @@ def order_checkpoints(items, kinds=("checkpoint", "milestone")) -> list:
 def list_checkpoints(output_dir: Path, kinds=("checkpoint", "milestone")) -> list:
     """(step, path) of the complete checkpoints in `output_dir`, oldest first."""
     folders = Path(output_dir).iterdir() if Path(output_dir).is_dir() else []
-    return order_checkpoints([path for path in folders if (path / TRAINER_STATE).is_file()], kinds)
-
-
-def foreign_folders(output_dir: Path) -> list:
-    """checkpoint-N / milestone-N folders without a trainer state: not written (completely) by this trainer, and
-    in the way of the names a run saves under."""
-    return sorted(p.name for p in Path(output_dir).iterdir()
-                  if CHECKPOINT_NAME.match(p.name) and not (p / TRAINER_STATE).is_file()) \
-        if Path(output_dir).is_dir() else []
+    # a link is never one of the run's checkpoints (pruning would delete through it): refused at start
+    return order_checkpoints([path for path in folders if not path.is_symlink() and (path / TRAINER_STATE).is_file()],
+                             kinds)
 
 
 def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
@@ -392,20 +410,85 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     return found[-1][1]
 
 
+def is_owned(name: str, extra=()) -> bool:
+    """Whether `name` is one the trainer writes in an output directory (OWNED_NAMES, checkpoint-N, milestone-N,
+    the save side-names of those, and `extra`: the tracker's folder)."""
+    side = SAVE_SIDE_NAME.match(name)
+    base = side.group(1) if side else name
+    return bool(CHECKPOINT_NAME.match(base)) or base in OWNED_NAMES or base in extra
+
+
+def is_trainers(folder: Path) -> bool:
+    """A real folder (not a link) that this trainer wrote: its mark, or a complete save's trainer state."""
+    return folder.is_dir() and not folder.is_symlink() and (
+        (folder / TRAINER_MARK).is_file() or (folder / TRAINER_STATE).is_file())
+
+
+def check_run_directory(output_dir: Path, fresh: bool, overwrite: bool = False, extra=()) -> list:
+    """What the output directory holds, against what the run may do there: nothing it would write through a link
+    or over a folder of someone else's; for a fresh run, no earlier run's results, and no files it does not own
+    (or, with `overwrite`, foreign files are left beside the run and an earlier attempt's replaceable files are
+    removed). Returns notes; raises one CheckpointError / UserError naming the entries."""
+    output_dir = Path(output_dir)
+    entries = sorted(p for p in output_dir.iterdir() if p.name != LOCK_FILE) if output_dir.is_dir() else []
+    owned = [p for p in entries if is_owned(p.name, extra)]
+    links = [p.name for p in owned if p.is_symlink()]
+    if links:
+        raise CheckpointError(f"output_dir {output_dir}: {', '.join(links)} is a symbolic link; the trainer does "
+                              f"not follow links in its run directory (a save, prune or clean-up would write or "
+                              f"delete through it); move the link away")
+    not_ours = [p.name for p in owned if p.is_dir() and (SAVE_SIDE_NAME.match(p.name) or CHECKPOINT_NAME.match(p.name))
+                and not is_trainers(p)]
+    if not_ours:
+        raise CheckpointError(f"output_dir {output_dir} holds {', '.join(not_ours)} without {TRAINER_STATE} or "
+                              f"the trainer's mark (not written, or not completely, by this trainer) under names "
+                              f"a run saves to; move it elsewhere")
+    if not fresh:
+        return []
+    results = [p.name for p in owned if CHECKPOINT_NAME.match(p.name) or p.name in (FINAL_MODEL, BEST_MODEL)]
+    if results:
+        raise UserError(f"output_dir {output_dir} already holds a run ({', '.join(results[:3])}); pass "
+                        f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+    foreign = [p.name + "/" * p.is_dir() for p in entries if not is_owned(p.name, extra)]
+    if foreign and not overwrite:
+        raise UserError(f"output_dir {output_dir} holds files this trainer did not write ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty --output_dir, or pass "
+                        f"--overwrite_output_dir to train beside them (they are left untouched)")
+    leftovers = [p for p in owned if p.name in REPLACEABLE_FILES or p.name == TOKENIZER_DIR]
+    if leftovers and not overwrite:
+        names = ", ".join(p.name for p in leftovers)
+        raise UserError(f"output_dir {output_dir} holds {names} of a run that saved no checkpoint (it stopped "
+                        f"before its first save); pass --overwrite_output_dir to replace them, or choose another "
+                        f"--output_dir")
+    notes = []
+    for path in leftovers:
+        if path.is_dir() and not is_trainers(path):
+            raise UserError(f"output_dir {output_dir}: {path.name}/ was not written by this trainer; a run would "
+                            f"replace it (--train_tokenizer saves there): move it")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        notes.append(f"--overwrite_output_dir: removed {path.name}, left by a run that saved no checkpoint")
+    return notes
+
+
 def clean_interrupted_saves(output_dir: Path) -> list:
-    """Folders a killed save left behind: `.X.partial` (incomplete) is removed; `.X.previous` (the earlier X,
-    moved aside while the new one was renamed in) is put back if X is missing, else removed. Returns messages."""
+    """Folders a killed save of this trainer left behind: `.X.partial` (incomplete: the trainer's mark or state
+    inside) is removed; `.X.previous` (the earlier complete X, moved aside while the new one was renamed in) is put
+    back if X is missing, else removed. Only for names the trainer owns, never through a link, never a folder it
+    did not write. Returns messages."""
     notes = []
     for path in sorted(Path(output_dir).glob(".*.previous")):
+        if not is_owned(path.name) or path.is_symlink() or not (path / TRAINER_STATE).is_file():
+            continue
         target = path.with_name(path.name[1:-len(".previous")])
-        if target.exists():
+        if target.exists() or target.is_symlink():
             shutil.rmtree(path)
         else:
             os.replace(path, target)
             notes.append(f"restored {target.name} from an interrupted save")
     for path in sorted(Path(output_dir).glob(".*.partial")):
-        shutil.rmtree(path)
-        notes.append(f"removed {path.name}, left by an interrupted save")
+        if is_owned(path.name) and is_trainers(path):
+            shutil.rmtree(path)
+            notes.append(f"removed {path.name}, left by an interrupted save")
     return notes
 
 
@@ -414,8 +497,8 @@ def branch_from(output_dir: Path, step: int) -> Path | None:
     model) of an abandoned continuation: those move to `abandoned/<time>/` (never deleted), so that `latest` and
     retention follow the new branch. Returns that folder, or None when nothing was later."""
     later = [path for s, path in list_checkpoints(output_dir) if s > step]
-    if (Path(output_dir) / "final_model").exists():
-        later.append(Path(output_dir) / "final_model")
+    if (Path(output_dir) / FINAL_MODEL).exists():
+        later.append(Path(output_dir) / FINAL_MODEL)
     best = read_best(output_dir)
     if best is not None and best[0] > step:  # the best of the abandoned continuation goes with it
         later.append(Path(output_dir) / BEST_MODEL)

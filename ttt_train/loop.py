@@ -39,7 +39,6 @@ from ttt_train.remote import RemoteDir, download_model, is_remote
 RESUMABLE_CHANGES = ("seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "learning_rate", "lr_end", "lr_warmup_steps", "warmup_ratio", "lr_scheduler_type",
                      "weight_decay", "max_grad_norm", "mixed_precision")
-TOKENIZER_DIR = "tokenizer"  # --train_tokenizer's tokenizer in the output directory
 SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "polynomial", "constant": "constant_with_warmup"}
 MAX_SKIPPED_IN_A_ROW = 10  # --on_nonfinite skip: more non-finite steps in a row than this stop the run
 
@@ -196,23 +195,13 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
                 taken_over = lock.acquire()
             except OSError as error:
                 raise UserError(f"cannot write to output_dir {output_dir}: {error.strerror or error}") from error
-            outcome[2] = [taken_over] * bool(taken_over) + ckpt.clean_interrupted_saves(output_dir)
-            foreign = ckpt.foreign_folders(output_dir)
-            if foreign:
-                raise ckpt.CheckpointError(f"output_dir {output_dir} holds {', '.join(foreign)} without "
-                                           f"{ckpt.TRAINER_STATE} (not a complete checkpoint of this trainer); "
-                                           f"move it elsewhere")
+            notes = [taken_over] * bool(taken_over) + ckpt.clean_interrupted_saves(output_dir)
+            outcome[2] = notes + ckpt.check_run_directory(output_dir, fresh=not args.resume_from_checkpoint,
+                                                          overwrite=args.overwrite_output_dir,
+                                                          extra=tracker_folders(args))
             if args.resume_from_checkpoint:
                 checkpoint = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
                 outcome[1], outcome[3] = str(checkpoint), ckpt.validate_checkpoint(checkpoint)
-            elif ckpt.list_checkpoints(output_dir) or (output_dir / "final_model").exists() \
-                    or (output_dir / ckpt.BEST_MODEL).exists():
-                raise UserError(f"output_dir {output_dir} already holds a run (checkpoints or final_model); pass "
-                                f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
-            elif (output_dir / METRICS_FILE).exists():
-                raise UserError(f"output_dir {output_dir} holds the {METRICS_FILE} of a run that saved no checkpoint "
-                                f"(it stopped before its first save); move that file or the folder away, or choose "
-                                f"another --output_dir")
         except UserError as error:
             outcome[0] = str(error)
     outcome = broadcast_object_list(outcome) if accelerator.num_processes > 1 else outcome
@@ -222,6 +211,11 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
     for note in notes or []:
         accelerator.print(f"{output_dir}: {note}")
     return (Path(checkpoint), state) if checkpoint else (None, None)
+
+
+def tracker_folders(args) -> tuple:
+    """The folder TensorBoard writes in the output directory (Accelerate: project_dir / the project name)."""
+    return (args.wandb_project,) if "tensorboard" in trackers(args.report_to) else ()
 
 
 def stage_remote(args, remote: RemoteDir, output_dir: Path):
@@ -237,7 +231,7 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
     output_dir.mkdir(parents=True)
     checkpoints, folders = remote.checkpoints(), remote.complete_folders()
     if not args.resume_from_checkpoint:
-        if checkpoints or "final_model" in folders:
+        if checkpoints or ckpt.FINAL_MODEL in folders:
             raise UserError(f"output_dir {remote.url} already holds a run (checkpoints or final_model); pass "
                             f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
         return
@@ -257,7 +251,7 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
     remote.download(name, output_dir / name)
     args.resume_from_checkpoint = str(output_dir / name)
     step = int(ckpt.CHECKPOINT_NAME.match(name).group(2))
-    later = [n for s, n in checkpoints if s > step] + [n for n in ("final_model",) if n in folders]
+    later = [n for s, n in checkpoints if s > step] + [n for n in (ckpt.FINAL_MODEL,) if n in folders]
     for other in later:
         remote._call("move in", remote.fs.mv, remote.path(other),
                      remote.path(f"{ckpt.ABANDONED_DIR}/{time.strftime('%Y%m%d-%H%M%S')}/{other}"), recursive=True)
@@ -388,7 +382,7 @@ def read_data(args) -> tuple:
 def trained_tokenizer(args, accelerator, output_dir: Path, train_docs, text_column) -> str:
     """--train_tokenizer: a byte-level BPE trained by the main process on the first --tokenizer_train_docs training
     documents, saved to <output_dir>/tokenizer (atomically), which every process then loads. Returns that path."""
-    folder = output_dir / TOKENIZER_DIR
+    folder = output_dir / ckpt.TOKENIZER_DIR
     error = [None]
     if accelerator.is_main_process:
         try:
@@ -397,9 +391,11 @@ def trained_tokenizer(args, accelerator, output_dir: Path, train_docs, text_colu
             size = args.vocab_size or data.auto_vocab_size(texts, args.min_vocab_size, args.max_vocab_size)
             tokenizer = data.train_tokenizer(texts, size)
             partial = ckpt.partial_of(folder)
-            shutil.rmtree(partial, ignore_errors=True)
+            if partial.exists() or folder.exists() or folder.is_symlink():  # the start-up check cleared them
+                raise UserError(f"{folder} is in the way of --train_tokenizer's tokenizer; move it")
+            partial.mkdir()
+            (partial / ckpt.TRAINER_MARK).touch()  # stays: tells this trainer's tokenizer/ from a user's
             tokenizer.save_pretrained(partial)
-            shutil.rmtree(folder, ignore_errors=True)  # one from an earlier attempt that saved no checkpoint
             os.replace(partial, folder)
             accelerator.print(f"--train_tokenizer: byte-level BPE of {len(tokenizer)} tokens ({size} asked"
                               f"{', --auto_vocab_size' if not args.vocab_size else ''}) from {len(texts)} documents "
@@ -462,7 +458,7 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
                             f"of --num_train_epochs {args.num_train_epochs:g}")
     # a checkpoint at the last step without a final model (a kill while it was written) finishes the run
     if checkpoint and (resume_state["step"] > args.max_train_steps or (
-            resume_state["step"] == args.max_train_steps and (output_dir / "final_model").exists())):
+            resume_state["step"] == args.max_train_steps and (output_dir / ckpt.FINAL_MODEL).exists())):
         raise UserError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
                         f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
     eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
@@ -518,7 +514,7 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
                     shutil.copy2(output_dir / METRICS_FILE, abandoned / METRICS_FILE)
                 accelerator.print(f"resuming from step {step}: the later checkpoints of the abandoned continuation "
                                   f"(and a copy of metrics.jsonl) moved to {abandoned}")
-        (output_dir / "training_args.json").write_text(json.dumps(run_args, indent=2))
+        (output_dir / ckpt.TRAINING_ARGS).write_text(json.dumps(run_args, indent=2))
     log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
     start_time = time.time()
     elapsed = lambda: elapsed_before + time.time() - start_time  # seconds over all resumed segments
@@ -527,10 +523,10 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
                               * args.gradient_accumulation_steps * accelerator.num_processes) if checkpoint else 0
     checkpointer = ckpt.Checkpointer(accelerator, output_dir, model, tokenizer, scheduler, train_batches, run_args,
                                      elapsed, tokens=lambda: tokens, remote=remote,
-                                     remote_files=(METRICS_FILE, "training_args.json"))
+                                     remote_files=(METRICS_FILE, ckpt.TRAINING_ARGS))
     if checkpoint and step >= args.max_train_steps:  # a kill while the final model was written: write it now
         checkpointer.save_final(step)
-        accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / 'final_model'}")
+        accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / ckpt.FINAL_MODEL}")
         return step
 
     if args.data_prefetch:
@@ -604,6 +600,6 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
             if remote:
                 for name in (SUMMARY_FILE, METRICS_FILE):
                     remote.upload_file(output_dir / name, name)
-        accelerator.print(f"done: {output_dir / 'final_model'}")
+        accelerator.print(f"done: {output_dir / ckpt.FINAL_MODEL}")
     accelerator.end_training()
     return step
