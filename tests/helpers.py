@@ -5,6 +5,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -175,3 +176,61 @@ def counting_server():
         stop.set()
         thread.join()
         server.close()
+
+
+class StallingProxy:
+    """A loopback TCP proxy to `target` (host, port) that forwards both ways until stall(): from then on it keeps
+    every connection open and forwards nothing, as an endpoint that stops answering mid-transfer."""
+
+    def __init__(self, target: tuple):
+        self.target, self.stalled, self.closing = target, threading.Event(), threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.sockets, self.threads = [], [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def stall(self):
+        self.stalled.set()
+
+    def _accept(self):
+        while not self.closing.is_set():
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            self.sockets.append(client)
+            if self.stalled.is_set():
+                continue  # held open, never answered
+            upstream = socket.create_connection(self.target)
+            self.sockets.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                thread = threading.Thread(target=self._pump, args=(source, sink), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def _pump(self, source, sink):
+        source.settimeout(0.1)
+        while not self.closing.is_set():
+            if self.stalled.is_set():
+                time.sleep(0.1)
+                continue
+            try:
+                data = source.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.closing.set()
+        for thread in self.threads:
+            thread.join()
+        for sock in [*self.sockets, self.server]:
+            sock.close()

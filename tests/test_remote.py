@@ -3,11 +3,18 @@ uploaded whole and listed only once complete, `latest` and rotation in the bucke
 upload, --init_from from the bucket, and one clear error for an unreachable or missing bucket."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from helpers import FAST, fails, losses, run
+from conftest import ROOT
+from helpers import FAST, StallingProxy, fails, losses, run
+from ttt_train import checkpoint as ckpt
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] and s3fs are test extras (CI installs them)")
 pytest.importorskip("s3fs", reason="s3fs is optional (pip install s3fs)")
@@ -127,3 +134,74 @@ def test_an_upload_that_fails_halfway_stops_the_run_and_the_resume_starts_before
     metrics = [json.loads(line) for line in fs.cat(f"{bucket}/cut/metrics.jsonl").decode().splitlines()]
     assert {r["step"]: r["loss"] for r in metrics if "loss" in r} == losses(local)
     assert fs.exists(f"{bucket}/cut/checkpoint-4/.upload-complete")  # uploaded again, whole
+
+
+def trainer_env(tmp_path, **extra) -> dict:
+    return {**os.environ, "TTT_STAGING_DIR": str(tmp_path / "staging"), **extra}
+
+
+def test_two_fresh_runs_on_one_bucket_folder_one_is_refused_naming_the_other(bucket, tmp_path):
+    """Two trainers started together on the same s3:// folder: the first to claim it trains; the other is refused
+    with one line naming it, before writing anything there."""
+    url = f"s3://{bucket}/shared"
+    argv = [sys.executable, str(ROOT / "train_ttt.py"), *FAST, "--output_dir", url, "--max_train_steps", "20"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=trainer_env(tmp_path / str(i))) for i in range(2)]
+    results = [(proc.wait(timeout=300), *proc.communicate()) for proc in procs]
+    assert sorted(status for status, _, _ in results) == [0, 1], results
+    winner, loser = sorted(results, key=lambda r: r[0])
+    errors = [line for line in loser[2].splitlines() if "error" in line]
+    assert len(errors) == 1 and f"output_dir {url} is claimed by run" in errors[0], loser[2]
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    claim = json.loads(fs.cat(f"{bucket}/shared/.run-claim.json"))
+    assert f"pid {claim['pid']} on" in errors[0]
+
+
+def test_a_resume_elsewhere_takes_the_claim_and_the_first_run_writes_no_more(bucket):
+    from ttt_train.remote import RemoteDir, RemoteError
+
+    url = f"s3://{bucket}/taken-over"
+    first, second = RemoteDir(url), RemoteDir(url)
+    first.claim(fresh=True)
+    first.check_owner()
+    with pytest.raises(RemoteError, match="is claimed by run"):
+        RemoteDir(url).claim(fresh=True)
+    assert "took over the claim of run" in second.claim(fresh=False)
+    with pytest.raises(RemoteError, match="is now claimed by run .* not this run"):
+        first.upload_file(ROOT / "README.md", "README.md")
+
+
+def test_an_endpoint_that_stalls_mid_run_is_one_line_and_the_local_copy_stays(server, bucket, tmp_path):
+    """The S3 endpoint stops answering (a proxy in front of moto holds every connection) after the first checkpoint
+    is in the bucket: the next upload is given up after its bounded deadline, with one error line naming the local
+    copy, which is complete."""
+    host, port = server.removeprefix("http://").split(":")
+    proxy = StallingProxy((host, int(port)))
+    url = f"s3://{bucket}/stalled"
+    argv = [sys.executable, str(ROOT / "train_ttt.py"), *FAST, "--output_dir", url, "--max_train_steps", "100000",
+            "--save_checkpoint_freq", "2"]
+    env = trainer_env(tmp_path, AWS_ENDPOINT_URL=proxy.url, TTT_REMOTE_TIMEOUT="2")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    import s3fs
+
+    fs = s3fs.S3FileSystem()  # straight to moto
+    deadline = time.time() + 240
+    try:
+        while not fs.exists(f"{bucket}/stalled/checkpoint-2/.upload-complete"):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+            fs.invalidate_cache()
+        proxy.stall()
+        _, err = proc.communicate(timeout=240)  # bounded by the trainer itself: no kill from here
+    finally:
+        proc.kill()
+        proxy.close()
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"{url}: no answer within" in errors[0] and "the local copy is in" in errors[0], err
+    staging = Path(errors[0].rsplit("the local copy is in ", 1)[1])
+    step, newest = ckpt.list_checkpoints(staging)[-1]
+    assert step >= 2 and ckpt.validate_checkpoint(newest)["step"] == step

@@ -234,6 +234,7 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
         if checkpoints or ckpt.FINAL_MODEL in folders:
             raise UserError(f"output_dir {remote.url} already holds a run (checkpoints or final_model); pass "
                             f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+        remote.claim(fresh=True)
         return
     spec = args.resume_from_checkpoint
     if spec == "latest":
@@ -248,14 +249,16 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
     else:
         raise UserError(f"--resume_from_checkpoint {spec}: with --output_dir {remote.url}, give 'latest' or a "
                         f"checkpoint under it")
+    note = remote.claim(fresh=False)
+    if note:
+        print(f"{remote.url}: {note}")
     remote.download(name, output_dir / name)
     args.resume_from_checkpoint = str(output_dir / name)
     step = int(ckpt.CHECKPOINT_NAME.match(name).group(2))
     later = [n for s, n in checkpoints if s > step] + [n for n in (ckpt.FINAL_MODEL,) if n in folders]
     for other in later:
-        remote._call("move in", remote.fs.mv, remote.path(other),
-                     remote.path(f"{ckpt.ABANDONED_DIR}/{time.strftime('%Y%m%d-%H%M%S')}/{other}"), recursive=True)
-    if remote.fs.exists(remote.path(METRICS_FILE)):
+        remote.move(other, f"{ckpt.ABANDONED_DIR}/{time.strftime('%Y%m%d-%H%M%S')}/{other}")
+    if remote._call("read", remote.fs.exists, remote.path(METRICS_FILE)):
         remote.download(METRICS_FILE, output_dir / METRICS_FILE)
     if ckpt.BEST_MODEL in folders:  # its score, for --save_best's comparisons (the weights stay in the bucket)
         remote.download(f"{ckpt.BEST_MODEL}/{ckpt.TRAINER_STATE}", output_dir / ckpt.BEST_MODEL / ckpt.TRAINER_STATE)
