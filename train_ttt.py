@@ -421,7 +421,7 @@ def check_args(args, parser):
     lora_flags = [f for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
                   if getattr(args, f) not in (None, False)]
     if lora_flags and not args.use_lora:
-        parser.error(f"--{lora_flags[0]} applies to --use_lora")
+        parser.error(f"--{lora_flags[0]} applies to --use_lora: add --use_lora (with --init_from), or drop it")
     if args.use_lora and not (args.init_from or args.resume_from_checkpoint):
         parser.error("--use_lora adapts a saved model: give --init_from (or resume a LoRA run)")
     if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:

@@ -82,7 +82,8 @@ def sha256(path: Path) -> str:
 def _manifest(folder: Path) -> dict:
     """{relative path: {"size", "sha256"}} of every file but the trainer state (which holds the manifest)."""
     return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != TRAINER_STATE}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() not in
+            (TRAINER_STATE, TRAINER_MARK)}
 
 
 def _write_json(path: Path, data):
@@ -153,8 +154,9 @@ def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with
         if hasattr(unwrapped, "peft_config"):  # adapters only: the base model's config beside them (resume reads it)
             unwrapped.get_base_model().config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        (partial / TRAINER_MARK).unlink()  # not part of the saved folder
+        # the trainer state marks the folder as this trainer's from here on; the mark goes (not part of the save)
         _write_json(partial / TRAINER_STATE, {**trainer_state, "manifest": _manifest(partial)})
+        (partial / TRAINER_MARK).unlink()
         if folder.exists():
             previous = folder.with_name(f".{folder.name}.previous")
             shutil.rmtree(previous, ignore_errors=True)

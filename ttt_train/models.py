@@ -296,7 +296,9 @@ def lora_settings(args, saved_args: dict | None) -> dict | None:
                             f"{settings[wrong]})")
         return settings
     if saved_args is not None and args.use_lora:
-        raise UserError("--use_lora: the run being resumed trained full weights, not adapters")
+        raise UserError("--use_lora: the run being resumed trained full weights, not adapters; resume it without "
+                        "--use_lora, or start a LoRA run from its model with --init_from <checkpoint> --use_lora "
+                        "and another --output_dir")
     return {**LORA_DEFAULTS, **given} if args.use_lora else None
 
 
@@ -313,4 +315,7 @@ def apply_lora(model, settings: dict):
     try:
         return peft.get_peft_model(model, config)
     except ValueError as error:  # peft: "Target modules {...} not found in the base model"
-        raise UserError(f"--lora_target_modules {targets}: {str(error).splitlines()[0]}") from error
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+        raise UserError(f"--lora_target_modules {targets}: {str(error).splitlines()[0]}; this model's linear "
+                        f"layers are named {', '.join(names)}") from error
