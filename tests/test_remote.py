@@ -205,3 +205,18 @@ def test_an_endpoint_that_stalls_mid_run_is_one_line_and_the_local_copy_stays(se
     staging = Path(errors[0].rsplit("the local copy is in ", 1)[1])
     step, newest = ckpt.list_checkpoints(staging)[-1]
     assert step >= 2 and ckpt.validate_checkpoint(newest)["step"] == step
+
+
+def test_a_fresh_run_that_stops_on_bad_input_gives_its_claim_back(bucket, tmp_path, capsys):
+    url = f"s3://{bucket}/typo"
+    fails(capsys, *FAST, "--output_dir", url, "--dataset_name", str(tmp_path / "nope.txt"), match="does not exist")
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/typo/.run-claim.json")
+    import train_ttt
+
+    train_ttt.main([*FAST, "--output_dir", url, "--max_train_steps", "2"])  # the corrected command is not refused
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket}/typo/.run-claim.json") and fs.exists(f"{bucket}/typo/final_model/.upload-complete")

@@ -293,10 +293,16 @@ def train(args, handle_signals: bool = False):
         args.resume_from_checkpoint, args.init_from = outcome[1], outcome[2]
     lock = ckpt.RunLock(output_dir)
     created = not output_dir.exists()
+    fresh = not args.resume_from_checkpoint
     try:
         return _train(args, accelerator, output_dir, lock, remote, handle_signals)
     finally:
         lock.release()
+        if remote and accelerator.is_main_process:
+            try:
+                remote.release_if_unused(fresh)
+            except UserError as error:  # the run's own outcome (or error) is what the user must see
+                accelerator.print(f"note: {error}")
         if created and accelerator.is_main_process and output_dir.is_dir() \
                 and [p.name for p in output_dir.iterdir()] == [ckpt.LOCK_FILE]:
             (output_dir / ckpt.LOCK_FILE).unlink()  # a run that stopped on bad input leaves no folder behind

@@ -102,6 +102,7 @@ class RemoteDir:
             raise RemoteError(f"cannot open {url}: {_reason(error)}") from error
         self.staging = staging_root() / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.owner = None  # this run's claim, once claimed
+        self.wrote = False  # whether this run uploaded anything (a fresh run that wrote nothing gives its claim back)
 
     def _call(self, what: str, action, *args, size: int = 0, **kwargs):
         """action(*args, **kwargs) within operation_deadline(size); any failure is one RemoteError. A call past
@@ -169,7 +170,7 @@ class RemoteDir:
         else:
             self._call("claim", self.fs.pipe, self.path(CLAIM), data)
         self.owner = claim["owner"]
-        self.check_owner()
+        self.check_owner(writing=False)
         if previous is not None and not fresh:
             return f"took over the claim of {self.describe_claim(previous)}"
         return None
@@ -201,10 +202,20 @@ class RemoteDir:
                 f"at a time: choose another --output_dir, pass --resume_from_checkpoint latest to continue that run "
                 f"(taking it over), or, if no run will write there again, delete {self.url}/{CLAIM}")
 
-    def check_owner(self):
+    def release_if_unused(self, fresh: bool):
+        """A fresh run that stopped before uploading anything (bad input, a failed start) deletes its claim, so
+        that the next attempt is not refused; a run that wrote there keeps it."""
+        if fresh and self.owner is not None and not self.wrote:
+            current = self.read_claim()
+            if current is not None and current.get("owner") == self.owner:
+                self._call("give back the claim of", self.fs.rm, self.path(CLAIM))
+            self.owner = None
+
+    def check_owner(self, writing: bool = True):
         """Before every write: the claim is still this run's (a resume elsewhere takes it over)."""
         if self.owner is None:
             return
+        self.wrote = self.wrote or writing
         current = self.read_claim()
         if current is None or current.get("owner") != self.owner:
             who = self.describe_claim(current) if current else "nobody (the claim was deleted)"
