@@ -414,9 +414,10 @@ def check_args(args, parser):
         parser.error(f"--lr_warmup_steps ({args.lr_warmup_steps}) exceeds --max_train_steps ({args.max_train_steps})")
     if args.init_from and args.model_size is not None:
         parser.error(f"--model_size does not apply with --init_from: the size is that of {args.init_from}")
-    if args.target_params is not None and (args.model_size or args.resume_from_checkpoint or args.init_from):
-        other = "--model_size" if args.model_size else "--resume_from_checkpoint" if args.resume_from_checkpoint \
-            else "--init_from"
+    # on resume, --target_params and --train_tokenizer (with its options) may be repeated from the command that
+    # started the run: they must then agree with the checkpoint (checked when it is read)
+    if args.target_params is not None and (args.model_size or args.init_from):
+        other = "--model_size" if args.model_size else "--init_from"
         parser.error(f"--target_params chooses a new model's shape; it does not go with {other}")
     lora_flags = [f for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
                   if getattr(args, f) not in (None, False)]
@@ -430,10 +431,10 @@ def check_args(args, parser):
     if tokenizer_flags and not args.train_tokenizer:
         parser.error(f"--{tokenizer_flags[0]} applies to --train_tokenizer")
     if args.train_tokenizer:
-        other = next((f for f in ("tokenizer_name", "resume_from_checkpoint", "init_from") if getattr(args, f)), None)
+        other = next((f for f in ("tokenizer_name", "init_from") if getattr(args, f)), None)
         if other:
-            parser.error(f"--train_tokenizer makes a new run's tokenizer; it does not go with --{other} (a resumed "
-                         f"run keeps its checkpoint's tokenizer, a loaded model its vocabulary)")
+            parser.error(f"--train_tokenizer makes a new run's tokenizer; it does not go with --{other} (a loaded "
+                         f"model keeps its vocabulary)")
         if args.vocab_size is not None and args.auto_vocab_size:
             parser.error("give --vocab_size or --auto_vocab_size, not both")
         if args.vocab_size is None and not args.auto_vocab_size:

@@ -2,11 +2,17 @@
 
 import json
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 from transformers import AutoTokenizer
 
 import train_ttt
-from helpers import FAST, fails, run
+from conftest import ROOT
+from helpers import FAST, fails, losses, run
 from ttt_train import data
 
 
@@ -63,3 +69,36 @@ def test_tokenizer_training_errors(tmp_path, capsys):
           match="give --vocab_size or --auto_vocab_size, not both")
     assert not (tmp_path / "run" / "tokenizer").exists()
     assert train_ttt.parse_args(["--train_tokenizer"]).vocab_size == 8192
+
+
+def test_the_readme_custom_corpus_command_resumes_with_one_flag_added(tmp_path, capsys):
+    """The README's own-corpus command (trained tokenizer, --auto_vocab_size, --target_params, --epochs, --save_best),
+    stopped by SIGTERM, resumes by the command the stop prints (the same line plus --resume_from_checkpoint latest)
+    to the losses of an uninterrupted run, bit for bit; a repeated start option that disagrees is one line."""
+    command = ["--dataset_name", str(corpus(tmp_path)), "--train_tokenizer", "--auto_vocab_size", "--min_vocab_size",
+               "260", "--target_params", "1M", "--seq_length", "64", "--epochs", "20", "--save_best",
+               "--save_checkpoint_freq", "0", "--eval_steps", "10", "--max_eval_samples", "4", "--logging_steps", "1"]
+    whole = tmp_path / "whole"
+    train_ttt.main([*command, "--output_dir", str(whole)])
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_ttt.py"), *command, "--output_dir", str(stopped)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (stopped / "metrics.jsonl").exists() or len(losses(stopped)) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    resume = shlex.split(next(line for line in output.splitlines() if "resume with:" in line).split("with: ", 1)[1])
+    assert resume == ["python", str(ROOT / "train_ttt.py"), *command, "--output_dir", str(stopped),
+                      "--resume_from_checkpoint", "latest"]
+    step = max(losses(stopped))
+    assert step < max(losses(whole))
+    capsys.readouterr()
+    train_ttt.main(resume[2:])
+    assert f"resumed from {stopped / f'checkpoint-{step}'} at step {step}" in capsys.readouterr().out
+    assert losses(stopped) == losses(whole)
+    best = json.loads((whole / "training_summary.json").read_text())["best_step"]
+    assert json.loads((stopped / "training_summary.json").read_text())["best_step"] == best
+    fails(capsys, *resume[2:], "--target_params", "2M", match="--target_params 2000000 conflicts with checkpoint")

@@ -425,7 +425,7 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
     train_docs, eval_docs, text_column = read_data(args)
     saved_source = checkpoint or args.init_from  # where the tokenizer comes from when --tokenizer_name is not given
     resolved = {"tokenizer_name": args.tokenizer_name or str(saved_source or data.BUILTIN_TOKENIZER)}
-    if args.train_tokenizer:
+    if args.train_tokenizer and not checkpoint:  # a resume keeps the tokenizer its checkpoint holds
         resolved["tokenizer_name"] = trained_tokenizer(args, accelerator, output_dir, train_docs, text_column)
     try:
         tokenizer = data.load_tokenizer(resolved["tokenizer_name"])

@@ -191,8 +191,29 @@ def check_target_fits(args, accelerator):
                         f"{available / 2**30:,.0f} GiB")
 
 
+# Options that fixed, when a run started, what its checkpoints hold (the shape, the trained tokenizer): a resume
+# may repeat them (the same command line plus --resume_from_checkpoint), and they must then say the same.
+FIXED_BY_TARGET = ("target_params", "prefer_depth")
+FIXED_BY_TOKENIZER = ("train_tokenizer", "vocab_size", "auto_vocab_size", "min_vocab_size", "max_vocab_size",
+                      "tokenizer_train_docs")
+
+
+def check_repeated_start_options(args, checkpoint, saved_args: dict):
+    """--target_params / --train_tokenizer (and their options) given on resume agree with the run's start."""
+    groups = [FIXED_BY_TARGET] * (args.target_params is not None) + [FIXED_BY_TOKENIZER] * bool(args.train_tokenizer)
+    for names in groups:
+        for name in names:
+            given, saved = getattr(args, name), saved_args.get(name)
+            if given != saved:
+                started = f"{name}={saved}" if saved not in (None, False) else f"without --{name}"
+                raise UserError(f"--{name} {given} conflicts with checkpoint {checkpoint}: its run started "
+                                f"{started}; resume with the run's own options, or leave them out")
+
+
 def checkpoint_config(args, checkpoint, saved_args: dict):
-    """The checkpoint's config, after checking that the explicitly given architecture flags agree with it."""
+    """The checkpoint's config, after checking that the explicitly given architecture flags (and the repeated start
+    options) agree with it."""
+    check_repeated_start_options(args, checkpoint, saved_args)
     try:
         config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
     except Exception as error:  # a config.json that transformers cannot read: the checkpoint's error, one line
