@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
 from ttt_train import cli, data, hub
-from ttt_train.checkpoint import TRAINER_STATE
 from ttt_train.metrics import perplexity
+from ttt_train.rundir import TRAINER_STATE
 
 OUTPUTS = ("eval.json", "ppl_by_position.png")  # what an evaluation writes in --output_dir
 

@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -375,13 +376,37 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def check_args(args, parser):
-    from ttt_train.cli import unwritable_folder  # a light module: no torch
+def check_paths(args, parser):
+    """What can be checked without torch, transformers or datasets (seconds to import, a minute on a busy machine):
+    local paths that must exist, and the output directory's state against a fresh run or a resume. The trainer
+    checks again (and applies) when it holds the directory's lock."""
+    from ttt_train import hub, rundir  # light modules: the standard library only
+    from ttt_train.cli import UserError, unwritable_folder
 
-    if "://" not in args.output_dir:
-        reason = unwritable_folder(args.output_dir)
-        if reason:
-            parser.error(f"--output_dir {args.output_dir}: {reason}")
+    named = [("dataset", args.dataset_name), ("tokenizer", args.tokenizer_name), ("--init_from model", args.init_from),
+             ("--resume_from_checkpoint", None if args.resume_from_checkpoint == "latest" else
+              args.resume_from_checkpoint)]
+    for what, name in named:
+        if name and not name.startswith("builtin:") and "://" not in name and hub.looks_local(name) \
+                and not Path(name).expanduser().exists():
+            parser.error(f"{what} path {name} does not exist")
+    if "://" in args.output_dir:
+        return
+    reason = unwritable_folder(args.output_dir)
+    if reason:
+        parser.error(f"--output_dir {args.output_dir}: {reason}")
+    if args.resume_from_checkpoint == "latest" and not rundir.list_checkpoints(args.output_dir):
+        parser.error(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ folder in "
+                     f"{args.output_dir}")
+    try:
+        rundir.check_run_directory(Path(args.output_dir), fresh=not args.resume_from_checkpoint,
+                                   overwrite=args.overwrite_output_dir, extra=rundir.tracker_folders(args),
+                                   apply=False)
+    except UserError as error:
+        parser.error(str(error))
+
+
+def check_args(args, parser):
     if args.num_train_epochs is not None and args.max_train_steps is not None:
         parser.error("give --max_train_steps or --num_train_epochs, not both")
     if args.num_train_epochs is None and args.max_train_steps is None:
@@ -484,7 +509,9 @@ def check_args(args, parser):
 def main(argv=None, parser=None):
     """The trainer on `argv` (default: the command line). Only as the program (argv None) does it take over SIGTERM
     and SIGINT (save, then exit 143 / 130); called with an argv, as a library, the caller keeps its handlers."""
+    parser = parser or build_parser()
     args = parse_args(argv, parser)
+    check_paths(args, parser)  # before the heavy imports: a wrong path or folder is reported at once
     from ttt_train import cli  # imported after parsing: --help stays fast
     from ttt_train.loop import train
 

@@ -85,6 +85,31 @@ def test_a_missing_local_path_is_reported_at_once(tmp_path, monkeypatch, capsys,
     assert connections == []
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset_name", "./nope.txt"], "dataset path ./nope.txt does not exist"),
+    (["--tokenizer_name", "./no-tokenizer"], "tokenizer path ./no-tokenizer does not exist"),
+    (["--init_from", "./no-model"], "--init_from model path ./no-model does not exist"),
+    (["--output_dir", "run", "--resume_from_checkpoint", "latest"], "no complete checkpoint-*/ or milestone-*/"),
+    (["--output_dir", "taken"], "holds files this trainer did not write (notes.md)"),
+    (["--output_dir", "file/run"], "is a file, so no folder can be made under it"),
+], ids=["dataset", "tokenizer", "init_from", "latest", "foreign-files", "under-a-file"])
+def test_bad_paths_are_reported_before_the_heavy_imports(tmp_path, flags, message):
+    """A path or output folder that cannot work is one error line before torch, transformers, datasets or
+    accelerate are imported (seconds on a quiet machine, a minute on a busy one)."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.md").write_text("mine")
+    (tmp_path / "file").write_text("a file")
+    script = str(ROOT / "train_ttt.py")
+    probe = (f"import runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nsys.argv = [{script!r}, *{flags!r}]\n"
+             f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit as e:\n"
+             f"    print('exit', e.code)\n"
+             f"print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.stdout.strip().splitlines()[-2:] == ["exit 2", "[]"], result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
 @pytest.mark.parametrize("script", ["train", "evaluate", "generate"])
 def test_an_unreachable_hub_fails_fast_naming_hf_hub_offline(tmp_path, monkeypatch, capsys, connections, script):
     """No network: one connection attempt (here to a closed local port) and no retry or back-off (no sleep), then
@@ -108,7 +133,7 @@ def test_an_unreachable_hub_fails_fast_naming_hf_hub_offline(tmp_path, monkeypat
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     errors = [line for line in err if "error" in line]  # evaluate/generate: argparse's usage lines before it
     assert len(errors) == 1 and errors[0] == err[-1] and "HF_HUB_OFFLINE=1" in err[-1], err
-    assert "someone/" in err[-1] and "unreachable" in err[-1]
+    assert "someone/" in err[-1] and "unreachable" in err[-1] and "instead (README" in err[-1]
     hub.hub_unreachable_reason.cache_clear()
 
 
@@ -121,6 +146,23 @@ def test_offline_hub_lookups_go_to_the_cache_at_once(tmp_path):
         result = subprocess.run([sys.executable, str(ROOT / "train_ttt.py"), "--dataset_name", "someone/corpus",
                                  "--output_dir", str(tmp_path / "o")], env=env, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"{ROOT / 'train_ttt.py'}: error: cannot load dataset 'someone/corpus'"), result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{ROOT / 'train_ttt.py'}: error: dataset 'someone/corpus' is not in the local Hub cache "
+        f"({tmp_path / 'hf' / 'hub'}) and HF_HUB_OFFLINE=1 forbids downloading it: download it once where there is "
+        f"a network (the cache is reused), or give a local file or folder (--dataset_name my_corpus.txt), or "
+        f"builtin:synthetic instead (README: 'Data without a network')"), result.stderr
     assert accepted == []
+
+
+@pytest.mark.parametrize("script, argv, what", [
+    ("generate.py", ["--model_name_or_path", "someone/model"], "tokenizer 'someone/model'"),
+    ("generate.py", ["--model_name_or_path", "someone/model", "--tokenizer_name", "builtin:bytes"],
+     "model 'someone/model'"),
+])
+def test_offline_models_and_tokenizers_missing_from_the_cache_say_what_to_do(tmp_path, script, argv, what):
+    with counting_server() as (url, accepted):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": url}
+        result = subprocess.run([sys.executable, str(ROOT / script), *argv], env=env, capture_output=True, text=True)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and accepted == []
+    assert f"{what} is not in the local Hub cache ({tmp_path / 'hf' / 'hub'})" in last and "instead" in last, last

@@ -23,6 +23,7 @@ import ttt
 from conftest import ROOT
 from helpers import FAST, fails, losses, metrics, run
 from ttt_train import checkpoint as ckpt
+from ttt_train import rundir
 
 TRAINER = [sys.executable, str(ROOT / "train_ttt.py"), *FAST]
 
@@ -76,8 +77,8 @@ def test_a_pickle_planted_in_any_checkpoint_file_never_runs(saved_run, tmp_path,
         folder = copy_of(saved_run, tmp_path / name.replace("/", "_"))
         target = folder / "checkpoint-2" / name
         target.write_bytes(pickle.dumps(Payload()))
-        if replace_manifest_entry and name != ckpt.TRAINER_STATE:
-            state_path = folder / "checkpoint-2" / ckpt.TRAINER_STATE
+        if replace_manifest_entry and name != rundir.TRAINER_STATE:
+            state_path = folder / "checkpoint-2" / rundir.TRAINER_STATE
             state = json.loads(state_path.read_text())
             state["manifest"][name] = {"size": target.stat().st_size, "sha256": ckpt.sha256(target)}
             state_path.write_text(json.dumps(state))
@@ -230,17 +231,17 @@ def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path, capsys):
     proc = subprocess.Popen([*TRAINER, "--output_dir", str(out), "--max_train_steps", "100000",
                              "--save_checkpoint_freq", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not ckpt.list_checkpoints(out):
+    while not rundir.list_checkpoints(out):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.2)
     proc.kill()
     proc.wait()
-    assert (out / ckpt.LOCK_FILE).read_text().startswith(f"pid {proc.pid} ")
-    step = ckpt.list_checkpoints(out)[-1][0]
+    assert (out / rundir.LOCK_FILE).read_text().startswith(f"pid {proc.pid} ")
+    step = rundir.list_checkpoints(out)[-1][0]
     capsys.readouterr()
     train_ttt.main(resume(out, steps=step + 2))
     assert f"took over the lock of a trainer that ended without releasing it (pid {proc.pid}" in capsys.readouterr().out
-    assert (out / "final_model").exists() and (out / ckpt.LOCK_FILE).read_text() == ""
+    assert (out / "final_model").exists() and (out / rundir.LOCK_FILE).read_text() == ""
 
 
 def test_resuming_an_older_checkpoint_starts_a_branch(tmp_path, capsys):
@@ -253,11 +254,11 @@ def test_resuming_an_older_checkpoint_starts_a_branch(tmp_path, capsys):
                     "--save_total_limit", "1", "--learning_rate", "1e-3", "--resume_from_checkpoint",
                     str(out / "checkpoint-2")])
     assert "moved to" in capsys.readouterr().out
-    [moved] = (out / ckpt.ABANDONED_DIR).iterdir()
+    [moved] = (out / rundir.ABANDONED_DIR).iterdir()
     assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-4", "checkpoint-6", "metrics.jsonl"]
     assert losses(moved)[5] == abandoned_loss  # the abandoned continuation's record is kept there
-    assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-5"]  # limit 1: the branch's newest
-    assert json.loads((out / "checkpoint-5" / ckpt.TRAINER_STATE).read_text())["args"]["learning_rate"] == 1e-3
+    assert [p.name for _, p in rundir.list_checkpoints(out)] == ["checkpoint-5"]  # limit 1: the branch's newest
+    assert json.loads((out / "checkpoint-5" / rundir.TRAINER_STATE).read_text())["args"]["learning_rate"] == 1e-3
     assert losses(out)[5] != abandoned_loss  # metrics.jsonl holds the branch's step 5, once
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
 
@@ -289,7 +290,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
                 "--save_checkpoint_freq", "2", "--save_total_limit", "1", match="training diverged at step 5")
     assert "checkpoint-4" in err
     out = tmp_path / "run"
-    assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-4"] and not (out / "final_model").exists()
+    assert [p.name for _, p in rundir.list_checkpoints(out)] == ["checkpoint-4"] and not (out / "final_model").exists()
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-4" / "model.safetensors").values())
 
 
@@ -323,9 +324,9 @@ def test_a_flipped_byte_is_named(saved_run, tmp_path, capsys, name):
 
 def test_a_corrupt_trainer_state_is_one_line(saved_run, tmp_path, capsys):
     folder = copy_of(saved_run, tmp_path)
-    path = folder / "checkpoint-2" / ckpt.TRAINER_STATE
+    path = folder / "checkpoint-2" / rundir.TRAINER_STATE
     path.write_bytes(path.read_bytes()[:100])
-    fails(capsys, *resume(folder), match=f"{ckpt.TRAINER_STATE} is not valid JSON")
+    fails(capsys, *resume(folder), match=f"{rundir.TRAINER_STATE} is not valid JSON")
 
 
 @pytest.mark.parametrize("tool", ["evaluate", "generate", "init_from"])
@@ -364,7 +365,7 @@ def test_kill_9_at_random_moments_then_resume_completes(tmp_path):
     command = [*TRAINER, "--output_dir", str(out), "--max_train_steps", str(steps), "--save_checkpoint_freq", "1",
                "--save_total_limit", "2"]
     rng = random.Random(0)
-    newest = lambda: ckpt.list_checkpoints(out)[-1][0] if ckpt.list_checkpoints(out) else 0
+    newest = lambda: rundir.list_checkpoints(out)[-1][0] if rundir.list_checkpoints(out) else 0
     for _ in range(3):
         resume_flag = ["--resume_from_checkpoint", "latest"] if newest() else []
         before = newest()
@@ -379,7 +380,7 @@ def test_kill_9_at_random_moments_then_resume_completes(tmp_path):
         proc.wait()
     if (out / "final_model").exists():  # it finished before a kill: remove the final model to have it rewritten
         shutil.rmtree(out / "final_model")
-    resume_flag = ["--resume_from_checkpoint", "latest"] if ckpt.list_checkpoints(out) else []
+    resume_flag = ["--resume_from_checkpoint", "latest"] if rundir.list_checkpoints(out) else []
     result = subprocess.run([*command, *resume_flag], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "final_model" / "model.safetensors").exists()
@@ -509,7 +510,7 @@ def test_resume_touches_only_the_trainers_own_names(saved_run, tmp_path):
     files = users_files(folder)  # tokenizer/ too: this run did not train one
     ours = folder / ".checkpoint-3.partial"  # what a kill mid-save leaves: the mark, part of the files
     ours.mkdir()
-    (ours / ckpt.TRAINER_MARK).touch()
+    (ours / rundir.TRAINER_MARK).touch()
     (ours / "model.safetensors").write_bytes(b"half")
     train_ttt.main(resume(folder))
     assert {name: (folder / name).read_text() for name in files} == files
@@ -582,7 +583,7 @@ def test_resume_keeps_one_metrics_line_per_step(saved_run, tmp_path):
 
 
 def test_the_final_model_carries_no_training_text(saved_run):
-    state = json.loads((saved_run / "final_model" / ckpt.TRAINER_STATE).read_text())
+    state = json.loads((saved_run / "final_model" / rundir.TRAINER_STATE).read_text())
     assert "data" not in state and "scheduler" not in state and state["step"] == 4
 
 
@@ -690,7 +691,7 @@ def test_a_disk_that_fills_during_a_save(small_disk):
     errors = [line for line in result.stderr.replace("\r", "\n").splitlines() if "error" in line]
     assert result.returncode == 1 and len(errors) == 1 and "cannot write" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert [p.name for _, p in ckpt.list_checkpoints(disk / "run")] == ["checkpoint-1"]
+    assert [p.name for _, p in rundir.list_checkpoints(disk / "run")] == ["checkpoint-1"]
     ckpt.validate_checkpoint(disk / "run" / "checkpoint-1")
     assert not list((disk / "run").glob(".*.partial"))
 
@@ -702,7 +703,7 @@ def test_evaluate_and_generate_refuse_bad_models_at_once(saved_run, tmp_path, ca
     corrupt = tmp_path / "corrupt"
     shutil.copytree(saved_run / "final_model", corrupt)
     (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage")
-    (corrupt / ckpt.TRAINER_STATE).unlink()  # no manifest (another tool's folder): the loader's own refusal
+    (corrupt / rundir.TRAINER_STATE).unlink()  # no manifest (another tool's folder): the loader's own refusal
     not_finite = tmp_path / "nan"
     model = ttt.TTTForCausalLM.from_pretrained(saved_run / "final_model")
     with torch.no_grad():

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT
 from helpers import FAST, StallingProxy, fails, losses, run
 from ttt_train import checkpoint as ckpt
+from ttt_train import rundir
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] and s3fs are test extras (CI installs them)")
 pytest.importorskip("s3fs", reason="s3fs is optional (pip install s3fs)")
@@ -203,7 +204,7 @@ def test_an_endpoint_that_stalls_mid_run_is_one_line_and_the_local_copy_stays(se
     errors = [line for line in err.splitlines() if "error" in line]
     assert len(errors) == 1 and f"{url}: no answer within" in errors[0] and "the local copy is in" in errors[0], err
     staging = Path(errors[0].rsplit("the local copy is in ", 1)[1])
-    step, newest = ckpt.list_checkpoints(staging)[-1]
+    step, newest = rundir.list_checkpoints(staging)[-1]
     assert step >= 2 and ckpt.validate_checkpoint(newest)["step"] == step
 
 

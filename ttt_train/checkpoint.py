@@ -1,5 +1,5 @@
-"""Checkpoints: `checkpoint-<step>/` (the last few kept), `milestone-<step>/` (kept), `final_model/`; and the
-run's ownership of its output directory.
+"""Checkpoints: writing and reading `checkpoint-<step>/` (the last few kept), `milestone-<step>/` (kept),
+`best_model/` and `final_model/` (the names, listing and the output directory's rules: ttt_train/rundir.py).
 
 Each checkpoint holds the model in `save_pretrained` form and the tokenizer (so it loads with
 `TTTForCausalLM.from_pretrained`), Accelerate's training state under `training_state/` (optimizer and every
@@ -15,7 +15,6 @@ No file of a checkpoint is ever unpickled with code execution (Accelerate's `cus
 would load with `weights_only=False`, is neither written nor read).
 """
 
-import fcntl
 import hashlib
 import json
 import math
@@ -23,9 +22,7 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -35,41 +32,23 @@ from accelerate.utils.other import load as accelerate_load  # torch.load(weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ttt_train.cli import UserError
-from ttt_train.metrics import METRICS_FILE, SUMMARY_FILE
+from ttt_train.rundir import (
+    BEST_MODEL,
+    FINAL_MODEL,
+    TRAINER_MARK,
+    TRAINER_STATE,
+    CheckpointError,
+    is_trainers,
+    partial_of,
+    prune_checkpoints,
+    read_best,
+)
 
-TRAINER_STATE = "trainer_state.json"
-BEST_MODEL = "best_model"
 TRAINING_STATE_DIR = "training_state"
 REQUIRED_FILES = ("config.json", TRAINER_STATE, f"{TRAINING_STATE_DIR}/optimizer.bin",
                   f"{TRAINING_STATE_DIR}/random_states_0.pkl")
 WEIGHTS, ADAPTER_WEIGHTS = "model.safetensors", "adapter_model.safetensors"  # a checkpoint holds one (LoRA: adapters)
-CHECKPOINT_NAME = re.compile(r"^(checkpoint|milestone)-(\d+)$")
 UNSAFE_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # Accelerate unpickles these with weights_only=False
-LOCK_FILE = ".lock"
-ABANDONED_DIR = "abandoned"
-FINAL_MODEL = "final_model"
-TRAINING_ARGS = "training_args.json"
-TOKENIZER_DIR = "tokenizer"  # --train_tokenizer's tokenizer
-# Written first into every folder the trainer makes that is not (yet) a checkpoint (a save's .X.partial/, the
-# trained tokenizer/): what tells the trainer's own folders from a user's that happen to have the same name. A
-# complete checkpoint is recognised by its trainer_state.json.
-TRAINER_MARK = ".ttt-trainer"
-# The closed list of names a run writes in its output directory, besides checkpoint-N/ and milestone-N/, the
-# hidden .X.partial/ and .X.previous/ of a save of X, and the tracker's folder (--report_to): it deletes, renames
-# or overwrites nothing else there.
-OWNED_NAMES = frozenset({LOCK_FILE, METRICS_FILE, METRICS_FILE + ".tmp", TRAINING_ARGS, SUMMARY_FILE, FINAL_MODEL,
-                         BEST_MODEL, ABANDONED_DIR, TOKENIZER_DIR, "wandb"})
-# Owned files that a fresh run with --overwrite_output_dir replaces (a run that stopped before its first save
-# left them); everything else of an earlier run (checkpoints, models, abandoned/) is never replaced.
-REPLACEABLE_FILES = (METRICS_FILE, METRICS_FILE + ".tmp", TRAINING_ARGS, SUMMARY_FILE)
-SAVE_SIDE_NAME = re.compile(r"^\.(.+)\.(partial|previous)$")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, incomplete or corrupt: the message names the file."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -90,11 +69,6 @@ def _write_json(path: Path, data):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
-
-
-def partial_of(folder: Path) -> Path:
-    """Where a save writes `folder` before renaming it into place."""
-    return folder.with_name(f".{folder.name}.partial")
 
 
 def checkpoint_bytes(parameters: int) -> int:
@@ -166,15 +140,6 @@ def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with
         else:
             os.replace(partial, folder)
     accelerator.wait_for_everyone()
-
-
-def read_best(output_dir: Path) -> tuple | None:
-    """(step, eval_loss) of `output_dir`'s best_model, or None when there is none (or it is not complete)."""
-    try:
-        state = json.loads((Path(output_dir) / BEST_MODEL / TRAINER_STATE).read_text())
-        return int(state["step"]), float(state["eval_loss"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 class Checkpointer:
@@ -376,183 +341,3 @@ def load_weights(model, path: Path):
     untied = [name for name in missing if id(model.get_parameter(name)) not in loaded]
     if untied or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {untied[:3]}, unexpected {unexpected[:3]}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The output directory
-
-
-def order_checkpoints(items, kinds=("checkpoint", "milestone")) -> list:
-    """(step, item) of the items (paths, or folder names in a bucket) named like a checkpoint of `kinds`, oldest
-    first (at equal steps, the milestone first)."""
-    found = []
-    for item in items:
-        match = CHECKPOINT_NAME.match(Path(item).name)
-        if match and match.group(1) in kinds:
-            found.append((int(match.group(2)), match.group(1) == "checkpoint", item))
-    return [(step, item) for step, _, item in sorted(found)]
-
-
-def list_checkpoints(output_dir: Path, kinds=("checkpoint", "milestone")) -> list:
-    """(step, path) of the complete checkpoints in `output_dir`, oldest first."""
-    folders = Path(output_dir).iterdir() if Path(output_dir).is_dir() else []
-    # a link is never one of the run's checkpoints (pruning would delete through it): refused at start
-    return order_checkpoints([path for path in folders if not path.is_symlink() and (path / TRAINER_STATE).is_file()],
-                             kinds)
-
-
-def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
-    """`latest` is the highest step among `output_dir`'s checkpoints and milestones; anything else is a path."""
-    if spec != "latest":
-        return Path(spec)
-    found = list_checkpoints(output_dir)
-    if not found:
-        raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ "
-                              f"folder in {output_dir}")
-    return found[-1][1]
-
-
-def is_owned(name: str, extra=()) -> bool:
-    """Whether `name` is one the trainer writes in an output directory (OWNED_NAMES, checkpoint-N, milestone-N,
-    the save side-names of those, and `extra`: the tracker's folder)."""
-    side = SAVE_SIDE_NAME.match(name)
-    base = side.group(1) if side else name
-    return bool(CHECKPOINT_NAME.match(base)) or base in OWNED_NAMES or base in extra
-
-
-def is_trainers(folder: Path) -> bool:
-    """A real folder (not a link) that this trainer wrote: its mark, or a complete save's trainer state."""
-    return folder.is_dir() and not folder.is_symlink() and (
-        (folder / TRAINER_MARK).is_file() or (folder / TRAINER_STATE).is_file())
-
-
-def check_run_directory(output_dir: Path, fresh: bool, overwrite: bool = False, extra=()) -> list:
-    """What the output directory holds, against what the run may do there: nothing it would write through a link
-    or over a folder of someone else's; for a fresh run, no earlier run's results, and no files it does not own
-    (or, with `overwrite`, foreign files are left beside the run and an earlier attempt's replaceable files are
-    removed). Returns notes; raises one CheckpointError / UserError naming the entries."""
-    output_dir = Path(output_dir)
-    entries = sorted(p for p in output_dir.iterdir() if p.name != LOCK_FILE) if output_dir.is_dir() else []
-    owned = [p for p in entries if is_owned(p.name, extra)]
-    links = [p.name for p in owned if p.is_symlink()]
-    if links:
-        raise CheckpointError(f"output_dir {output_dir}: {', '.join(links)} is a symbolic link; the trainer does "
-                              f"not follow links in its run directory (a save, prune or clean-up would write or "
-                              f"delete through it); move the link away")
-    not_ours = [p.name for p in owned if p.is_dir() and (SAVE_SIDE_NAME.match(p.name) or CHECKPOINT_NAME.match(p.name))
-                and not is_trainers(p)]
-    if not_ours:
-        raise CheckpointError(f"output_dir {output_dir} holds {', '.join(not_ours)} without {TRAINER_STATE} or "
-                              f"the trainer's mark (not written, or not completely, by this trainer) under names "
-                              f"a run saves to; move it elsewhere")
-    if not fresh:
-        return []
-    results = [p.name for p in owned if CHECKPOINT_NAME.match(p.name) or p.name in (FINAL_MODEL, BEST_MODEL)]
-    if results:
-        raise UserError(f"output_dir {output_dir} already holds a run ({', '.join(results[:3])}); pass "
-                        f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
-    foreign = [p.name + "/" * p.is_dir() for p in entries if not is_owned(p.name, extra)]
-    if foreign and not overwrite:
-        raise UserError(f"output_dir {output_dir} holds files this trainer did not write ({', '.join(foreign[:5])}"
-                        f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty --output_dir, or pass "
-                        f"--overwrite_output_dir to train beside them (they are left untouched)")
-    leftovers = [p for p in owned if p.name in REPLACEABLE_FILES or p.name == TOKENIZER_DIR]
-    if leftovers and not overwrite:
-        names = ", ".join(p.name for p in leftovers)
-        raise UserError(f"output_dir {output_dir} holds {names} of a run that saved no checkpoint (it stopped "
-                        f"before its first save); pass --overwrite_output_dir to replace them, or choose another "
-                        f"--output_dir")
-    notes = []
-    for path in leftovers:
-        if path.is_dir() and not is_trainers(path):
-            raise UserError(f"output_dir {output_dir}: {path.name}/ was not written by this trainer; a run would "
-                            f"replace it (--train_tokenizer saves there): move it")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-        notes.append(f"--overwrite_output_dir: removed {path.name}, left by a run that saved no checkpoint")
-    return notes
-
-
-def clean_interrupted_saves(output_dir: Path) -> list:
-    """Folders a killed save of this trainer left behind: `.X.partial` (incomplete: the trainer's mark or state
-    inside) is removed; `.X.previous` (the earlier complete X, moved aside while the new one was renamed in) is put
-    back if X is missing, else removed. Only for names the trainer owns, never through a link, never a folder it
-    did not write. Returns messages."""
-    notes = []
-    for path in sorted(Path(output_dir).glob(".*.previous")):
-        if not is_owned(path.name) or path.is_symlink() or not (path / TRAINER_STATE).is_file():
-            continue
-        target = path.with_name(path.name[1:-len(".previous")])
-        if target.exists() or target.is_symlink():
-            shutil.rmtree(path)
-        else:
-            os.replace(path, target)
-            notes.append(f"restored {target.name} from an interrupted save")
-    for path in sorted(Path(output_dir).glob(".*.partial")):
-        if is_owned(path.name) and is_trainers(path):
-            shutil.rmtree(path)
-            notes.append(f"removed {path.name}, left by an interrupted save")
-    return notes
-
-
-def branch_from(output_dir: Path, step: int) -> Path | None:
-    """Resuming from step `step` while the output directory holds later checkpoints or milestones (or a final
-    model) of an abandoned continuation: those move to `abandoned/<time>/` (never deleted), so that `latest` and
-    retention follow the new branch. Returns that folder, or None when nothing was later."""
-    later = [path for s, path in list_checkpoints(output_dir) if s > step]
-    if (Path(output_dir) / FINAL_MODEL).exists():
-        later.append(Path(output_dir) / FINAL_MODEL)
-    best = read_best(output_dir)
-    if best is not None and best[0] > step:  # the best of the abandoned continuation goes with it
-        later.append(Path(output_dir) / BEST_MODEL)
-    if not later:
-        return None
-    destination = Path(output_dir) / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
-    destination.mkdir(parents=True, exist_ok=False)
-    for path in later:
-        os.replace(path, destination / path.name)
-    return destination
-
-
-def prune_checkpoints(output_dir: Path, keep: int):
-    """Deletes all but the newest `keep` checkpoint-* folders (milestones are never deleted). It runs right after
-    a save, and a resumed run's later-step leftovers were moved aside (branch_from), so the newest are this run's
-    and the checkpoint it resumed from goes only once a newer one of the run is complete."""
-    for _, path in list_checkpoints(output_dir, kinds=("checkpoint",))[:-keep or None]:
-        shutil.rmtree(path)
-
-
-class RunLock:
-    """Exclusive ownership of an output directory while a run (all its processes) works in it: an advisory lock
-    (flock) on `<output_dir>/.lock`, held by the main process, released by the kernel when the process ends, even
-    by kill -9. The file records who holds it; a lock left by a dead process is simply taken over."""
-
-    def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / LOCK_FILE
-        self.file = None
-
-    def acquire(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            self.file = None
-            raise CheckpointError(f"output_dir {self.path.parent} is in use by a running trainer ({holder}); "
-                                  f"wait for it to finish, stop it, or choose another --output_dir") from None
-        self.file.seek(0)
-        previous = self.file.read().strip()
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self.file.flush()
-        # a holder that ended without releasing it (kill -9, a crash): the kernel dropped its lock, not the note
-        return f"took over the lock of a trainer that ended without releasing it ({previous})" if previous else None
-
-    def release(self):
-        if self.file is not None:
-            self.file.truncate(0)  # an empty note: released in order
-            self.file.close()  # closing releases the flock
-            self.file = None

@@ -105,6 +105,8 @@ def load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as error:  # the Hub and local loaders raise many types; all mean "cannot load"
+        if hub.offline() and not Path(name).expanduser().exists():
+            raise hub.offline_miss("tokenizer", name) from error
         raise refusal(error, "tokenizer", name) from error
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {name!r} has no EOS token, needed to mark document ends")
@@ -149,6 +151,8 @@ def load_model(name: str, **kwargs):
     except UserError:
         raise
     except Exception as error:  # OSError, ValueError, SafetensorError, ...: all mean "cannot load"
+        if hub.offline() and not Path(path).expanduser().exists():
+            raise hub.offline_miss("model", name) from error
         raise refusal(error, "model", name) from error
     bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:
@@ -271,6 +275,8 @@ def load_raw_dataset(name: str, config: str | None, streaming: bool | None):
     try:
         return datasets.load_dataset(name, config, streaming=streaming is not False)
     except Exception as error:  # offline, unknown id, missing config: `datasets` raises many types
+        if hub.offline():
+            raise hub.offline_miss("dataset" + (f" (config {config!r})" if config else ""), name) from error
         raise DataError(f"cannot load dataset {name!r}"
                         f"{f' (config {config!r})' if config else ''}: {str(error).splitlines()[0]}") from error
 

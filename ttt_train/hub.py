@@ -47,6 +47,33 @@ def hub_unreachable_reason() -> str | None:
         return f"{endpoint.hostname}:{port} cannot be reached ({error.strerror or error})"
 
 
+ALTERNATIVES = {  # what a user without the Hub can give instead, per kind of name
+    "dataset": "a local file or folder (--dataset_name my_corpus.txt), or builtin:synthetic",
+    "tokenizer": "a local tokenizer folder, builtin:bytes, or --train_tokenizer",
+    "model": "a local model folder (a final_model/ or a converted checkpoint)",
+}
+
+
+def cache_dir() -> Path:
+    """Where the Hub libraries keep what they downloaded (their own rule, without importing them)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def alternatives(what: str) -> str:
+    kind = next((k for k in ALTERNATIVES if k in what), "model")
+    return f"give {ALTERNATIVES[kind]} instead (README: 'Data without a network')"
+
+
+def offline_miss(what: str, name: str) -> HubError:
+    """A Hub id under HF_HUB_OFFLINE=1 that the local cache cannot serve: what is missing and what to do."""
+    return HubError(f"{what} {name!r} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 forbids "
+                    f"downloading it: download it once where there is a network (the cache is reused), or "
+                    f"{alternatives(what)}")
+
+
 def resolve(name: str, what: str) -> str:
     """`name` if it is an existing local path or a Hub id the Hub libraries may load (online, or offline from
     their cache under HF_HUB_OFFLINE=1); otherwise a HubError naming `what` (e.g. "dataset") and the problem."""
@@ -58,5 +85,6 @@ def resolve(name: str, what: str) -> str:
         reason = hub_unreachable_reason()
         if reason:
             raise HubError(f"{what} {name!r} is not a local path, and the Hugging Face Hub is unreachable: {reason}; "
-                           f"set HF_HUB_OFFLINE=1 to load it from the local Hub cache")
+                           f"if it was downloaded before, set HF_HUB_OFFLINE=1 to load it from the local Hub cache "
+                           f"({cache_dir()}); otherwise {alternatives(what)}")
     return name

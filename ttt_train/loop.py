@@ -17,11 +17,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ttt_train import checkpoint as ckpt
-from ttt_train import data, models
+from ttt_train import data, models, rundir
 from ttt_train.cli import Stopped, UserError, resume_command
 from ttt_train.metrics import (
-    METRICS_FILE,
-    SUMMARY_FILE,
     InnerLoopMetrics,
     MetricsLog,
     StepMetrics,
@@ -34,6 +32,7 @@ from ttt_train.metrics import (
     write_summary,
 )
 from ttt_train.remote import RemoteDir, download_model, is_remote
+from ttt_train.rundir import METRICS_FILE, SUMMARY_FILE
 
 # Flags whose change on resume is allowed (a curriculum) and reported.
 RESUMABLE_CHANGES = ("seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps",
@@ -195,12 +194,12 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
                 taken_over = lock.acquire()
             except OSError as error:
                 raise UserError(f"cannot write to output_dir {output_dir}: {error.strerror or error}") from error
-            notes = [taken_over] * bool(taken_over) + ckpt.clean_interrupted_saves(output_dir)
-            outcome[2] = notes + ckpt.check_run_directory(output_dir, fresh=not args.resume_from_checkpoint,
+            notes = [taken_over] * bool(taken_over) + rundir.clean_interrupted_saves(output_dir)
+            outcome[2] = notes + rundir.check_run_directory(output_dir, fresh=not args.resume_from_checkpoint,
                                                           overwrite=args.overwrite_output_dir,
-                                                          extra=tracker_folders(args))
+                                                          extra=rundir.tracker_folders(args))
             if args.resume_from_checkpoint:
-                checkpoint = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+                checkpoint = rundir.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
                 outcome[1], outcome[3] = str(checkpoint), ckpt.validate_checkpoint(checkpoint)
         except UserError as error:
             outcome[0] = str(error)
@@ -213,25 +212,20 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
     return (Path(checkpoint), state) if checkpoint else (None, None)
 
 
-def tracker_folders(args) -> tuple:
-    """The folder TensorBoard writes in the output directory (Accelerate: project_dir / the project name)."""
-    return (args.wandb_project,) if "tensorboard" in trackers(args.report_to) else ()
-
-
 def stage_remote(args, remote: RemoteDir, output_dir: Path):
     """A cloud --output_dir: the local staging folder made afresh with what the run needs of the bucket (the
     checkpoint it resumes from, metrics.jsonl, the best model's score). A resume from an earlier checkpoint moves
     the bucket's later ones (an abandoned continuation) to abandoned/<time>/ there, as branch_from does locally."""
     remote.check_writable()
     if output_dir.exists():  # another trainer staging the same URL on this machine holds its lock: refused here
-        probe = ckpt.RunLock(output_dir)
+        probe = rundir.RunLock(output_dir)
         probe.acquire()
         probe.release()
     shutil.rmtree(output_dir, ignore_errors=True)  # a cache of the bucket, never the only copy of anything
     output_dir.mkdir(parents=True)
     checkpoints, folders = remote.checkpoints(), remote.complete_folders()
     if not args.resume_from_checkpoint:
-        if checkpoints or ckpt.FINAL_MODEL in folders:
+        if checkpoints or rundir.FINAL_MODEL in folders:
             raise UserError(f"output_dir {remote.url} already holds a run (checkpoints or final_model); pass "
                             f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
         remote.claim(fresh=True)
@@ -239,13 +233,14 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
     spec = args.resume_from_checkpoint
     if spec == "latest":
         if not checkpoints:
-            raise ckpt.CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ "
+            raise rundir.CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ "
                                        f"folder in {remote.url} (uploads that did not complete do not count)")
         name = checkpoints[-1][1]
     elif spec.startswith(remote.url + "/"):
         name = spec[len(remote.url) + 1:].strip("/")
         if name not in folders:
-            raise ckpt.CheckpointError(f"{spec} is not a complete checkpoint (missing, or its upload did not complete)")
+            raise rundir.CheckpointError(f"{spec} is not a complete checkpoint (missing, or its upload did not "
+                                         f"complete)")
     else:
         raise UserError(f"--resume_from_checkpoint {spec}: with --output_dir {remote.url}, give 'latest' or a "
                         f"checkpoint under it")
@@ -254,14 +249,15 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
         print(f"{remote.url}: {note}")
     remote.download(name, output_dir / name)
     args.resume_from_checkpoint = str(output_dir / name)
-    step = int(ckpt.CHECKPOINT_NAME.match(name).group(2))
-    later = [n for s, n in checkpoints if s > step] + [n for n in (ckpt.FINAL_MODEL,) if n in folders]
+    step = int(rundir.CHECKPOINT_NAME.match(name).group(2))
+    later = [n for s, n in checkpoints if s > step] + [n for n in (rundir.FINAL_MODEL,) if n in folders]
     for other in later:
-        remote.move(other, f"{ckpt.ABANDONED_DIR}/{time.strftime('%Y%m%d-%H%M%S')}/{other}")
+        remote.move(other, f"{rundir.ABANDONED_DIR}/{time.strftime('%Y%m%d-%H%M%S')}/{other}")
     if remote._call("read", remote.fs.exists, remote.path(METRICS_FILE)):
         remote.download(METRICS_FILE, output_dir / METRICS_FILE)
-    if ckpt.BEST_MODEL in folders:  # its score, for --save_best's comparisons (the weights stay in the bucket)
-        remote.download(f"{ckpt.BEST_MODEL}/{ckpt.TRAINER_STATE}", output_dir / ckpt.BEST_MODEL / ckpt.TRAINER_STATE)
+    if rundir.BEST_MODEL in folders:  # its score, for --save_best's comparisons (the weights stay in the bucket)
+        best_state = f"{rundir.BEST_MODEL}/{rundir.TRAINER_STATE}"
+        remote.download(best_state, output_dir / best_state)
 
 
 def train(args, handle_signals: bool = False):
@@ -291,7 +287,7 @@ def train(args, handle_signals: bool = False):
         if outcome[0]:
             raise UserError(outcome[0])
         args.resume_from_checkpoint, args.init_from = outcome[1], outcome[2]
-    lock = ckpt.RunLock(output_dir)
+    lock = rundir.RunLock(output_dir)
     created = not output_dir.exists()
     fresh = not args.resume_from_checkpoint
     try:
@@ -304,8 +300,8 @@ def train(args, handle_signals: bool = False):
             except UserError as error:  # the run's own outcome (or error) is what the user must see
                 accelerator.print(f"note: {error}")
         if created and accelerator.is_main_process and output_dir.is_dir() \
-                and [p.name for p in output_dir.iterdir()] == [ckpt.LOCK_FILE]:
-            (output_dir / ckpt.LOCK_FILE).unlink()  # a run that stopped on bad input leaves no folder behind
+                and [p.name for p in output_dir.iterdir()] == [rundir.LOCK_FILE]:
+            (output_dir / rundir.LOCK_FILE).unlink()  # a run that stopped on bad input leaves no folder behind
             output_dir.rmdir()
 
 
@@ -354,7 +350,7 @@ class DivergenceGuard:
         self.in_a_row += 1
         what = f"step {step}: loss {loss.item():.4g}, gradient norm {float(grad_norm):.4g}"
         if self.mode == "stop" or self.in_a_row > MAX_SKIPPED_IN_A_ROW:
-            saved = ckpt.list_checkpoints(self.output_dir)
+            saved = rundir.list_checkpoints(self.output_dir)
             raise DivergenceError(
                 f"training diverged at {what} (not finite); nothing was saved from it"
                 + (f"; the last checkpoint, {saved[-1][1].name}, is from before" if saved else "")
@@ -391,7 +387,7 @@ def read_data(args) -> tuple:
 def trained_tokenizer(args, accelerator, output_dir: Path, train_docs, text_column) -> str:
     """--train_tokenizer: a byte-level BPE trained by the main process on the first --tokenizer_train_docs training
     documents, saved to <output_dir>/tokenizer (atomically), which every process then loads. Returns that path."""
-    folder = output_dir / ckpt.TOKENIZER_DIR
+    folder = output_dir / rundir.TOKENIZER_DIR
     error = [None]
     if accelerator.is_main_process:
         try:
@@ -399,11 +395,11 @@ def trained_tokenizer(args, accelerator, output_dir: Path, train_docs, text_colu
                      if isinstance(t, str) and t]
             size = args.vocab_size or data.auto_vocab_size(texts, args.min_vocab_size, args.max_vocab_size)
             tokenizer = data.train_tokenizer(texts, size)
-            partial = ckpt.partial_of(folder)
+            partial = rundir.partial_of(folder)
             if partial.exists() or folder.exists() or folder.is_symlink():  # the start-up check cleared them
                 raise UserError(f"{folder} is in the way of --train_tokenizer's tokenizer; move it")
             partial.mkdir()
-            (partial / ckpt.TRAINER_MARK).touch()  # stays: tells this trainer's tokenizer/ from a user's
+            (partial / rundir.TRAINER_MARK).touch()  # stays: tells this trainer's tokenizer/ from a user's
             tokenizer.save_pretrained(partial)
             os.replace(partial, folder)
             accelerator.print(f"--train_tokenizer: byte-level BPE of {len(tokenizer)} tokens ({size} asked"
@@ -467,7 +463,7 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
                             f"of --num_train_epochs {args.num_train_epochs:g}")
     # a checkpoint at the last step without a final model (a kill while it was written) finishes the run
     if checkpoint and (resume_state["step"] > args.max_train_steps or (
-            resume_state["step"] == args.max_train_steps and (output_dir / ckpt.FINAL_MODEL).exists())):
+            resume_state["step"] == args.max_train_steps and (output_dir / rundir.FINAL_MODEL).exists())):
         raise UserError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
                         f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
     eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
@@ -517,13 +513,13 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
                                       accelerator.num_processes, state=data_states[accelerator.process_index])
     if accelerator.is_main_process:
         if checkpoint:
-            abandoned = ckpt.branch_from(output_dir, step)
+            abandoned = rundir.branch_from(output_dir, step)
             if abandoned:
                 if (output_dir / METRICS_FILE).is_file():  # its lines after `step` leave metrics.jsonl below
                     shutil.copy2(output_dir / METRICS_FILE, abandoned / METRICS_FILE)
                 accelerator.print(f"resuming from step {step}: the later checkpoints of the abandoned continuation "
                                   f"(and a copy of metrics.jsonl) moved to {abandoned}")
-        (output_dir / ckpt.TRAINING_ARGS).write_text(json.dumps(run_args, indent=2))
+        (output_dir / rundir.TRAINING_ARGS).write_text(json.dumps(run_args, indent=2))
     log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
     start_time = time.time()
     elapsed = lambda: elapsed_before + time.time() - start_time  # seconds over all resumed segments
@@ -532,10 +528,10 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
                               * args.gradient_accumulation_steps * accelerator.num_processes) if checkpoint else 0
     checkpointer = ckpt.Checkpointer(accelerator, output_dir, model, tokenizer, scheduler, train_batches, run_args,
                                      elapsed, tokens=lambda: tokens, remote=remote,
-                                     remote_files=(METRICS_FILE, ckpt.TRAINING_ARGS))
+                                     remote_files=(METRICS_FILE, rundir.TRAINING_ARGS))
     if checkpoint and step >= args.max_train_steps:  # a kill while the final model was written: write it now
         checkpointer.save_final(step)
-        accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / ckpt.FINAL_MODEL}")
+        accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / rundir.FINAL_MODEL}")
         return step
 
     if args.data_prefetch:
@@ -609,6 +605,6 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
             if remote:
                 for name in (SUMMARY_FILE, METRICS_FILE):
                     remote.upload_file(output_dir / name, name)
-        accelerator.print(f"done: {output_dir / ckpt.FINAL_MODEL}")
+        accelerator.print(f"done: {output_dir / rundir.FINAL_MODEL}")
     accelerator.end_training()
     return step

@@ -12,9 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ttt_train.cli import UserError
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "training_summary.json"
+from ttt_train.rundir import METRICS_FILE
 
 
 def trackers(report_to: str) -> list:

@@ -28,8 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from ttt_train.checkpoint import order_checkpoints
 from ttt_train.cli import UserError
+from ttt_train.rundir import order_checkpoints
 
 BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 COMPLETE = ".upload-complete"  # written last into an uploaded folder
