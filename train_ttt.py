@@ -376,10 +376,10 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def check_paths(args, parser):
+def check_paths(args):
     """What can be checked without torch, transformers or datasets (seconds to import, a minute on a busy machine):
     local paths that must exist, and the output directory's state against a fresh run or a resume. The trainer
-    checks again (and applies) when it holds the directory's lock."""
+    checks again (and applies) when it holds the directory's lock. Raises UserError (one line, exit 1)."""
     from ttt_train import hub, rundir  # light modules: the standard library only
     from ttt_train.cli import UserError, unwritable_folder
 
@@ -389,21 +389,18 @@ def check_paths(args, parser):
     for what, name in named:
         if name and not name.startswith("builtin:") and "://" not in name and hub.looks_local(name) \
                 and not Path(name).expanduser().exists():
-            parser.error(f"{what} path {name} does not exist")
+            raise UserError(f"{what} path {name} does not exist")
     if "://" in args.output_dir:
         return
     reason = unwritable_folder(args.output_dir)
     if reason:
-        parser.error(f"--output_dir {args.output_dir}: {reason}")
+        raise UserError(f"--output_dir {args.output_dir}: {reason}")
+    rundir.RunLock(args.output_dir).check_free()
     if args.resume_from_checkpoint == "latest" and not rundir.list_checkpoints(args.output_dir):
-        parser.error(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ folder in "
-                     f"{args.output_dir}")
-    try:
-        rundir.check_run_directory(Path(args.output_dir), fresh=not args.resume_from_checkpoint,
-                                   overwrite=args.overwrite_output_dir, extra=rundir.tracker_folders(args),
-                                   apply=False)
-    except UserError as error:
-        parser.error(str(error))
+        raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ folder in "
+                        f"{args.output_dir}")
+    rundir.check_run_directory(Path(args.output_dir), fresh=not args.resume_from_checkpoint,
+                               overwrite=args.overwrite_output_dir, extra=rundir.tracker_folders(args), apply=False)
 
 
 def check_args(args, parser):
@@ -511,8 +508,9 @@ def main(argv=None, parser=None):
     and SIGINT (save, then exit 143 / 130); called with an argv, as a library, the caller keeps its handlers."""
     parser = parser or build_parser()
     args = parse_args(argv, parser)
-    check_paths(args, parser)  # before the heavy imports: a wrong path or folder is reported at once
     from ttt_train import cli  # imported after parsing: --help stays fast
+
+    cli.run(check_paths, args)  # before the heavy imports: a wrong path or folder is reported at once
     from ttt_train.loop import train
 
     cli.run(train, args, argv is None)

@@ -105,7 +105,7 @@ def test_bad_paths_are_reported_before_the_heavy_imports(tmp_path, flags, messag
              f"    print('exit', e.code)\n"
              f"print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.stdout.strip().splitlines()[-2:] == ["exit 2", "[]"], result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-2:] == ["exit 1", "[]"], result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], result.stderr
 

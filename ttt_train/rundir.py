@@ -225,8 +225,7 @@ class RunLock:
             holder = self.file.read().strip() or "another process"
             self.file.close()
             self.file = None
-            raise CheckpointError(f"output_dir {self.path.parent} is in use by a running trainer ({holder}); "
-                                  f"wait for it to finish, stop it, or choose another --output_dir") from None
+            raise self.in_use(holder) from None
         self.file.seek(0)
         previous = self.file.read().strip()
         self.file.seek(0)
@@ -235,6 +234,21 @@ class RunLock:
         self.file.flush()
         # a holder that ended without releasing it (kill -9, a crash): the kernel dropped its lock, not the note
         return f"took over the lock of a trainer that ended without releasing it ({previous})" if previous else None
+
+    def in_use(self, holder: str) -> CheckpointError:
+        return CheckpointError(f"output_dir {self.path.parent} is in use by a running trainer ({holder}); wait for it "
+                               f"to finish, stop it, or choose another --output_dir")
+
+    def check_free(self):
+        """Only looks (creates nothing): the lock is not held by a running trainer, else its CheckpointError."""
+        try:
+            with self.path.open("r") as file:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise self.in_use(file.read().strip() or "another process") from None
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            return
 
     def release(self):
         if self.file is not None:
