@@ -135,6 +135,14 @@ def build_command(size, layer, num_gpus, extra, family="ttt", stage="pretrain", 
     return [*launcher, script, *trainer, *extra]
 
 
+def confirmed_on_terminal(question: str) -> bool:
+    """A yes from a person at a terminal; without a terminal (a script, a job), no."""
+    if not sys.stdin.isatty():
+        return False
+    print(question, end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("size", choices=list(E2E_RECIPES))
@@ -151,11 +159,21 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     if int(os.environ.get("NUM_MACHINES", "1")) > 1 and "MAIN_PROCESS_IP" not in os.environ:
         parser.error("NUM_MACHINES > 1 needs MAIN_PROCESS_IP (the address of the node with MACHINE_RANK 0)")
+    chosen = args.num_gpus is not None or "NUM_GPUS" in os.environ  # a GPU count the user gave (0 included)
     num_gpus = args.num_gpus if args.num_gpus is not None else count_gpus()
     if num_gpus < 0:
         parser.error(f"--num_gpus must be >= 0, got {num_gpus}")
+    if num_gpus == 0 and not chosen and not args.dry_run and not confirmed_on_terminal(
+            f"launch: no CUDA GPU found; the {args.size} recipe is meant for GPUs and would take weeks on this "
+            f"CPU. Run it here anyway? [y/N] "):
+        parser.error(f"no CUDA GPU found: the {args.size} recipe is meant for GPUs and would take weeks on this CPU; "
+                     f"--dry-run prints its command (with NUM_GPUS=8: the 8-GPU one), --num_gpus 0 runs it here on "
+                     f"purpose, and train_ttt.py trains small models on a CPU (README: Quick start)")
     if num_gpus == 0:
         print("launch: no GPU found; the run goes to the CPU as one process", file=sys.stderr)
+        if args.dry_run:  # what the recipe runs on the GPUs it is meant for, beside what would run here
+            gpu_command = build_command(args.size, args.layer, 8, extra, args.family, args.stage, args.variant)
+            print(f"launch: on 8 GPUs it runs: {shlex.join(gpu_command)}", file=sys.stderr)
     if args.family == "ttt" and args.size not in RECIPES:
         parser.error(f"TTT-Linear/MLP recipes exist for {', '.join(RECIPES)}, not {args.size}")
     if args.family == "e2e" and args.stage == "extend":

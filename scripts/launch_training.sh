@@ -24,6 +24,13 @@ ask() {  # ask VAR "question" default allowed...
   done
 }
 
+if [ ! -t 0 ] && [[ " $* " != *" --dry-run "* ]]; then
+  # without a terminal nobody answers: Enter through every question would start the 125m C4 run, on any machine
+  echo "launch_training.sh: error: this launcher asks questions and needs a terminal; without one, run a recipe" \
+       "directly (scripts/train_125m_c4.sh ..., scripts/train_e2e.sh SIZE ...), or pipe answers with --dry-run to" \
+       "see the command" >&2
+  exit 2
+fi
 detected=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 ask size "Model size (125m, 350m, 760m, 1b)" 125m 125m 350m 760m 1b
 ask layer "Inner model (linear = TTT-Linear, mlp = TTT-MLP)" linear linear mlp
@@ -31,6 +38,13 @@ ask dataset "Dataset (Hub id or local path; empty = allenai/c4 en)" allenai/c4
 ask gpus "Number of GPUs on this node" "${detected:-0}"
 ask resume "Resume from the latest checkpoint? (y/n)" n y n
 
+if [ "$gpus" = 0 ] && [[ " $* " != *" --dry-run "* ]]; then
+  ask cpu "No GPU: the $size recipe would take weeks on this CPU. Run it here anyway? (y/n)" n y n
+  if [ "$cpu" != y ]; then
+    echo "launch_training.sh: not started (--dry-run prints the command; train_ttt.py trains small models on a CPU)" >&2
+    exit 1
+  fi
+fi
 args=(--layer "$layer" --num_gpus "$gpus")
 if [ "$dataset" != "allenai/c4" ]; then
   args+=(--dataset_name "$dataset" --dataset_config "")

@@ -173,3 +173,22 @@ def test_two_processes_save_resume_and_match_the_single_process_schedule(tmp_pat
     assert sorted(multi) == sorted(single) == list(range(1, 7)) and sorted(resumed) == [4, 5, 6]
     assert all(multi[s] == single[s] for s in single) and all(resumed[s] == single[s] for s in resumed)
     assert (tmp_path / "resumed" / "final_model" / "model.safetensors").exists()
+
+
+def test_a_gpu_recipe_without_a_gpu_and_without_a_terminal_is_refused(tmp_path):
+    """On a host without CUDA (this one), a recipe is not started on the CPU unless asked (--num_gpus 0); the
+    interactive launcher without a terminal refuses instead of taking every default."""
+    env = {k: v for k, v in os.environ.items() if k != "NUM_GPUS"}
+    result = subprocess.run([str(ROOT / "scripts" / "train_125m_c4.sh")], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 2 and len(errors) == 1 and "no CUDA GPU found: the 125m recipe" in errors[0], \
+        result.stderr
+    assert "--dry-run prints its command" in errors[0] and not (tmp_path / "outputs").exists()
+    result = subprocess.run([str(ROOT / "scripts" / "launch_training.sh")], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 2 and "needs a terminal" in result.stderr and "train_125m_c4.sh" in result.stderr
+    dry = subprocess.run([str(ROOT / "scripts" / "train_125m_c4.sh"), "--dry-run"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120)
+    assert dry.returncode == 0 and "launch: on 8 GPUs it runs: accelerate launch" in dry.stderr
+    assert "train_gpu_optimized.py" in dry.stdout.strip().splitlines()[-1]  # what would run here
