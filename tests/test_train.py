@@ -384,6 +384,7 @@ def test_the_console_shows_the_runs_lines_and_one_progress_bar(tmp_path):
         assert result.returncode == 0, result.stderr
         stderr += result.stderr
         assert result.stdout.splitlines()[0].startswith("resumed from" if "latest" in extra else "model: TTT-Linear")
+        assert f"; writing to {out}" in next(line for line in result.stdout.splitlines() if line.startswith("model:"))
     lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert lines and all(re.fullmatch(r"\d+%\|.*\| \d+/\d+ \[.*\]", line) for line in lines), lines
     assert {int(line.split("/")[1].split()[0]) for line in lines} == {2, 4}  # the run's own bar only

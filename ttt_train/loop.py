@@ -542,7 +542,7 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
     params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters; "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
-                      f"{describe_setup(accelerator)}")
+                      f"{describe_setup(accelerator)}; writing to {remote.url if remote else output_dir}")
     if args.init_from and not checkpoint:
         accelerator.print(f"weights from --init_from {args.init_from} (optimizer and schedule start fresh)")
     if lora:
