@@ -101,6 +101,15 @@ def losses(folder):
     return {r["step"]: r["loss"] for r in metrics(folder) if "loss" in r}
 
 
+def wait_for_steps(proc, out, steps: int = 3, limit: float = 120):
+    """`proc`, once the trainer process training into `out` has logged `steps` losses (fails if it ends first)."""
+    deadline = time.time() + limit
+    while not (out / "metrics.jsonl").exists() or len(losses(out)) < steps:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    return proc
+
+
 def fails(capsys, *argv, match):
     """The run exits non-zero with exactly one error line (besides `datasets` progress bars) containing `match`."""
     capsys.readouterr()

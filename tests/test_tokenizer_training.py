@@ -6,13 +6,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 from transformers import AutoTokenizer
 
 import train_ttt
 from conftest import ROOT
-from helpers import FAST, fails, losses, run
+from helpers import FAST, fails, losses, run, wait_for_steps
 from ttt_train import data
 
 
@@ -81,12 +80,9 @@ def test_the_readme_custom_corpus_command_resumes_with_one_flag_added(tmp_path, 
     whole = tmp_path / "whole"
     train_ttt.main([*command, "--output_dir", str(whole)])
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_ttt.py"), *command, "--output_dir", str(stopped)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (stopped / "metrics.jsonl").exists() or len(losses(stopped)) < 3:
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
-        time.sleep(0.1)
+    proc = wait_for_steps(subprocess.Popen([sys.executable, str(ROOT / "train_ttt.py"), *command, "--output_dir",
+                                            str(stopped)], cwd=ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True), stopped)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, output

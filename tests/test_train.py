@@ -15,7 +15,7 @@ import torch
 
 import train_ttt
 from conftest import ROOT
-from helpers import FAST, fails, losses, metrics, run
+from helpers import FAST, fails, losses, metrics, run, wait_for_steps
 from ttt import TTTForCausalLM
 
 
@@ -96,12 +96,8 @@ def started_trainer(out, *extra):
     """A trainer process on `out` that has logged at least 3 steps."""
     cmd = [sys.executable, str(ROOT / "train_ttt.py"), *FAST, "--max_train_steps", "100000",
            "--save_checkpoint_freq", "0", "--output_dir", str(out), *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
-        time.sleep(0.2)
-    return proc
+    return wait_for_steps(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True), out)
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -134,12 +130,8 @@ def test_called_as_a_library_the_trainer_leaves_signals_to_its_caller(tmp_path):
     out = tmp_path / "run"
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv = ['host']; import train_ttt; "
             f"train_ttt.main({[*FAST, '--max_train_steps', '100000', '--output_dir', str(out)]!r}); print('returned')")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
-        time.sleep(0.2)
+    proc = wait_for_steps(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True), out)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGTERM, output  # ended by the signal, as the caller's default handler does
