@@ -128,13 +128,15 @@ def plot(results, path, seq_length):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    marked = False  # a dotted line at a model's training context, when the evaluation goes beyond it
     for result in results:
         x = [(b["start"] + b["end"] - 1) / 2 for b in result["by_position"]]
         line, = ax.plot(x, [b["perplexity"] for b in result["by_position"]], marker="o", markersize=3,
                         label=f"{result['label']} (ppl {result['perplexity']:.2f})")
         if result["training_context"] and result["training_context"] < seq_length:
             ax.axvline(result["training_context"], color=line.get_color(), linestyle=":", linewidth=1)
-    ax.set_xlabel("token position in the sequence (dotted: training context)")
+            marked = True
+    ax.set_xlabel("token position in the sequence" + (" (dotted: training context)" if marked else ""))
     ax.set_ylabel("perplexity")
     ax.set_title(f"Perplexity by token position, sequences of {seq_length} tokens")
     ax.grid(alpha=0.3)

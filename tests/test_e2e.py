@@ -320,13 +320,18 @@ def test_bad_inputs():
 E2E_RUN = ["--model_type", "e2e", "--ilr_init", "0.1", "--ilr_warmup_steps", "8", "--logging_steps", "2"]
 
 
-def test_e2e_training_resumes_exactly_and_logs_the_inner_loop(tmp_path):
+def test_e2e_training_resumes_exactly_and_logs_the_inner_loop(tmp_path, capsys):
     import shutil
 
     from helpers import losses, metrics, run
 
     common = [*E2E_RUN, "--max_train_steps", "12", "--save_checkpoint_freq", "6"]
+    capsys.readouterr()
     full = run(tmp_path, *common, out="full")
+    # the console summarises the chunk losses (first -> last group); metrics.jsonl keeps each group
+    console = [line for line in capsys.readouterr().out.splitlines() if "e2e/ilr_multiplier" in line]
+    assert len(console) == 6 and all("(first -> last of 2 groups)" in line and "e2e/chunk_loss/" not in line
+                                      for line in console), console
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-6", resumed / "checkpoint-6")

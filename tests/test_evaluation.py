@@ -93,3 +93,22 @@ def test_plot_metrics_writes_pngs(trained, tmp_path):
     plot_metrics.main([str(trained / "ttt"), str(trained / "transformer"), "--output_dir", str(tmp_path)])
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     assert (tmp_path / "ttt_statistics_ttt.png").exists() and not (tmp_path / "ttt_statistics_transformer.png").exists()
+
+
+@pytest.mark.parametrize("context, dotted", [(64, False), (32, True)])
+def test_the_plot_mentions_a_dotted_line_only_when_it_draws_one(tmp_path, monkeypatch, context, dotted):
+    """The training context is marked (dotted) only when the evaluation goes beyond it; the axis label says so
+    only then."""
+    import matplotlib.axes
+
+    import evaluate
+
+    labels, lines = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda self, label, *a, **k: labels.append(label))
+    original = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline",
+                        lambda self, x, *a, **k: lines.append(x) or original(self, x, *a, **k))
+    result = {"label": "m", "perplexity": 2.0, "training_context": context,
+              "by_position": [{"start": 1, "end": 33, "perplexity": 3.0}, {"start": 33, "end": 64, "perplexity": 2.0}]}
+    evaluate.plot([result], tmp_path / "p.png", seq_length=64)
+    assert ("dotted" in labels[0]) == dotted and (lines == [32]) == dotted

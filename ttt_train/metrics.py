@@ -52,13 +52,15 @@ class MetricsLog:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
 
-    def log(self, record: dict):
-        """record: a dict with a "step"; floats are rounded for the console only."""
+    def log(self, record: dict, console: dict | None = None):
+        """record: a dict with a "step", written whole to metrics.jsonl and the trackers; the console shows
+        `console` instead when given (a summary of a long record); floats are rounded for the console only."""
         if not self.accelerator.is_main_process:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in (console or record).items())
         tqdm.write(shown)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
@@ -138,7 +140,11 @@ class InnerLoopMetrics:
         for first in range(0, len(chunk_loss), size):
             group = chunk_loss[first:first + size]
             record[f"e2e/chunk_loss/{first}"] = sum(group) / len(group)
-        self.log.log(record)
+        # the console: the first and last chunk groups' losses (metrics.jsonl and the trackers keep every group)
+        groups = [v for k, v in record.items() if k.startswith("e2e/chunk_loss/")]
+        console = {k: v for k, v in record.items() if not k.startswith("e2e/chunk_loss/")}
+        console["e2e/chunk_loss"] = f"{groups[0]:.4g} -> {groups[-1]:.4g} (first -> last of {len(groups)} groups)"
+        self.log.log(record, console)
         self.reset()
 
 
