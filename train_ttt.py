@@ -61,7 +61,8 @@ def parameter_amount(text: str) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """An unknown flag gets a "did you mean" suggestion among the known spellings."""
+    """An error is one line (argparse would print the whole usage first: about 70 lines above the one that
+    matters), pointing to --help; an unknown flag gets a "did you mean" suggestion among the known spellings."""
 
     def error(self, message):
         if message.startswith("unrecognized arguments:"):
@@ -72,7 +73,7 @@ class Parser(argparse.ArgumentParser):
                     if close:
                         message += f" (did you mean {close[0]}?)"
                         break
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

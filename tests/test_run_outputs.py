@@ -122,7 +122,9 @@ def test_alias_spellings_and_did_you_mean(capsys):
     assert "--save-every 5 and --save_steps 6 set the same setting (save_checkpoint_freq)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_ttt.parse_args(["--max_trian_steps", "3"])
-    assert "unrecognized arguments: --max_trian_steps 3 (did you mean --max_train_steps?)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --max_trian_steps 3 (did you mean --max_train_steps?)" in err
+    assert len(err.strip().splitlines()) == 1 and "--help lists the options" in err  # one line, not the usage
     help_text = train_ttt.build_parser().format_help()
     assert "--max_steps MAX_TRAIN_STEPS" in help_text and "--max-train-steps MAX" not in help_text
     assert "--bf16 " not in help_text
