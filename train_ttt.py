@@ -291,7 +291,7 @@ def yaml_argv(values: dict, parser, path: str) -> list:
             try:
                 value = float(value)
             except ValueError:
-                pass
+                pass  # not a number: the type check below names the key and the value
         expected = {int: (int,), float: (int, float)}.get(action.type, (str,))
         if value is None or isinstance(value, bool) or not isinstance(value, expected):
             kind = {int: "an integer", float: "a number"}.get(action.type, "a string")
@@ -397,9 +397,8 @@ def check_paths(args):
     if reason:
         raise UserError(f"--output_dir {args.output_dir}: {reason}")
     rundir.RunLock(args.output_dir).check_free()
-    if args.resume_from_checkpoint == "latest" and not rundir.list_checkpoints(args.output_dir):
-        raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ folder in "
-                        f"{args.output_dir}")
+    if args.resume_from_checkpoint == "latest":
+        rundir.resolve_checkpoint("latest", Path(args.output_dir))  # none there: the trainer's own error, now
     rundir.check_run_directory(Path(args.output_dir), fresh=not args.resume_from_checkpoint,
                                overwrite=args.overwrite_output_dir, extra=rundir.tracker_folders(args), apply=False)
 

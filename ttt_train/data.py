@@ -84,13 +84,21 @@ def train_tokenizer(texts: list, vocab_size: int) -> PreTrainedTokenizerFast:
 NOT_TOKENIZER_FILES = (".safetensors", ".bin", ".pt", ".pkl")
 
 
-def refusal(error: Exception, what: str, name: str) -> DataError:
-    """The DataError for a loader's failure; code shipped in the folder (an `auto_map` for a type this project does
-    not provide) is named as such: our tools never run it (every load passes trust_remote_code=False)."""
-    text = str(error).strip()
-    if "custom code" in text or "trust_remote_code" in text:
+def ships_code(error: Exception) -> bool:
+    """Whether a transformers loader refused a folder for the code it ships (an `auto_map` for a type this project
+    does not provide: every load passes trust_remote_code=False)."""
+    return "custom code" in str(error) or "trust_remote_code" in str(error)
+
+
+def refusal(error: Exception, what: str, name: str) -> UserError:
+    """The one-line error for a loader's failure: code shipped in the folder, which our tools never run; a Hub id
+    that HF_HUB_OFFLINE=1 cannot serve from the cache; else the loader's first line."""
+    if ships_code(error):
         return DataError(f"{what} {name} ships Python code of its own (an auto_map in its config) for a type this "
                          f"project does not provide; the tools never run code from a model or tokenizer folder")
+    if hub.offline() and not Path(name).expanduser().exists():
+        return hub.offline_miss(what, name)
+    text = str(error).strip()
     return DataError(f"cannot load {what} {name!r}: {text.splitlines()[0] if text else type(error).__name__}")
 
 
@@ -105,8 +113,6 @@ def load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as error:  # the Hub and local loaders raise many types; all mean "cannot load"
-        if hub.offline() and not Path(name).expanduser().exists():
-            raise hub.offline_miss("tokenizer", name) from error
         raise refusal(error, "tokenizer", name) from error
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {name!r} has no EOS token, needed to mark document ends")
@@ -151,8 +157,6 @@ def load_model(name: str, **kwargs):
     except UserError:
         raise
     except Exception as error:  # OSError, ValueError, SafetensorError, ...: all mean "cannot load"
-        if hub.offline() and not Path(path).expanduser().exists():
-            raise hub.offline_miss("model", name) from error
         raise refusal(error, "model", name) from error
     bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:

@@ -232,9 +232,8 @@ def init_config(args):
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except Exception as error:  # OSError, ValueError, JSON errors...: all mean "not a saved model"
-        refused = data.refusal(error, "--init_from model", args.init_from)
-        if "ships Python code" in str(refused):
-            raise refused from error
+        if data.ships_code(error):
+            raise data.refusal(error, "--init_from model", args.init_from) from error
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--init_from {args.init_from} is not a saved model (config.json): {detail}") from error
     overrides = {f: getattr(args, f) for f in INIT_OVERRIDES if getattr(args, f) is not None}

@@ -182,10 +182,8 @@ class RemoteDir:
                 try:
                     self.fs.pipe_file(self.path(CLAIM), data, mode="create")
                     return None
-                except Exception as error:  # botocore's PreconditionFailed: another run created it first
-                    if "PreconditionFailed" in str(error) or "412" in str(error) or isinstance(error, FileExistsError):
-                        return self.read_claim() or {"owner": "unknown"}
-                    raise
+                except FileExistsError:  # s3fs's name for S3's 412 PreconditionFailed: another run created it first
+                    return self.read_claim() or {"owner": "unknown"}
 
             other = self._call("claim", create)
             if other is not None:
