@@ -101,12 +101,25 @@ def losses(folder):
     return {r["step"]: r["loss"] for r in metrics(folder) if "loss" in r}
 
 
-def wait_for_steps(proc, out, steps: int = 3, limit: float = 120):
-    """`proc`, once the trainer process training into `out` has logged `steps` losses (fails if it ends first)."""
-    deadline = time.time() + limit
-    while not (out / "metrics.jsonl").exists() or len(losses(out)) < steps:
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+# Not a speed bound: how long a test waits for a process before it calls the process hung. Far above anything a
+# loaded machine takes (a trainer's start-up was seen at 62 s at load 5-15), so that only a hang reaches it.
+HANG_GUARD_S = 600
+
+
+def wait_until(condition, proc, what: str):
+    """Returns once condition() holds; fails with the process's output if it ends first, or if it hangs."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the process ended before {what}: {proc.stdout.read() if proc.stdout else ''}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {HANG_GUARD_S} s: the process hangs")
         time.sleep(0.2)
+
+
+def wait_for_steps(proc, out, steps: int = 3):
+    """`proc`, once the trainer process training into `out` has logged `steps` losses."""
+    wait_until(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= steps, proc, f"{steps} logged steps")
     return proc
 
 

@@ -7,13 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from helpers import FAST, StallingProxy, fails, losses, run
+from helpers import FAST, HANG_GUARD_S, StallingProxy, fails, losses, run, wait_until
 from ttt_train import checkpoint as ckpt
 from ttt_train import rundir
 
@@ -148,7 +147,8 @@ def test_two_fresh_runs_on_one_bucket_folder_one_is_refused_naming_the_other(buc
     argv = [sys.executable, str(ROOT / "train_ttt.py"), *FAST, "--output_dir", url, "--max_train_steps", "20"]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                               env=trainer_env(tmp_path / str(i))) for i in range(2)]
-    results = [(proc.wait(timeout=300), *proc.communicate()) for proc in procs]
+    outputs = [proc.communicate(timeout=HANG_GUARD_S) for proc in procs]  # read as they run: no full pipe
+    results = [(proc.returncode, *output) for proc, output in zip(procs, outputs)]
     assert sorted(status for status, _, _ in results) == [0, 1], results
     winner, loser = sorted(results, key=lambda r: r[0])
     errors = [line for line in loser[2].splitlines() if "error" in line]
@@ -189,14 +189,15 @@ def test_an_endpoint_that_stalls_mid_run_is_one_line_and_the_local_copy_stays(se
     import s3fs
 
     fs = s3fs.S3FileSystem()  # straight to moto
-    deadline = time.time() + 240
+
+    def uploaded():
+        fs.invalidate_cache()
+        return fs.exists(f"{bucket}/stalled/checkpoint-2/.upload-complete")
+
     try:
-        while not fs.exists(f"{bucket}/stalled/checkpoint-2/.upload-complete"):
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.2)
-            fs.invalidate_cache()
+        wait_until(uploaded, proc, "checkpoint-2 in the bucket")
         proxy.stall()
-        _, err = proc.communicate(timeout=240)  # bounded by the trainer itself: no kill from here
+        _, err = proc.communicate(timeout=HANG_GUARD_S)  # the trainer's own deadline ends it: no kill from here
     finally:
         proc.kill()
         proxy.close()

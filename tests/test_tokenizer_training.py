@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 import train_ttt
 from conftest import ROOT
-from helpers import FAST, fails, losses, run, wait_for_steps
+from helpers import FAST, HANG_GUARD_S, fails, losses, run, wait_for_steps
 from ttt_train import data
 
 
@@ -84,7 +84,7 @@ def test_the_readme_custom_corpus_command_resumes_with_one_flag_added(tmp_path, 
                                             str(stopped)], cwd=ROOT, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True), stopped)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 143, output
     resume = shlex.split(next(line for line in output.splitlines() if "resume with:" in line).split("with: ", 1)[1])
     assert resume == ["python", str(ROOT / "train_ttt.py"), *command, "--output_dir", str(stopped),

@@ -15,7 +15,7 @@ import torch
 
 import train_ttt
 from conftest import ROOT
-from helpers import FAST, fails, losses, metrics, run, wait_for_steps
+from helpers import FAST, HANG_GUARD_S, fails, losses, metrics, run, wait_for_steps
 from ttt import TTTForCausalLM
 
 
@@ -107,7 +107,7 @@ def test_a_signal_saves_says_how_to_resume_and_exits_non_zero(tmp_path, signum, 
     out = tmp_path / "run"
     proc = started_trainer(out)
     proc.send_signal(signum)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == status, output
     saved = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
     assert len(saved) == 1
@@ -133,7 +133,7 @@ def test_called_as_a_library_the_trainer_leaves_signals_to_its_caller(tmp_path):
     proc = wait_for_steps(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True), out)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == -signal.SIGTERM, output  # ended by the signal, as the caller's default handler does
     assert "returned" not in output and not list(out.glob("checkpoint-*"))
 
