@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import train_ttt
 import ttt
 from conftest import ROOT
-from helpers import FAST, fails, losses, metrics, run
+from helpers import FAST, fails, losses, metrics, run, wait_until
 from ttt_train import checkpoint as ckpt
 from ttt_train import rundir
 
@@ -210,10 +210,7 @@ def test_two_trainers_on_one_output_dir(tmp_path):
     first = subprocess.Popen([*TRAINER, "--output_dir", str(out), "--max_train_steps", "100000",
                               "--save_checkpoint_freq", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists():
-        assert time.time() < deadline and first.poll() is None
-        time.sleep(0.2)
+    wait_until((out / "metrics.jsonl").exists, first, "metrics.jsonl")
     second = subprocess.run([*TRAINER, "--output_dir", str(out), "--max_train_steps", "3", "--resume_from_checkpoint",
                              "latest"], capture_output=True, text=True, timeout=120)
     first.send_signal(signal.SIGTERM)
@@ -230,10 +227,7 @@ def test_a_lock_left_by_a_killed_trainer_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([*TRAINER, "--output_dir", str(out), "--max_train_steps", "100000",
                              "--save_checkpoint_freq", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not rundir.list_checkpoints(out):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.2)
+    wait_until(lambda: rundir.list_checkpoints(out), proc, "a checkpoint")
     proc.kill()
     proc.wait()
     assert (out / rundir.LOCK_FILE).read_text().startswith(f"pid {proc.pid} ")
