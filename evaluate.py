@@ -19,9 +19,8 @@ from pathlib import Path
 
 import datasets
 import torch
-import torch.nn.functional as F
 
-import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
+from ttt import next_token_targets, token_nll
 from ttt_train import cli, data, hub
 from ttt_train.metrics import perplexity
 from ttt_train.rundir import TRAINER_STATE
@@ -100,10 +99,18 @@ def position_losses(model, blocks, batch_size):
     """Sum over blocks of the next-token loss at each target position 1..T-1: (T-1,) float64."""
     totals = torch.zeros(blocks.shape[1] - 1, dtype=torch.float64)
     for batch in blocks.split(batch_size):
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
-        totals += losses.sum(0).double()
+        totals += next_token_losses(model, batch)[:, :-1].sum(0).double()  # (T-1,)
     return totals
+
+
+def next_token_losses(model, batch):
+    """[B, T] next-token losses (0 at the last position) without the [B, T, V] logits: the model's own
+    `next_token_losses` (TTT, E2E: chunk by chunk), else its decoder's hidden states through the output layer
+    block by block (transformers' causal LMs)."""
+    if hasattr(model, "next_token_losses"):
+        return model.next_token_losses(batch)
+    hidden_states = model.get_decoder()(input_ids=batch).last_hidden_state
+    return token_nll(hidden_states, model.get_output_embeddings(), next_token_targets(batch))
 
 
 def by_position(totals, num_blocks, bucket_size):

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ilr_warmup_steps", type=int, help="outer steps of that warm-up (recipes: the lr warm-up)")
     e.add_argument("--first_order", action=argparse.BooleanOptionalAction,
                    help="drop the second-order terms of the meta-gradient: faster, NOT the official algorithm")
+    e.add_argument("--recompute_prefix", action=argparse.BooleanOptionalAction,
+                   help="recompute the prefix blocks in the backward instead of keeping their activations (default "
+                        "on in meta mode, as the official code; --no-recompute_prefix: faster by one prefix forward, "
+                        "more memory)")
 
     lo = p.add_argument_group("LoRA fine-tuning (peft; with --init_from)")
     lo.add_argument("--use_lora", action="store_true",

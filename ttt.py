@@ -705,6 +705,37 @@ def decoding_state(cache, past_key_values, cache_class: type | None = None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The loss without whole-sequence logits
+
+LOSS_BLOCK = 1024  # positions whose logits exist at once in a loss: [B, 1024, V] in float32
+
+
+def token_nll(hidden_states, head, targets, block: int = LOSS_BLOCK):
+    """[B, T] cross-entropy of head(hidden_states[:, t]) (in float32, float64 for a float64 model) against
+    targets[:, t], 0 where the target is -100. One block of positions at a time, each block's logits recomputed
+    in the backward: neither pass holds the [B, T, V] logits (with a 128K vocabulary those are 4 GB per 8K
+    tokens)."""
+    def block_nll(h, t):
+        logits = head(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.transpose(1, 2), t.clamp_min(0), reduction="none") * (t != -100)
+
+    pieces = []
+    for start in range(0, hidden_states.shape[1], block):
+        h, t = hidden_states[:, start:start + block], targets[:, start:start + block]
+        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
+            pieces.append(torch.utils.checkpoint.checkpoint(block_nll, h, t, use_reentrant=False))
+        else:
+            pieces.append(block_nll(h, t))
+    return torch.cat(pieces, 1)
+
+
+def next_token_targets(labels):
+    """targets[:, t] = labels[:, t + 1] (the token position t predicts); the last position has none (-100)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -833,27 +864,36 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, cache: TTTCache | None = None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep: int = 0,
                 past_key_values: TTTCache | None = None, cache_position=None, num_items_in_batch=None,
-                output_attentions=None):
+                output_attentions=None, return_logits: bool | None = None):
         """TTTModel.forward's arguments, and `labels` (the loss is the mean cross-entropy of logits[:, :-1]
         against labels[:, 1:], ignore_index -100, or a sum over `num_items_in_batch` tokens as HF's Trainer
-        asks under gradient accumulation). `output_attentions` (which peft passes) must be falsy: a TTT layer has
-        no attention weights."""
+        asks under gradient accumulation), computed block by block (`token_nll`): with labels the logits are
+        returned only when asked (`return_logits=True` or `logits_to_keep`), so a training step never holds
+        [B, T, V]. `output_attentions` (which peft passes) must be falsy: a TTT layer has no attention weights."""
         if output_attentions:
             raise ValueError("TTT models have no attention weights (output_attentions=True)")
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, past_key_values=past_key_values,
                              output_hidden_states=output_hidden_states, return_dict=True)
         hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states).float()
-        loss = None
+        loss = logits = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                      num_items_in_batch=num_items_in_batch)
+            nll = token_nll(hidden_states, self.lm_head, next_token_targets(labels))
+            targets = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
+            loss = nll.sum() / targets
+        if return_logits or (return_logits is None and (labels is None or logits_to_keep)):
+            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+            logits = self.lm_head(kept)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32; float64 stays
         output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if return_dict is not False else output.to_tuple()
+
+    def next_token_losses(self, input_ids):
+        """[B, T] the cross-entropy of each position's prediction of the next token (0 at the last position),
+        block by block, without the [B, T, V] logits (evaluation by position at long context)."""
+        hidden_states = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        return token_nll(hidden_states, self.lm_head, next_token_targets(input_ids))
 
     @torch.no_grad()
     def ttt_statistics(self, input_ids) -> list:

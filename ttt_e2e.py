@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ttt import CACHE_FIELD, decoding_state
+from ttt import CACHE_FIELD, decoding_state, next_token_targets, token_nll
 
 TRAIN_MODES = ("meta", "pretrain")  # meta: the inner loop runs (TTT-E2E); pretrain: it does not (TTT off, or fa)
 
@@ -55,6 +55,7 @@ E2E_STANDARD_CONFIGS = {
                fa_intermediate_size=6912, suffix_len=8),
 }
 VARIANTS = ("e2e", "pretrain", "fa")  # the E2E model; the same with TTT off; the full-attention baseline
+ATTENTION_BLOCK = 1024  # queries per block of sliding-window attention (at most; the window when smaller)
 
 
 class E2EConfig(PreTrainedConfig):
@@ -71,6 +72,9 @@ class E2EConfig(PreTrainedConfig):
     ilr_init / ilr_warmup_steps: the inner step size's warm-up over outer training steps (`ilr_multiplier`);
         evaluation always uses the full step.
     first_order: drop the second-order terms of the outer gradient (NOT the official algorithm; off by default).
+    recompute_prefix: in meta-mode training, recompute each prefix block in the backward instead of keeping its
+        activations (as the official code always does; the suffix chunks are recomputed regardless). Off: faster
+        by the prefix's forward, activations linear in T kept for every prefix block.
     """
 
     model_type = "ttt_e2e"
@@ -99,6 +103,7 @@ class E2EConfig(PreTrainedConfig):
     ilr_init: float = 1.0
     ilr_warmup_steps: int = 0
     first_order: bool = False
+    recompute_prefix: bool = True
 
     def __post_init__(self, **kwargs):
         def integer(field, low, optional=False):
@@ -212,10 +217,45 @@ def apply_rope(x, cos, sin):
 
 
 def window_mask(query_positions, key_positions, window: int | None):
-    """[Tq, Tk] True where key j is visible to query i: 0 <= j <= i and i - j < window (absolute positions)."""
+    """[Tq, Tk] True where key j is visible to query i: 0 <= j <= i and i - j < window (absolute positions). Only
+    ever built for one block of queries against its keys (never [T, T])."""
     q, k = query_positions[:, None], key_positions[None, :]
     visible = (k <= q) & (k >= 0)
     return visible & (q - k < window) if window is not None else visible
+
+
+def dense_attention(q, k, v, mask, fused: bool):
+    """softmax(q k^T / sqrt(f) + mask) v. q [B, H, Tq, f], k, v [B, H, Tk, f], mask [Tq, Tk] (True: visible).
+    fused: PyTorch's SDPA kernels (first derivatives only); else the explicit form, which supports the double
+    backward of the inner loop's second-order terms (softmax in float32 as the official XLA path)."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.to(compute_dtype(scores.dtype)).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+def sliding_window_attention(q, k, v, window: int | None, fused: bool = True, block_size: int | None = None):
+    """Causal attention of the last Tq of Tk positions (the keys before them: a cache), query i seeing keys j with
+    i - W < j <= i (window None: every j <= i). Computed block by block: each block of queries against its own
+    keys and the W - 1 before them, so work and memory are O(Tq x (block + W)) and no [Tq, Tk] mask or score
+    matrix exists. Full causal attention over a whole sequence uses SDPA's causal mode (no mask tensor).
+    q [B, H, Tq, f], k, v [B, H, Tk, f] -> [B, H, Tq, f]. block_size: queries per block (default min(W, 1024))."""
+    length, offset = q.shape[2], k.shape[2] - q.shape[2]
+    if window is None or window >= k.shape[2]:
+        if offset == 0 and fused:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        window = None
+    block = block_size or min(window or ATTENTION_BLOCK, ATTENTION_BLOCK)
+    outputs = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        first = 0 if window is None else max(0, start + offset - window + 1)  # the first key any query here sees
+        last = end + offset  # one past the last key (the last query's own)
+        mask = window_mask(torch.arange(start + offset, last, device=q.device),
+                           torch.arange(first, last, device=q.device), window)
+        outputs.append(dense_attention(q[:, :, start:end], k[:, :, first:last], v[:, :, first:last], mask, fused))
+    return torch.cat(outputs, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,45 +284,38 @@ class E2EAttention(nn.Module):
         cos, sin = rope_cos_sin(positions, self.head_dim, self.config.rope_theta, compute_dtype(x.dtype))
         return apply_rope(x, cos, sin)
 
-    def attend(self, q, k, v, mask, fused: bool):
-        """softmax(q k^T / sqrt(f) + mask) v, heads merged, through o_proj. q [B, Tq, H, f], k, v [B, Tk, H, f].
-        fused: PyTorch's SDPA kernels (first derivatives only); else the explicit form, which supports the double
-        backward of the inner loop's second-order terms (softmax in float32 as the official XLA path)."""
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, f]
-        if fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            scores = scores.to(compute_dtype(scores.dtype)).masked_fill(~mask, float("-inf"))
-            out = torch.softmax(scores, dim=-1).to(v.dtype) @ v
+    def merge(self, out):
+        """[B, H, T, f] attention output -> heads merged, through o_proj -> [B, T, d]."""
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 
     def sequence_attention(self, x, past=None, start: int = 0):
         """Sliding-window (or full) causal attention over a whole sequence at absolute positions start.. (the
-        prefix blocks, and every block with TTT off). past: (k, v) already rotated, of the positions just before
-        `start` (decoding); returns (output, (k, v) to keep for the next call)."""
+        prefix blocks, and every block with TTT off), blockwise (`sliding_window_attention`, fused kernels).
+        past: (k, v) [B, P, H, f] already rotated, of the positions just before `start` (decoding); returns
+        (output, (k, v) of the last W positions to keep for the next call: a copy, not a view of the sequence's)."""
         q, k, v = self.qkv(x)
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         q, k = self.rope(q, positions), self.rope(k, positions)
         if past is not None:
-            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
-        key_positions = torch.arange(start + x.shape[1] - k.shape[1], start + x.shape[1], device=x.device)
-        out = self.attend(q, k, v, window_mask(positions, key_positions, self.config.sliding_window), fused=True)
+            k, v = torch.cat([past[0].to(k.dtype), k], 1), torch.cat([past[1].to(v.dtype), v], 1)
         window = self.config.sliding_window
-        return out, (k, v) if window is None else (k[:, -window:], v[:, -window:])
+        out = sliding_window_attention(*(t.transpose(1, 2) for t in (q, k, v)), window)
+        return self.merge(out), (k, v) if window is None else (k[:, -window:].clone(), v[:, -window:].clone())
 
     def chunk_attention(self, x, past_k, past_v, start: int):
         """The suffix blocks' attention over [past rows, the new rows] (keys after QK-norm, before RoPE), with RoPE
         at positions local to that buffer (the past's first row at 0, the queries after the past), as the official
-        code computes it for each chunk. past_k, past_v [B, P, H, f] hold absolute positions start - P .. start - 1
-        (zeros, masked, before position 0). Returns (output, k, v of the new rows)."""
+        code computes it for each chunk: an explicit [n, P + n] mask, since the inner loop differentiates it twice.
+        past_k, past_v [B, P, H, f] hold absolute positions start - P .. start - 1 (zeros, masked, before position
+        0). Returns (output, k, v of the new rows)."""
         q, k, v = self.qkv(x)
         past, new = past_k.shape[1], x.shape[1]
-        keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+        keys, values = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
         local = torch.arange(past + new, device=x.device)
         mask = window_mask(local[past:] + start - past, local + start - past, self.config.sliding_window)
-        out = self.attend(self.rope(q, local[past:]), self.rope(keys, local), values, mask, fused=False)
-        return out, k, v
+        q, keys = self.rope(q, local[past:]), self.rope(keys, local)
+        out = dense_attention(*(t.transpose(1, 2) for t in (q, keys, values)), mask, fused=False)
+        return self.merge(out), k, v
 
 
 class E2EMLP(nn.Module):
@@ -345,23 +378,35 @@ class E2EBlock(nn.Module):
 def chunk_losses(logits, targets, chunk: int | None, bos_token_id: int | None = None):
     """[B, number of chunks] mean next-token loss of each chunk of `chunk` positions (None: one chunk), over the
     positions whose target is neither -100 nor BOS; a chunk without such targets has loss 0 (the official
-    denominator is clamped at 1e-10). targets[b, t] is the token position t predicts. Logits in float32."""
+    denominator is clamped at 1e-10). targets[b, t] is the token position t predicts. Logits in float32. The
+    reference form, from whole-sequence logits; the model computes the same from `token_nll` chunk by chunk."""
     nll = F.cross_entropy(logits.to(compute_dtype(logits.dtype)).transpose(1, 2), targets.clamp_min(0),
                           reduction="none")  # [B, T]
+    return chunk_means(nll, loss_mask(targets, bos_token_id), chunk)[0]
+
+
+def loss_mask(targets, bos_token_id: int | None):
+    """[B, T] True where a target counts in the loss: neither -100 nor BOS (the official loss masks BOS targets)."""
     valid = targets != -100
-    if bos_token_id is not None:
-        valid &= targets != bos_token_id
-    length = targets.shape[1]
+    return valid & (targets != bos_token_id) if bos_token_id is not None else valid
+
+
+def chunk_means(nll, valid, chunk: int | None):
+    """(per-chunk mean of nll over valid positions [B, n], per-chunk count of valid positions [B, n]); chunks of
+    `chunk` positions (None: one), a last, shorter chunk (evaluation at any length) a chunk of its own."""
+    length = nll.shape[1]
     chunk = chunk or length
-    pad = -length % chunk  # a last, shorter chunk (evaluation at any length) is a chunk of its own
+    pad = -length % chunk
     nll, valid = F.pad(nll * valid, (0, pad)), F.pad(valid, (0, pad))
-    per_chunk = nll.unflatten(1, (-1, chunk)).sum(-1) / valid.unflatten(1, (-1, chunk)).sum(-1).clamp_min(1e-10)
-    return per_chunk
+    counts = valid.unflatten(1, (-1, chunk)).sum(-1)
+    return nll.unflatten(1, (-1, chunk)).sum(-1) / counts.clamp_min(1e-10), counts
 
 
-def shifted_targets(ids):
-    """targets[:, t] = ids[:, t + 1]; the last position has none (-100)."""
-    return F.pad(ids[:, 1:], (0, 1), value=-100)
+def mean_over_chunks(per_chunk, counts):
+    """The official loss: the unweighted mean of the chunk losses, over the chunks that have targets (a chunk of
+    only the last token, as in a T + 1 token layout, has none and is not averaged in as a 0)."""
+    has_targets = counts > 0
+    return (per_chunk * has_targets).sum() / has_targets.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,10 +493,13 @@ class E2EModel(E2EPreTrainedModel):
 
     def run_sequence_blocks(self, hidden_states, blocks):
         """`blocks` over the whole sequence (sliding-window attention, absolute positions, fused kernels), each
-        recomputed in the backward under gradient checkpointing (as the official prefix)."""
+        recomputed in the backward under gradient checkpointing, and in meta mode unless config.recompute_prefix
+        is off (as the official prefix)."""
+        config = self.config
+        recompute = self.gradient_checkpointing or (config.recompute_prefix and config.train_mode == "meta")
         for block in blocks:
             attention = lambda x, block=block: block.self_attn.sequence_attention(x)[0]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if recompute and self.training and torch.is_grad_enabled():
                 hidden_states = torch.utils.checkpoint.checkpoint(block, hidden_states, attention, use_reentrant=False)
             else:
                 hidden_states = block(hidden_states, attention)
@@ -503,14 +551,17 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
 
     # ---------------------------------------------------------------- the inner loop
 
-    def chunk_step(self, start: int, update: bool, step_size: float, keep_graph: bool, x, targets, *state):
+    def chunk_step(self, start: int, update: bool, step_size: float, keep_graph: bool, want_logits: bool, x,
+                   targets, *state):
         """One chunk of the inner loop. x [B, n, d]: the chunk's suffix inputs (prefix output) at absolute
         positions start..; targets [B, n]; state: the fast weights (gate, up, down per suffix block, [B, out, in])
         then (k, v) per suffix block of the W positions before `start` (unrotated; zeros before position 0).
-        Runs the suffix blocks with the fast weights, takes the chunk's loss l_c per sequence and, if `update`,
-        theta <- theta - step_size * clip(dl_c/dtheta) with each sequence's global-norm clip. keep_graph: the outer
-        gradient goes through this step (second order unless config.first_order); otherwise the step runs
-        detached (evaluation, decoding). Returns (logits, l_c [B], inner gradient norm [B] or None, *new state)."""
+        Runs the suffix blocks with the fast weights, takes the chunk's next-token losses nll [B, n] and their
+        mean l_c over the counted targets (BOS masked) and, if `update`, theta <- theta - step_size *
+        clip(dl_c/dtheta) with each sequence's global-norm clip. keep_graph: the outer gradient goes through this
+        step (second order unless config.first_order); otherwise the step runs detached (evaluation, decoding).
+        Returns (logits [B, n, V] if want_logits else None, nll [B, n], l_c [B], inner gradient norm [B] or None,
+        *new state); the new windows are W rows of their own in the keys' dtype (no view of a longer buffer)."""
         config, blocks = self.config, self.suffix_blocks
         fast, kv = list(state[:3 * len(blocks)]), list(state[3 * len(blocks):])
         with torch.enable_grad():  # the inner gradient is taken even in evaluation
@@ -521,15 +572,19 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
             h, new_kv = x, []
             for i, block in enumerate(blocks):
                 def attention(xn, i=i, block=block):
-                    out, k, v = block.self_attn.chunk_attention(xn, kv[2 * i], kv[2 * i + 1], start)
-                    window = config.sliding_window
-                    new_kv.extend([torch.cat([kv[2 * i], k], 1)[:, -window:],
-                                   torch.cat([kv[2 * i + 1], v], 1)[:, -window:]])
+                    past_k, past_v = kv[2 * i], kv[2 * i + 1]
+                    out, k, v = block.self_attn.chunk_attention(xn, past_k, past_v, start)
+                    drop = min(k.shape[1], past_k.shape[1])  # the window moves on by the chunk's rows
+                    new_kv.extend([torch.cat([past_k[:, drop:].to(k.dtype), k[:, -config.sliding_window:]], 1),
+                                   torch.cat([past_v[:, drop:].to(v.dtype), v[:, -config.sliding_window:]], 1)])
                     return out
 
                 h = block(h, attention, fast_weights=fast[3 * i:3 * i + 3])
             logits = self.lm_head(self.model.norm(h))
-            loss = chunk_losses(logits, targets, None, config.bos_token_id)[:, 0]  # [B]
+            logits = logits.to(compute_dtype(logits.dtype))
+            nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")  # [B, n]
+            valid = loss_mask(targets, config.bos_token_id)
+            loss = (nll * valid).sum(1) / valid.sum(1).clamp_min(1e-10)  # [B]
             norm = None
             if update:
                 second_order = keep_graph and not config.first_order
@@ -542,49 +597,57 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
                 fast = [w - step_size * scale[:, None, None].to(g.dtype) * g for w, g in zip(fast, grads, strict=True)]
                 norm = torch.where(clipped, norm, squares.sqrt()).detach()
             if not keep_graph:
-                logits, loss, fast = logits.detach(), loss.detach(), [w.detach() for w in fast]
-        return (logits, loss, norm, *fast, *new_kv)
+                logits, nll, loss, fast = logits.detach(), nll.detach(), loss.detach(), [w.detach() for w in fast]
+        return (logits if want_logits else None, nll, loss, norm, *fast, *new_kv)
 
     def initial_state(self, batch_size: int, reference) -> list:
-        """The fast weights theta(0) (the prime MLPs' own, one copy per sequence) and zero window caches."""
+        """The fast weights theta(0) (the prime MLPs' own, one copy per sequence) and zero window caches (in the
+        dtype of `reference`; the first chunk's keys replace them in their own dtype)."""
         blocks, window = self.suffix_blocks, self.config.sliding_window
         fast = [w.unsqueeze(0).expand(batch_size, *w.shape) for block in blocks for w in block.prime_mlp.weights()]
         shape = (batch_size, window, self.config.num_attention_heads, self.config.head_dim)
         zeros = [reference.new_zeros(shape) for _ in range(2 * len(blocks))]
         return fast + zeros
 
-    def meta_forward(self, input_ids, hidden_states):
-        """The inner loop over a whole sequence: the prefix blocks once, then chunk by chunk the suffix blocks with
-        the current fast weights, each chunk's loss, and one inner step. Returns (logits, chunk losses [B, n],
-        inner gradient norms [B, n - 1])."""
+    def prefix(self, hidden_states):
+        """The prefix blocks (all but the suffix) over the whole sequence."""
         config = self.config
-        blocks = self.model.layers[:config.num_hidden_layers - config.suffix_len]
-        h = self.model.run_sequence_blocks(hidden_states, blocks)
+        return self.model.run_sequence_blocks(hidden_states, self.model.layers[:config.num_hidden_layers -
+                                                                              config.suffix_len])
+
+    def meta_forward(self, input_ids, hidden_states, want_logits: bool = True):
+        """The inner loop over a whole sequence: the prefix blocks once, then chunk by chunk the suffix blocks with
+        the current fast weights, each chunk's loss, and one inner step. Returns (logits [B, T, V] if want_logits
+        else None, nll [B, T] (in the graph), inner chunk losses [B, n], inner gradient norms [B, n - 1])."""
+        config = self.config
+        h = self.prefix(hidden_states)
         state = self.initial_state(input_ids.shape[0], h)
         # the outer gradient goes through the inner loop whenever anything trains: theta(0), or only other weights
         # (LoRA adapters on the attention and MLPs, with theta(0) frozen)
         keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         step_size = self.inner_step_size()
-        targets = shifted_targets(input_ids)
+        targets = next_token_targets(input_ids)
         b, length = config.mini_batch_size, input_ids.shape[1]
-        starts = list(range(0, length, b))
-        logits, losses, norms = [], [], []
-        for start in starts:
+        logits, nll, losses, norms = [], [], [], []
+        for start in range(0, length, b):
             update = start + b < length and step_size != 0  # the last chunk's update would reach no prediction
-            args = (start, update, step_size, keep_graph, h[:, start:start + b], targets[:, start:start + b], *state)
+            args = (start, update, step_size, keep_graph, want_logits, h[:, start:start + b],
+                    targets[:, start:start + b], *state)
             if keep_graph:  # recompute the chunk in the backward: memory per chunk is its state, not activations
                 out = torch.utils.checkpoint.checkpoint(self.chunk_step, *args, use_reentrant=False)
             else:
                 out = self.chunk_step(*args)
             logits.append(out[0])
-            losses.append(out[1])
-            if out[2] is not None:
-                norms.append(out[2])
-            state = list(out[3:])
+            nll.append(out[1])
+            losses.append(out[2])
+            if out[3] is not None:
+                norms.append(out[3])
+            state = list(out[4:])
             if update and self.fast_weight_trace is not None:
                 self.fast_weight_trace.append([w.detach() for w in state[:3 * config.suffix_len]])
         norms = torch.stack(norms, 1) if norms else None
-        return torch.cat(logits, 1), torch.stack(losses, 1).detach(), norms
+        return (torch.cat(logits, 1) if want_logits else None, torch.cat(nll, 1), torch.stack(losses, 1).detach(),
+                norms)
 
     @torch.no_grad()
     def inner_loop_trace(self, input_ids) -> list:
@@ -595,56 +658,92 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
             raise ValueError("inner_loop_trace needs train_mode 'meta' (there is no inner loop otherwise)")
         self.fast_weight_trace = []
         try:
-            self.meta_forward(input_ids, self.model.embed_tokens(input_ids))
+            self.meta_forward(input_ids, self.model.embed_tokens(input_ids), want_logits=False)
             return self.fast_weight_trace
         finally:
             self.fast_weight_trace = None
 
     # ---------------------------------------------------------------- decoding
 
-    def cached_forward(self, input_ids, cache: E2ECache):
-        """Logits of input_ids read after the cache's tokens, the cache advanced (no outer gradient). Tokens are
-        taken chunk segment by chunk segment: at a chunk boundary the finished chunk's inner step runs first (its
-        last target is the new chunk's first token), exactly as in the full forward."""
+    def cached_forward(self, input_ids, cache: E2ECache, logits_to_keep: int = 0):
+        """Logits of input_ids read after the cache's tokens (the last `logits_to_keep` only, if set), the cache
+        advanced (no outer gradient). A first read (prefill) runs the prefix blocks once over the prompt and the
+        inner loop's chunk steps, which give the logits too; the tokens after the last chunk whose next token has
+        arrived, and every later token, are taken chunk segment by chunk segment: at a chunk boundary the
+        finished chunk's inner step runs first (its last target is the new chunk's first token), exactly as in the
+        full forward."""
         config, meta = self.config, self.config.train_mode == "meta"
-        b = config.mini_batch_size
-        if meta and cache.fast is None:
-            state = self.initial_state(input_ids.shape[0], self.model.embed_tokens.weight)
-            n = 3 * len(self.suffix_blocks)
-            cache.fast = [tuple(w.detach().clone() for w in state[i:i + 3]) for i in range(0, n, 3)]
-            suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
-            for j, layer in enumerate(suffix):
-                cache.kv[layer] = (state[n + 2 * j], state[n + 2 * j + 1])
+        b, length = config.mini_batch_size, input_ids.shape[1]
+        keep_from = length - logits_to_keep if logits_to_keep else 0
         logits, offset = [], 0
-        while offset < input_ids.shape[1]:
+        if meta and cache.fast is None:
+            offset = self._read_prompt(input_ids, cache, keep_from, logits)
+        while offset < length:
             position = cache.seen + offset
-            end = input_ids.shape[1] if not meta else min(input_ids.shape[1], offset + b - position % b)
+            end = length if not meta else min(length, offset + b - position % b)
             segment = input_ids[:, offset:end]
             if meta and position % b == 0 and position > 0:
                 self._finish_chunk(cache, position - b, next_token=segment[:, :1])
-            logits.append(self._cached_segment(segment, position, cache))
+            segment_logits = self._cached_segment(segment, position, cache, want_logits=end > keep_from)
+            if segment_logits is not None:
+                logits.append(segment_logits[:, max(0, keep_from - offset):])
             offset = end
-        cache.seen += input_ids.shape[1]
+        cache.seen += length
         return torch.cat(logits, 1)
+
+    def _read_prompt(self, input_ids, cache: E2ECache, keep_from: int, logits: list) -> int:
+        """The first read of a meta-mode cache: the prefix blocks once over the whole prompt (their last W keys and
+        values kept), the chunk steps of every chunk whose next token is in the prompt (each chunk's suffix blocks
+        run once, for its logits and its inner step together), and the suffix blocks over the rest, which opens
+        the current chunk. Appends the logits from position keep_from on to `logits`; returns the tokens read."""
+        b, length = self.config.mini_batch_size, input_ids.shape[1]
+        suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
+        h = self.model.embed_tokens(input_ids)
+        for i, block in enumerate(self.model.layers[:suffix[0]]):
+            def attention(xn, i=i, block=block):
+                out, cache.kv[i] = block.self_attn.sequence_attention(xn)
+                return out
+
+            h = block(h, attention)
+        state = self.initial_state(input_ids.shape[0], h)
+        step_size = self.inner_step_size()
+        targets = next_token_targets(input_ids)
+        done = (length - 1) // b * b  # the chunks whose last target (the next chunk's first token) is here
+        for start in range(0, done, b):
+            out = self.chunk_step(start, step_size != 0, step_size, False, start + b > keep_from,
+                                  h[:, start:start + b], targets[:, start:start + b], *state)
+            if out[0] is not None:
+                logits.append(out[0][:, max(0, keep_from - start):])
+            state = list(out[4:])
+        n = 3 * len(suffix)
+        cache.fast = [tuple(state[i:i + 3]) for i in range(0, n, 3)]
+        for j, layer in enumerate(suffix):
+            cache.kv[layer] = (state[n + 2 * j], state[n + 2 * j + 1])
+        rest = self._cached_segment(input_ids[:, done:], done, cache, want_logits=True, prefix_output=h[:, done:])
+        logits.append(rest[:, max(0, keep_from - done):])
+        return length
 
     def _finish_chunk(self, cache: E2ECache, start: int, next_token):
         suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
         targets = torch.cat([cache.chunk_ids[:, 1:], next_token], 1)
         state = [w for triple in cache.fast for w in triple] + [t for i in suffix for t in cache.kv[i]]
-        out = self.chunk_step(start, self.inner_step_size() != 0, self.inner_step_size(), False, cache.chunk_inputs,
-                              targets, *state)
-        new = list(out[3:])
+        out = self.chunk_step(start, self.inner_step_size() != 0, self.inner_step_size(), False, False,
+                              cache.chunk_inputs, targets, *state)
+        new = list(out[4:])
         n = 3 * len(suffix)
         cache.fast = [tuple(new[i:i + 3]) for i in range(0, n, 3)]
         for j, layer in enumerate(suffix):
             cache.kv[layer], cache.chunk_kv[layer] = (new[n + 2 * j], new[n + 2 * j + 1]), None
         cache.chunk_inputs = cache.chunk_ids = None
-
-    def _cached_segment(self, ids, position: int, cache: E2ECache):
+    def _cached_segment(self, ids, position: int, cache: E2ECache, want_logits: bool = True, prefix_output=None):
+        """Tokens `ids` at `position` (within one chunk in meta mode) through every block with the cache, or, given
+        prefix_output (their prefix blocks' output, from a prefill), through the suffix blocks only. Returns their
+        logits, or None unless want_logits."""
         meta = self.config.train_mode == "meta"
-        h = self.model.embed_tokens(ids)
+        h = self.model.embed_tokens(ids) if prefix_output is None else prefix_output
+        first = 0 if prefix_output is None else self.config.num_hidden_layers - self.config.suffix_len
         suffix_index = 0
-        for i, block in enumerate(self.model.layers):
+        for i, block in enumerate(self.model.layers[first:], start=first):
             if meta and block.is_suffix:
                 if suffix_index == 0:  # the suffix inputs of the chunk, kept for its inner step
                     cat = lambda a, x: x if a is None else torch.cat([a, x], 1)
@@ -668,18 +767,32 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
                     return out
 
                 h = block(h, attention)
-        return self.lm_head(self.model.norm(h))
+        return self.lm_head(self.model.norm(h)) if want_logits else None
+
+    def next_token_losses(self, input_ids):
+        """[B, T] the cross-entropy of each position's prediction of the next token (0 at the last position; BOS
+        targets included), chunk by chunk, without the [B, T, V] logits (evaluation by position at long
+        context)."""
+        targets = next_token_targets(input_ids)
+        if self.config.train_mode == "meta":
+            nll = self.meta_forward(input_ids, self.model.embed_tokens(input_ids), want_logits=False)[1]
+            return nll * (targets != -100)
+        return token_nll(self.model(input_ids), self.lm_head, targets)
 
     # ---------------------------------------------------------------- forward
 
     def forward(self, input_ids=None, attention_mask=None, cache: E2ECache | None = None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep: int = 0,
-                past_key_values: E2ECache | None = None, cache_position=None, output_attentions=None):
-        """Logits of every position; in meta mode those of the fast weights of its chunk (the inner loop runs in
-        every forward, training or not; in training mode the graph goes through it, so a loss computed from the
-        logits differentiates through the inner loop). `labels`: the loss is the mean over chunks of each chunk's
-        mean cross-entropy of logits[:, t] against labels[:, t + 1] (ignore_index -100, BOS targets masked, as the
-        official loss). `cache` (or `past_key_values`): the decoding state (E2ECache), no outer gradient.
+                past_key_values: E2ECache | None = None, cache_position=None, output_attentions=None,
+                return_logits: bool | None = None):
+        """Logits of every position (the last `logits_to_keep`, if set); in meta mode those of the fast weights of
+        its chunk (the inner loop runs in every forward, training or not; in training mode the graph goes through
+        it, so the loss differentiates through the inner loop). `labels`: the loss is the mean over the chunks
+        that have targets of each chunk's mean cross-entropy of logits[:, t] against labels[:, t + 1] (ignore_index
+        -100, BOS targets masked, as the official loss), taken from each chunk as it is read: with labels the
+        logits are returned only when asked (`return_logits=True` or `logits_to_keep`), so neither training nor
+        evaluation holds [B, T, V]. In meta mode labels may only mask input_ids (-100): the inner loop learns
+        from input_ids. `cache` (or `past_key_values`): the decoding state (E2ECache), no outer gradient.
         `cache_position`, passed by older generate(), is implied by the cache and not read."""
         if input_ids is None:
             raise ValueError("E2E models need input_ids (inputs_embeds alone give the inner loop no targets)")
@@ -699,23 +812,37 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
                              "zeros); pass unpadded sequences of equal length")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         cache = decoding_state(cache, past_key_values, E2ECache)
-        chunk_stats = grad_norms = None
+        want_logits = bool(return_logits or (return_logits is None and (labels is None or logits_to_keep)))
+        chunk_stats = grad_norms = nll = logits = None
         if use_cache:
             cache = cache if cache is not None else E2ECache(self.config.num_hidden_layers)
-            logits = self.cached_forward(input_ids, cache)
+            logits = self.cached_forward(input_ids, cache, 0 if labels is not None else logits_to_keep)
         elif self.config.train_mode == "meta":
-            logits, chunk_stats, grad_norms = self.meta_forward(input_ids, self.model.embed_tokens(input_ids))
+            if labels is not None and not torch.compiler.is_compiling() \
+                    and not bool(((labels == input_ids) | (labels == -100)).all()):
+                raise ValueError("labels must equal input_ids where they are not -100: the inner loop of an E2E model "
+                                 "learns from input_ids' next tokens")
+            logits, nll, chunk_stats, grad_norms = self.meta_forward(input_ids, self.model.embed_tokens(input_ids),
+                                                                     want_logits)
         else:
-            h = self.model.run_sequence_blocks(self.model.embed_tokens(input_ids), self.model.layers)
-            logits = self.lm_head(self.model.norm(h))
-        if logits_to_keep:
-            logits = logits[:, -logits_to_keep:]
-        logits = logits.to(compute_dtype(logits.dtype))
+            h = self.model.norm(self.model.run_sequence_blocks(self.model.embed_tokens(input_ids), self.model.layers))
+            if labels is not None:
+                nll = token_nll(h, self.lm_head, next_token_targets(labels))
+            if want_logits:
+                logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
         if labels is not None:
-            per_chunk = chunk_losses(logits, shifted_targets(labels), self.config.mini_batch_size,
-                                     self.config.bos_token_id)
-            loss = per_chunk.mean()
+            targets = next_token_targets(labels)
+            if nll is None:  # decoding through a cache: its logits
+                nll = F.cross_entropy(logits.to(compute_dtype(logits.dtype)).transpose(1, 2), targets.clamp_min(0),
+                                      reduction="none")
+            per_chunk, counts = chunk_means(nll, loss_mask(targets, self.config.bos_token_id),
+                                            self.config.mini_batch_size)
+            loss = mean_over_chunks(per_chunk, counts)
+        if logits is not None:
+            if logits_to_keep and logits.shape[1] > logits_to_keep:
+                logits = logits[:, -logits_to_keep:]
+            logits = logits.to(compute_dtype(logits.dtype)) if want_logits or use_cache else None
         output = E2ECausalLMOutput(loss=loss, logits=logits, chunk_losses=chunk_stats, inner_grad_norms=grad_norms,
                                    **{CACHE_FIELD: cache if use_cache else None})
         return output if return_dict is not False else output.to_tuple()

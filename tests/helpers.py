@@ -32,6 +32,15 @@ def assert_close(name: str, actual, expected, atol: float, rtol: float = 0.0):
                              f"atol {atol:g} + rtol {rtol:g} (expected scale {expected.abs().max().item():.3g})")
 
 
+def noisy(model, dtype=torch.float32):
+    """The model with noise added to every weight, norms' included (none all-ones), so no term of a gradient
+    vanishes and its outputs are far from an untrained model's; cast to dtype."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
+    return model.to(dtype)
+
+
 REFERENCE = SHARED / "reference"
 # A fixture case is a folder holding these files (other kinds of fixtures may sit beside them).
 REFERENCE_FILES = ("config.json", "reference_state_dict.safetensors", "io.safetensors")
@@ -63,7 +72,7 @@ def loop_then(model, run, scan="auto"):
 def logits_and_gradients(model, ids):
     """The logits and {parameter name: gradient} of the loss on ids."""
     model.zero_grad()
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, return_logits=True)
     out.loss.backward()
     return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 
+import ttt
 import ttt_e2e
-from helpers import assert_close, load_e2e_reference, needs_e2e_reference, official_gradients
+from helpers import assert_close, load_e2e_reference, needs_e2e_reference, noisy, official_gradients
 from ttt_e2e import E2EConfig, E2EForCausalLM
 
 CHUNK, BOS = 16, 1  # the fixture's mini_batch_size and BOS id
@@ -114,11 +115,7 @@ def tiny_config(**overrides):
 def tiny_model(dtype=torch.float32, seed=0, **overrides):
     """Random weights with noisy norms (none all-ones), so no term of the gradient vanishes."""
     torch.manual_seed(seed)
-    model = E2EForCausalLM(tiny_config(**overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
-    return model.to(dtype)
+    return noisy(E2EForCausalLM(tiny_config(**overrides)), dtype)
 
 
 def token_ids(batch, length, vocab=61, seed=1):
@@ -132,11 +129,21 @@ def straightforward_loss(model, ids):
     chunk's end through all blocks (no window caches, absolute positions), the prime MLPs at the current fast
     weights, the chunk's loss, its gradient (second order), the clip, the SGD step. Returns (loss, logits)."""
     config = model.config
-    b, length = config.mini_batch_size, ids.shape[1]
     names = [f"layers.{block.layer_idx}.prime_mlp.{p}.weight" for block in model.suffix_blocks
              for p in ("gate_proj", "up_proj", "down_proj")]
     initial = [model.model.get_parameter(name) for name in names]
-    targets = ttt_e2e.shifted_targets(ids)
+    targets = ttt.next_token_targets(ids)
+    # no recomputation: a checkpointed block would be recomputed after functional_call has put theta(0) back
+    recompute, config.recompute_prefix = config.recompute_prefix, False
+    try:
+        return straightforward_rows(model, ids, names, initial, targets)
+    finally:
+        config.recompute_prefix = recompute
+
+
+def straightforward_rows(model, ids, names, initial, targets):
+    config = model.config
+    b, length = config.mini_batch_size, ids.shape[1]
     sequence_losses, all_logits = [], []
     for row in range(ids.shape[0]):
         fast, chunk_values, logits_of_row = list(initial), [], []
@@ -168,7 +175,7 @@ def gradients(model, loss):
 def test_inner_loop_equals_a_straightforward_per_chunk_loop(length):
     model = tiny_model(torch.float64).train()
     ids = token_ids(3, length)
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, return_logits=True)
     assert out.inner_grad_norms.min() < model.config.inner_clip < out.inner_grad_norms.max(), \
         "both branches of the clip should be exercised"
     fast_grads = gradients(model, out.loss)
@@ -189,7 +196,7 @@ def test_float64_end_to_end_and_finite_differences():
     trace = model.eval().inner_loop_trace(ids)
     assert trace and all(w.dtype == torch.float64 for weights in trace for w in weights)
     model.train()
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, return_logits=True)
     assert out.logits.dtype == torch.float64 and out.loss.dtype == torch.float64
     grads = gradients(model, out.loss)
     picks = [("model.layers.2.prime_mlp.down_proj.weight", (3, 5)),  # theta(0)

@@ -19,12 +19,12 @@ TTT_FLAGS = ("ttt_layer_type", "ttt_base_lr", "mini_batch_size", "use_gate", "sh
              "conv_kernel", "scan_checkpoint_group_size")
 TRANSFORMER_FLAGS = ("sliding_window",)
 E2E_FLAGS = ("sliding_window", "mini_batch_size", "suffix_len", "train_mode", "inner_lr", "inner_clip", "ilr_init",
-             "ilr_warmup_steps", "first_order")
+             "ilr_warmup_steps", "first_order", "recompute_prefix")
 FLAGS = {"ttt": TTT_FLAGS, "transformer": TRANSFORMER_FLAGS, "e2e": E2E_FLAGS, "e2e_fa": ()}
 ALL_FLAGS = tuple(dict.fromkeys(TTT_FLAGS + TRANSFORMER_FLAGS + E2E_FLAGS))
 # TTT-E2E training settings, not architecture: --init_from may change them (extension starts without the inner
 # step's warm-up, from a model pretrained with it).
-INIT_OVERRIDES = ("ilr_init", "ilr_warmup_steps", "first_order")
+INIT_OVERRIDES = ("ilr_init", "ilr_warmup_steps", "first_order", "recompute_prefix")
 CONFIG_MODEL_TYPE = {"ttt": "ttt", "transformer": "mistral", "e2e": "ttt_e2e", "e2e_fa": "ttt_e2e"}
 
 
@@ -287,6 +287,7 @@ def describe(config) -> str:
         if not config.suffix_len:
             return f"TTT-E2E's full-attention baseline ({attention})"
         mode = (f"chunks of {config.mini_batch_size}" + (", first-order" if config.first_order else "")
+                + ("" if config.recompute_prefix else ", prefix activations kept")
                 if config.train_mode == "meta" else "TTT off")
         return f"TTT-E2E ({attention}, prime MLPs in the last {config.suffix_len} blocks, {mode})"
     return "Transformer++" + (f" (sliding window {config.sliding_window})" if config.sliding_window else "")
