@@ -6,6 +6,8 @@ grows with T.
     python bench/long_context.py                                   # tiny shapes, T = 2K .. 32K, on this machine
     python bench/long_context.py --families e2e e2e-off --lengths 4096 8192 --parts train
     python bench/long_context.py --size 125m --lengths 8192 16384 32768 65536 131072   # on a GPU (bf16 autocast)
+    python bench/long_context.py --output rows.json; python bench/long_context.py --markdown rows.json  # README table
+    python bench/long_context.py --plot rows.json docs/long_context_tiny_cpu.png
     python bench/long_context.py --run e2e --length 4096 --part train   # one measurement, one JSON line
 
 Families (the trainer's --model_type, E2E's variants spelled as its launchers do): ttt-linear, ttt-mlp (TTT layers),
@@ -23,6 +25,7 @@ exceeds it or runs out of memory is reported as such, not dropped.
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -80,7 +83,7 @@ def measure(args) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
-    if not cuda:
+    if not cuda and args.threads:
         torch.set_num_threads(args.threads)
     vocab_size = args.vocab_size or (8000 if args.size == "tiny" else 128256)
     model = build(args.run, args.size, vocab_size, args.length).to(device).train(args.part == "train")
@@ -177,6 +180,64 @@ def print_table(rows):
         previous[key] = row
 
 
+def markdown(rows) -> str:
+    """The rows as the README's table: per family and part, peak MB and ms per token at each length, and the growth
+    per doubling from the first length to the last (geometric mean)."""
+    lengths = sorted({row["length"] for row in rows})
+    header = "| family | part | " + " | ".join(f"T={n // 1024}K" for n in lengths) + " | per doubling |"
+    lines = [header, "|" + " --- |" * (len(lengths) + 3)]
+    for family in dict.fromkeys(row["family"] for row in rows):
+        for part in dict.fromkeys(row["part"] for row in rows if row["family"] == family):
+            cells, done = [], {}
+            for n in lengths:
+                row = next((r for r in rows if (r["family"], r["part"], r["length"]) == (family, part, n)), None)
+                if row is None or "error" in row:
+                    cells.append("—" if row is None else row["error"])
+                else:
+                    cells.append(f"{row['peak_memory_mb']:.0f} MB, {row['ms_per_token']:.2f} ms")
+                    done[n] = row
+            growth = ""
+            if len(done) > 1:
+                first, last = min(done), max(done)
+                doublings = math.log2(last / first)
+                memory = (done[last]["peak_memory_mb"] / done[first]["peak_memory_mb"]) ** (1 / doublings)
+                time_ = (done[last]["ms_per_token"] / done[first]["ms_per_token"]) ** (1 / doublings)
+                growth = f"memory {memory:.2f}x, time/token {time_:.2f}x"
+            lines.append(f"| {family} | {part} | " + " | ".join(cells) + f" | {growth} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: str):
+    """Peak memory and time per token against T, one line per family, a panel per part (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if "error" not in row]
+    parts = list(dict.fromkeys(row["part"] for row in rows))
+    fig, axes = plt.subplots(2, len(parts), figsize=(5 * len(parts), 8), squeeze=False)
+    for column, part in enumerate(parts):
+        for family in dict.fromkeys(row["family"] for row in rows):
+            mine = sorted((r for r in rows if (r["family"], r["part"]) == (family, part)), key=lambda r: r["length"])
+            if not mine:
+                continue
+            lengths = [r["length"] for r in mine]
+            axes[0][column].plot(lengths, [r["peak_memory_mb"] for r in mine], marker="o", label=family)
+            axes[1][column].plot(lengths, [r["ms_per_token"] for r in mine], marker="o", label=family)
+        for row, label in enumerate(("peak memory (MB)", "ms per token")):
+            ax = axes[row][column]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context length T")
+            ax.set_ylabel(label)
+            ax.set_title(part)
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
@@ -189,11 +250,17 @@ def main():
     parser.add_argument("--decode_tokens", type=int, default=8, help="tokens decoded after the context")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     parser.add_argument("--output", help="also write the rows to this JSON file")
+    parser.add_argument("--markdown", metavar="JSON", help="print the rows of an --output file as a Markdown table")
+    parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot the rows of an --output file")
     parser.add_argument("--run", choices=FAMILIES, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.run:
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+    elif args.plot:
+        plot(json.loads(Path(args.plot[0]).read_text()), args.plot[1])
+    elif args.run:
         print(json.dumps(measure(args)))
     else:
         sweep(args)

@@ -254,3 +254,30 @@ def test_memory_grows_linearly_with_the_length(variant, train):
     length = 32 * model.config.sliding_window
     small, large = peak(model, length, train), peak(model, 2 * length, train)
     assert large <= 2.3 * small, f"{large / small:.2f}x the peak memory for 2x the length ({small} -> {large} bytes)"
+
+
+def test_the_long_context_bench_measures_every_family(tmp_path):
+    """bench/long_context.py's measurement, in this process on tiny lengths: every family, every part, a table."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "long_context.py"
+    spec = importlib.util.spec_from_file_location("long_context", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = []
+    for family in bench.FAMILIES:
+        for part in bench.PARTS:
+            for length in (64, 128) if family == "e2e" else (64,):
+                args = argparse.Namespace(run=family, size="tiny", length=length, part=part, batch_size=1, threads=0,
+                                          vocab_size=300, decode_tokens=2)
+                rows.append(bench.measure(args))
+    for row in rows:
+        assert row["peak_memory_mb"] > 0 and row["ms_per_token"] > 0, row
+    table = bench.markdown(json.loads(json.dumps(rows)))
+    assert all(f"| {family} | {part} |" in table for family in bench.FAMILIES for part in bench.PARTS)
+    assert "| e2e | train |" in table and "per doubling" in table and "memory " in table
+    bench.plot(rows, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
