@@ -197,6 +197,21 @@ def test_prefill_runs_each_chunk_once_and_keeps_only_the_last_logits(length):
     assert_close("next token after a prefill", step, full[:, -1:], atol=1e-12)
 
 
+def test_a_training_chunk_runs_once_in_the_forward_and_once_in_the_backward():
+    """The chunk's recomputation happens in the backward only: a checkpoint that the inner gradient unpacks
+    during the forward would run each updated chunk twice there and keep that copy's activations."""
+    model = e2e().train()
+    ids = ids_of(2, 64)  # 8 chunks
+    calls = []
+    hook = model.suffix_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    loss = model(ids, labels=ids).loss
+    forward, calls[:] = len(calls), []
+    loss.backward()
+    hook.remove()
+    assert (forward, len(calls)) == (8, 8), f"suffix block ran {forward} times in the forward, {len(calls)} in the " \
+                                            f"backward, for 8 chunks"
+
+
 def test_prefix_is_recomputed_in_meta_training_unless_turned_off():
     ids = ids_of(1, 24)
     for recompute, expected in ((True, 2), (False, 1)):
@@ -281,3 +296,14 @@ def test_the_long_context_bench_measures_every_family(tmp_path):
     assert "| e2e | train |" in table and "per doubling" in table and "memory " in table
     bench.plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_peak_memory_counts_allocations_not_views_and_frees():
+    before = torch.randn(1000)  # made before the block: its views allocate nothing
+    with PeakMemory() as memory:
+        view = before[10:].detach()
+        first = torch.ones(2000)  # 8000 bytes
+        del first
+        second = torch.ones(1000) + 1  # 4000 + 4000 bytes, the first freed
+    assert memory.peak_bytes == 8000, memory.peak_bytes
+    assert view.shape == (990,) and second.shape == (1000,)

@@ -26,8 +26,12 @@ class _StorageCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output that shares an input's storage (a view, detach, an in-place result) allocated nothing; this
+        # also keeps views of tensors made before the block (the weights) out of the count
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" \
+                    and id(tensor.untyped_storage()) not in inputs:
                 # a storage keeps one Python object for its whole life (PyTorch preserves it), so a finalizer on
                 # it runs when the memory is released, whoever held the last view
                 storage = tensor.untyped_storage()
