@@ -289,11 +289,12 @@ class E2EAttention(nn.Module):
         """[B, H, T, f] attention output -> heads merged, through o_proj -> [B, T, d]."""
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 
-    def sequence_attention(self, x, past=None, start: int = 0):
+    def sequence_attention(self, x, past=None, start: int = 0, keep: bool = True):
         """Sliding-window (or full) causal attention over a whole sequence at absolute positions start.. (the
         prefix blocks, and every block with TTT off), blockwise (`sliding_window_attention`, fused kernels).
         past: (k, v) [B, P, H, f] already rotated, of the positions just before `start` (decoding); returns
-        (output, (k, v) of the last W positions to keep for the next call: a copy, not a view of the sequence's)."""
+        (output, (k, v) of the last W positions to keep for the next call: a copy, not a view of the sequence's;
+        None unless `keep`)."""
         q, k, v = self.qkv(x)
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         q, k = self.rope(q, positions), self.rope(k, positions)
@@ -301,6 +302,8 @@ class E2EAttention(nn.Module):
             k, v = torch.cat([past[0].to(k.dtype), k], 1), torch.cat([past[1].to(v.dtype), v], 1)
         window = self.config.sliding_window
         out = sliding_window_attention(*(t.transpose(1, 2) for t in (q, k, v)), window)
+        if not keep:
+            return self.merge(out), None
         return self.merge(out), (k, v) if window is None else (k[:, -window:].clone(), v[:, -window:].clone())
 
     def chunk_attention(self, x, past_k, past_v, start: int):
@@ -544,7 +547,7 @@ class E2EModel(E2EPreTrainedModel):
         config = self.config
         recompute = self.gradient_checkpointing or (config.recompute_prefix and config.train_mode == "meta")
         for block in blocks:
-            attention = lambda x, block=block: block.self_attn.sequence_attention(x)[0]
+            attention = lambda x, block=block: block.self_attn.sequence_attention(x, keep=False)[0]
             if recompute and self.training and torch.is_grad_enabled():
                 hidden_states = torch.utils.checkpoint.checkpoint(block, hidden_states, attention, use_reentrant=False)
             else:
