@@ -714,15 +714,15 @@ def token_nll(hidden_states, head, targets, block: int = LOSS_BLOCK):
     """[B, T] cross-entropy of head(hidden_states[:, t]) (in float32, float64 for a float64 model) against
     targets[:, t], 0 where the target is -100. One block of positions at a time, each block's logits recomputed
     in the backward: neither pass holds the [B, T, V] logits (with a 128K vocabulary those are 4 GB per 8K
-    tokens)."""
+    tokens). The blocks are a split, not slices, whose backward would add each block's gradient into a zero tensor
+    of the whole sequence (quadratic in T)."""
     def block_nll(h, t):
         logits = head(h)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits.transpose(1, 2), t.clamp_min(0), reduction="none") * (t != -100)
 
     pieces = []
-    for start in range(0, hidden_states.shape[1], block):
-        h, t = hidden_states[:, start:start + block], targets[:, start:start + block]
+    for h, t in zip(hidden_states.split(block, 1), targets.split(block, 1), strict=True):  # split: see below
         if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
             pieces.append(torch.utils.checkpoint.checkpoint(block_nll, h, t, use_reentrant=False))
         else:

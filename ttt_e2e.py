@@ -248,14 +248,24 @@ def sliding_window_attention(q, k, v, window: int | None, fused: bool = True, bl
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         window = None
     block = block_size or min(window or ATTENTION_BLOCK, ATTENTION_BLOCK)
+    # Split, not sliced: the backward of T / block slices would add each block's gradient into a zero tensor of
+    # the whole sequence (quadratic); a split gathers them in one step. Keys: the past, then the queries' blocks.
+    starts = list(range(0, length, block))
+    sizes = [offset] + [min(block, length - start) for start in starts]
+    bounds = [(sum(sizes[:j]), sum(sizes[:j + 1])) for j in range(len(sizes))]  # key rows of each piece
+    k_pieces, v_pieces = k.split(sizes, 2), v.split(sizes, 2)
     outputs = []
-    for start in range(0, length, block):
-        end = min(start + block, length)
+    for q_block, start in zip(q.split(block, 2), starts, strict=True):
+        end = start + q_block.shape[2]
         first = 0 if window is None else max(0, start + offset - window + 1)  # the first key any query here sees
         last = end + offset  # one past the last key (the last query's own)
+        pieces = [j for j, (low, high) in enumerate(bounds) if high > first and low < last and high > low]
+        keys, values = (torch.cat([t[j][:, :, max(first, bounds[j][0]) - bounds[j][0]:
+                                        min(last, bounds[j][1]) - bounds[j][0]] for j in pieces], 2)
+                        for t in (k_pieces, v_pieces))
         mask = window_mask(torch.arange(start + offset, last, device=q.device),
                            torch.arange(first, last, device=q.device), window)
-        outputs.append(dense_attention(q[:, :, start:end], k[:, :, first:last], v[:, :, first:last], mask, fused))
+        outputs.append(dense_attention(q_block, keys, values, mask, fused))
     return torch.cat(outputs, 2)
 
 
@@ -687,10 +697,10 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         targets = next_token_targets(input_ids)
         b, length = config.mini_batch_size, input_ids.shape[1]
         logits, nll, losses, norms = [], [], [], []
-        for start in range(0, length, b):
+        # split, not sliced: the chunks' gradients reach h in one step, not each through a zero tensor of h's size
+        for start, x, chunk_targets in zip(range(0, length, b), h.split(b, 1), targets.split(b, 1), strict=True):
             update = start + b < length and step_size != 0  # the last chunk's update would reach no prediction
-            args = (start, update, step_size, keep_graph, want_logits, h[:, start:start + b],
-                    targets[:, start:start + b], *state)
+            args = (start, update, step_size, keep_graph, want_logits, x, chunk_targets, *state)
             if keep_graph:  # recompute the chunk in the backward: memory per chunk is its state, not activations
                 out = RecomputedChunk.apply(partial(self.chunk_step, start, update, step_size), want_logits,
                                             len(args) - 5, *args[5:], *self.chunk_parameters())

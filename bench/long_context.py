@@ -150,7 +150,9 @@ def sweep(args):
                     if done.returncode == 0:
                         row = json.loads(done.stdout.strip().splitlines()[-1])
                     else:
-                        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+                        code = done.returncode
+                        last = (done.stderr.strip().splitlines() or
+                                [f"exit code {code}" + (" (killed: out of memory?)" if code == -9 else "")])[-1]
                         row = {"family": family, "part": part, "length": length, "error": last[:200]}
                 except subprocess.TimeoutExpired:
                     row = {"family": family, "part": part, "length": length, "error": f"over {args.timeout} s"}
@@ -218,13 +220,13 @@ def plot(rows, path: str):
     parts = list(dict.fromkeys(row["part"] for row in rows))
     fig, axes = plt.subplots(2, len(parts), figsize=(5 * len(parts), 8), squeeze=False)
     for column, part in enumerate(parts):
-        for family in dict.fromkeys(row["family"] for row in rows):
+        for index, family in enumerate(dict.fromkeys(row["family"] for row in rows)):  # one colour per family
             mine = sorted((r for r in rows if (r["family"], r["part"]) == (family, part)), key=lambda r: r["length"])
             if not mine:
                 continue
-            lengths = [r["length"] for r in mine]
-            axes[0][column].plot(lengths, [r["peak_memory_mb"] for r in mine], marker="o", label=family)
-            axes[1][column].plot(lengths, [r["ms_per_token"] for r in mine], marker="o", label=family)
+            lengths, style = [r["length"] for r in mine], dict(marker="o", label=family, color=f"C{index}")
+            axes[0][column].plot(lengths, [max(r["peak_memory_mb"], 0.1) for r in mine], **style)
+            axes[1][column].plot(lengths, [r["ms_per_token"] for r in mine], **style)
         for row, label in enumerate(("peak memory (MB)", "ms per token")):
             ax = axes[row][column]
             ax.set_xscale("log", base=2)
@@ -233,7 +235,8 @@ def plot(rows, path: str):
             ax.set_ylabel(label)
             ax.set_title(part)
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -19,7 +19,7 @@ class _StorageCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.alive: dict[int, int] = {}  # id of a storage's Python object -> its bytes
-        self.current = self.peak = 0
+        self.current = self.peak = self.total = 0
 
     def _free(self, key: int):
         self.current -= self.alive.pop(key, 0)
@@ -39,6 +39,7 @@ class _StorageCounter(TorchDispatchMode):
                 if key not in self.alive:
                     self.alive[key] = storage.nbytes()
                     self.current += self.alive[key]
+                    self.total += self.alive[key]
                     weakref.finalize(storage, self._free, key)
         self.peak = max(self.peak, self.current)
         return out
@@ -46,17 +47,19 @@ class _StorageCounter(TorchDispatchMode):
 
 class PeakMemory:
     """with PeakMemory(device) as m: ...  then m.peak_bytes: the most bytes of tensors allocated in the block and
-    alive at once (CUDA: torch.cuda.max_memory_allocated above the memory allocated at entry)."""
+    alive at once (CUDA: torch.cuda.max_memory_allocated above the memory allocated at entry), and m.total_bytes:
+    all bytes allocated in the block (the memory traffic of allocations; linear work allocates linearly)."""
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
-        self.peak_bytes = 0
+        self.peak_bytes = self.total_bytes = 0
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
+            self._allocated = torch.cuda.memory_stats(self.device).get("allocated_bytes.all.allocated", 0)
         else:
             self._counter = _StorageCounter().__enter__()
         return self
@@ -65,7 +68,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            stats = torch.cuda.memory_stats(self.device)
+            self.total_bytes = stats.get("allocated_bytes.all.allocated", 0) - self._allocated
         else:
             self._counter.__exit__(*exc)
-            self.peak_bytes = self._counter.peak
+            self.peak_bytes, self.total_bytes = self._counter.peak, self._counter.total
         return False
