@@ -20,6 +20,8 @@ Notation in comments: B batch, T length, d hidden, H heads, f = d / H head dim, 
 (mini_batch_size), s suffix blocks, V vocabulary.
 """
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -252,14 +254,15 @@ def sliding_window_attention(q, k, v, window: int | None, fused: bool = True, bl
     # the whole sequence (quadratic); a split gathers them in one step. Keys: the past, then the queries' blocks.
     starts = list(range(0, length, block))
     sizes = [offset] + [min(block, length - start) for start in starts]
-    bounds = [(sum(sizes[:j]), sum(sizes[:j + 1])) for j in range(len(sizes))]  # key rows of each piece
+    ends = list(itertools.accumulate(sizes))
+    bounds = [(end - size, end) for size, end in zip(sizes, ends, strict=True)]  # key rows of each piece
     k_pieces, v_pieces = k.split(sizes, 2), v.split(sizes, 2)
     outputs = []
-    for q_block, start in zip(q.split(block, 2), starts, strict=True):
+    for i, (q_block, start) in enumerate(zip(q.split(block, 2), starts, strict=True)):
         end = start + q_block.shape[2]
         first = 0 if window is None else max(0, start + offset - window + 1)  # the first key any query here sees
-        last = end + offset  # one past the last key (the last query's own)
-        pieces = [j for j, (low, high) in enumerate(bounds) if high > first and low < last and high > low]
+        last = end + offset  # one past the last key (the last query's own): the end of piece i + 1
+        pieces = [j for j in range(bisect.bisect_right(ends, first), i + 2) if bounds[j][1] > bounds[j][0]]
         keys, values = (torch.cat([t[j][:, :, max(first, bounds[j][0]) - bounds[j][0]:
                                         min(last, bounds[j][1]) - bounds[j][0]] for j in pieces], 2)
                         for t in (k_pieces, v_pieces))
