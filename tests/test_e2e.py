@@ -420,7 +420,7 @@ def test_extension_from_a_pretrained_e2e_model_resets_the_warm_up(tmp_path, caps
 def test_activation_checkpointing_of_the_prefix_keeps_the_gradients():
     from ttt_train.models import enable_activation_checkpointing
 
-    model = tiny_model(torch.float64).train()
+    model = tiny_model(torch.float64, recompute_prefix=False).train()  # plain: nothing recomputed
     ids = token_ids(2, 16)
     plain = gradients(model, model(ids, labels=ids).loss)
     enable_activation_checkpointing(model)
@@ -428,6 +428,14 @@ def test_activation_checkpointing_of_the_prefix_keeps_the_gradients():
     checkpointed = gradients(model, model(ids, labels=ids).loss)
     for name, grad in plain.items():
         assert_close(f"gradient of {name}", checkpointed[name], grad, atol=1e-12)
+
+
+def test_no_recompute_prefix_reaches_the_model(tmp_path, capsys):
+    from helpers import run
+
+    folder = run(tmp_path, *E2E_RUN, "--max_train_steps", "1", "--no-recompute_prefix")
+    assert E2EConfig.from_pretrained(folder / "final_model").recompute_prefix is False
+    assert "prefix activations kept" in capsys.readouterr().out
 
 
 def test_resume_refuses_the_other_e2e_model_type(tmp_path, capsys):

@@ -214,6 +214,7 @@ def test_a_training_chunk_runs_once_in_the_forward_and_once_in_the_backward():
 
 def test_prefix_is_recomputed_in_meta_training_unless_turned_off():
     ids = ids_of(1, 24)
+    gradients = {}
     for recompute, expected in ((True, 2), (False, 1)):
         model = e2e(recompute_prefix=recompute).train()
         calls = []
@@ -222,6 +223,9 @@ def test_prefix_is_recomputed_in_meta_training_unless_turned_off():
         model(ids, labels=ids).loss.backward()
         hook.remove()
         assert len(calls) == expected, f"recompute_prefix={recompute}: prefix block ran {len(calls)} times"
+        gradients[recompute] = {name: p.grad for name, p in model.named_parameters()}
+    for name, grad in gradients[False].items():
+        assert_close(f"gradient of {name} with the prefix recomputed", gradients[True][name], grad, atol=1e-12)
 
 
 def llama():
