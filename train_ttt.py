@@ -10,6 +10,7 @@ dashed spelling (--max-train-steps), and a few take the names other trainers use
 """
 
 import argparse
+import contextlib
 import difflib
 import math
 import os
@@ -292,10 +293,8 @@ def yaml_argv(values: dict, parser, path: str) -> list:
             argv.append(flag if value else f"--no-{flag[2:]}")
             continue
         if action.type is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
-            try:
+            with contextlib.suppress(ValueError):  # not a number: the type check below names the key and value
                 value = float(value)
-            except ValueError:
-                pass  # not a number: the type check below names the key and the value
         expected = {int: (int,), float: (int, float)}.get(action.type, (str,))
         if value is None or isinstance(value, bool) or not isinstance(value, expected):
             kind = {int: "an integer", float: "a number"}.get(action.type, "a string")

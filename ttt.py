@@ -710,6 +710,13 @@ def decoding_state(cache, past_key_values, cache_class: type | None = None):
 LOSS_BLOCK = 1024  # positions whose logits exist at once in a loss: [B, 1024, V] in float32
 
 
+def token_cross_entropy(logits, targets):
+    """[B, T] cross-entropy of logits [B, T, V] (in float32, float64 for a float64 model) against targets, 0 where
+    the target is -100."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none") * (targets != -100)
+
+
 def token_nll(hidden_states, head, targets, block: int = LOSS_BLOCK):
     """[B, T] cross-entropy of head(hidden_states[:, t]) (in float32, float64 for a float64 model) against
     targets[:, t], 0 where the target is -100. One block of positions at a time, each block's logits recomputed
@@ -717,9 +724,7 @@ def token_nll(hidden_states, head, targets, block: int = LOSS_BLOCK):
     tokens). The blocks are a split, not slices, whose backward would add each block's gradient into a zero tensor
     of the whole sequence (quadratic in T)."""
     def block_nll(h, t):
-        logits = head(h)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits.transpose(1, 2), t.clamp_min(0), reduction="none") * (t != -100)
+        return token_cross_entropy(head(h), t)
 
     pieces = []
     for h, t in zip(hidden_states.split(block, 1), targets.split(block, 1), strict=True):  # split: see below

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ttt import CACHE_FIELD, decoding_state, next_token_targets, token_nll
+from ttt import CACHE_FIELD, decoding_state, next_token_targets, token_cross_entropy, token_nll
 
 TRAIN_MODES = ("meta", "pretrain")  # meta: the inner loop runs (TTT-E2E); pretrain: it does not (TTT off, or fa)
 
@@ -397,9 +397,7 @@ def chunk_losses(logits, targets, chunk: int | None, bos_token_id: int | None = 
     positions whose target is neither -100 nor BOS; a chunk without such targets has loss 0 (the official
     denominator is clamped at 1e-10). targets[b, t] is the token position t predicts. Logits in float32. The
     reference form, from whole-sequence logits; the model computes the same from `token_nll` chunk by chunk."""
-    nll = F.cross_entropy(logits.to(compute_dtype(logits.dtype)).transpose(1, 2), targets.clamp_min(0),
-                          reduction="none")  # [B, T]
-    return chunk_means(nll, loss_mask(targets, bos_token_id), chunk)[0]
+    return chunk_means(token_cross_entropy(logits, targets), loss_mask(targets, bos_token_id), chunk)[0]
 
 
 def loss_mask(targets, bos_token_id: int | None):
@@ -645,7 +643,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
                 h = block(h, attention, fast_weights=fast[3 * i:3 * i + 3])
             logits = self.lm_head(self.model.norm(h))
             logits = logits.to(compute_dtype(logits.dtype))
-            nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")  # [B, n]
+            nll = token_cross_entropy(logits, targets)  # [B, n], 0 where there is no target
             valid = loss_mask(targets, config.bos_token_id)
             loss = (nll * valid).sum(1) / valid.sum(1).clamp_min(1e-10)  # [B]
             norm = None
@@ -787,10 +785,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
             if out[0] is not None:
                 logits.append(out[0][:, max(0, keep_from - start):])
             state = list(out[4:])
-        n = 3 * len(suffix)
-        cache.fast = [tuple(state[i:i + 3]) for i in range(0, n, 3)]
-        for j, layer in enumerate(suffix):
-            cache.kv[layer] = (state[n + 2 * j], state[n + 2 * j + 1])
+        self._keep_state(cache, state)
         rest = self._cached_segment(input_ids[:, done:], done, cache, want_logits=True, prefix_output=h[:, done:])
         logits.append(rest[:, max(0, keep_from - done):])
         return length
@@ -801,12 +796,17 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         state = [w for triple in cache.fast for w in triple] + [t for i in suffix for t in cache.kv[i]]
         out = self.chunk_step(start, self.inner_step_size() != 0, self.inner_step_size(), False, False,
                               cache.chunk_inputs, targets, *state)
-        new = list(out[4:])
-        n = 3 * len(suffix)
-        cache.fast = [tuple(new[i:i + 3]) for i in range(0, n, 3)]
-        for j, layer in enumerate(suffix):
-            cache.kv[layer], cache.chunk_kv[layer] = (new[n + 2 * j], new[n + 2 * j + 1]), None
+        self._keep_state(cache, out[4:])
         cache.chunk_inputs = cache.chunk_ids = None
+
+    def _keep_state(self, cache: E2ECache, state):
+        """A chunk step's new state (the fast weights, then each suffix block's window) into the cache, the current
+        chunk's keys and values emptied."""
+        suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
+        n = 3 * len(suffix)
+        cache.fast = [tuple(state[i:i + 3]) for i in range(0, n, 3)]
+        for j, layer in enumerate(suffix):
+            cache.kv[layer], cache.chunk_kv[layer] = (state[n + 2 * j], state[n + 2 * j + 1]), None
     def _cached_segment(self, ids, position: int, cache: E2ECache, want_logits: bool = True, prefix_output=None):
         """Tokens `ids` at `position` (within one chunk in meta mode) through every block with the cache, or, given
         prefix_output (their prefix blocks' output, from a prefill), through the suffix blocks only. Returns their
@@ -845,11 +845,9 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         """[B, T] the cross-entropy of each position's prediction of the next token (0 at the last position; BOS
         targets included), chunk by chunk, without the [B, T, V] logits (evaluation by position at long
         context)."""
-        targets = next_token_targets(input_ids)
         if self.config.train_mode == "meta":
-            nll = self.meta_forward(input_ids, self.model.embed_tokens(input_ids), want_logits=False)[1]
-            return nll * (targets != -100)
-        return token_nll(self.model(input_ids), self.lm_head, targets)
+            return self.meta_forward(input_ids, self.model.embed_tokens(input_ids), want_logits=False)[1]
+        return token_nll(self.model(input_ids), self.lm_head, next_token_targets(input_ids))
 
     # ---------------------------------------------------------------- forward
 
@@ -906,8 +904,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = next_token_targets(labels)
             if nll is None:  # decoding through a cache: its logits
-                nll = F.cross_entropy(logits.to(compute_dtype(logits.dtype)).transpose(1, 2), targets.clamp_min(0),
-                                      reduction="none")
+                nll = token_cross_entropy(logits, targets)
             per_chunk, counts = chunk_means(nll, loss_mask(targets, self.config.bos_token_id),
                                             self.config.mini_batch_size)
             loss = mean_over_chunks(per_chunk, counts)
