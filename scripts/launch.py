@@ -32,6 +32,9 @@ RECIPES = {
     "1b": dict(learning_rate=1e-3, max_train_steps=50000, per_device_batch=4, fsdp=True),
 }
 GLOBAL_BATCH = 256
+# The GPUs every recipe is planned for: one node of 8 80-GB GPUs (per_device_batch and the accumulation that makes
+# up the global batch). A dry run on a host without GPUs prints the command for these.
+RECIPE_GPUS = 8
 INNER_BASE_LR = {"linear": 1.0, "mlp": 0.1}  # the paper's eta_base per inner model
 
 # TTT-E2E's official recipes (test-time-training/e2e configs; ../shared/reference_e2e/SPEC.md 2.6): pretraining
@@ -167,13 +170,15 @@ def main(argv=None):
             f"launch: no CUDA GPU found; the {args.size} recipe is meant for GPUs and would take weeks on this "
             f"CPU. Run it here anyway? [y/N] "):
         parser.error(f"no CUDA GPU found: the {args.size} recipe is meant for GPUs and would take weeks on this CPU; "
-                     f"--dry-run prints its command (with NUM_GPUS=8: the 8-GPU one), --num_gpus 0 runs it here on "
+                     f"--dry-run prints its command on the recipe's {RECIPE_GPUS} GPUs, --num_gpus 0 runs it here on "
                      f"purpose, and train_ttt.py trains small models on a CPU (README: Quick start)")
-    if num_gpus == 0:
+    if num_gpus == 0 and args.dry_run and not chosen:  # the command the recipe runs on the GPUs it is planned for
+        here = build_command(args.size, args.layer, 0, extra, args.family, args.stage, args.variant)
+        print(f"launch: no GPU found here; printing the recipe's command on its {RECIPE_GPUS} GPUs (--num_gpus N for "
+              f"another count); on this CPU, as one process, it would run: {shlex.join(here)}", file=sys.stderr)
+        num_gpus = RECIPE_GPUS
+    elif num_gpus == 0:
         print("launch: no GPU found; the run goes to the CPU as one process", file=sys.stderr)
-        if args.dry_run:  # what the recipe runs on the GPUs it is meant for, beside what would run here
-            gpu_command = build_command(args.size, args.layer, 8, extra, args.family, args.stage, args.variant)
-            print(f"launch: on 8 GPUs it runs: {shlex.join(gpu_command)}", file=sys.stderr)
     if args.family == "ttt" and args.size not in RECIPES:
         parser.error(f"TTT-Linear/MLP recipes exist for {', '.join(RECIPES)}, not {args.size}")
     if args.family == "e2e" and args.stage == "extend":

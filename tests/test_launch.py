@@ -190,5 +190,9 @@ def test_a_gpu_recipe_without_a_gpu_and_without_a_terminal_is_refused(tmp_path):
     assert result.returncode == 2 and "needs a terminal" in result.stderr and "train_125m_c4.sh" in result.stderr
     dry = subprocess.run([str(ROOT / "scripts" / "train_125m_c4.sh"), "--dry-run"], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=120)
-    assert dry.returncode == 0 and "launch: on 8 GPUs it runs: accelerate launch" in dry.stderr
-    assert "train_gpu_optimized.py" in dry.stdout.strip().splitlines()[-1]  # what would run here
+    assert dry.returncode == 0 and "printing the recipe's command on its 8 GPUs" in dry.stderr
+    here = shlex.split(dry.stderr.split("it would run: ")[1].splitlines()[0])  # what would run here: plain python
+    assert here[1] == str(ROOT / "train_gpu_optimized.py") and "--per_device_train_batch_size" in here
+    printed = shlex.split(dry.stdout.strip().splitlines()[-1])  # the README's promise: the accelerate command
+    assert printed[:2] == ["accelerate", "launch"] and printed[printed.index("--num_processes") + 1] == "8"
+    assert printed[printed.index("--gradient_accumulation_steps") + 1] == "2"  # 256 = 8 GPUs x 16 x 2

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import datasets
 import pytest
@@ -69,12 +70,51 @@ def test_resume_gives_the_same_losses(tmp_path, model_type):
     assert all(r["lr"] == lrs[r["step"]] for r in metrics(resumed) if "lr" in r)
 
 
+def test_the_progress_rate_after_a_resume_leaves_out_the_first_step(tmp_path, monkeypatch):
+    """A fake clock: the resumed process's first step takes an hour (start-up, compilation, the stream's
+    fast-forward), every later one a second. The bar's rate is then one step per second, and its elapsed time the
+    later steps' (a bar started before the first step reported hours of ETA after a resume)."""
+    import tqdm.std
+
+    from ttt_train import loop
+
+    run(tmp_path, "--max_train_steps", "4", "--save_checkpoint_freq", "2")
+    clock = types.SimpleNamespace(now=1000.0, steps=0)
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock.now)
+    bars = []
+
+    class Recorded(tqdm.std.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+            self.etas = {}
+
+        def update(self, n=1):  # the ETA the bar shows after each step: steps left / its rate
+            super().update(n)
+            shown = self.format_dict
+            self.etas[self.n] = (self.total - self.n) / shown["rate"] if shown["rate"] else None
+
+    def timed_flags(*args):  # once per step, before the step is counted
+        clock.steps += 1
+        clock.now += 3600.0 if clock.steps == 1 else 1.0
+        return flags(*args)
+
+    flags = loop.synchronised_flags
+    monkeypatch.setattr(loop, "synchronised_flags", timed_flags)
+    monkeypatch.setattr(loop, "tqdm", Recorded)
+    run(tmp_path, "--max_train_steps", "14", "--resume_from_checkpoint", "latest")
+    (bar,) = bars
+    assert bar.etas == pytest.approx({n: 14.0 - n for n in range(6, 15)}), bar.etas
+    assert (bar.initial, bar.n, clock.steps) == (5, 14, 10)  # resumed at 4: the bar starts after step 5
+    assert bar.format_dict["elapsed"] == 9.0
+
+
 def test_checkpoints_are_pruned_and_milestones_kept(tmp_path):
     folder = run(tmp_path, "--max_train_steps", "12", "--save_checkpoint_freq", "2", "--save_total_limit", "2",
                  "--save_milestone_freq", "5")
     names = sorted(p.name for p in folder.iterdir() if p.is_dir())
     assert names == ["checkpoint-10", "checkpoint-12", "final_model", "milestone-10", "milestone-5"]
-    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == [".lock"]  # no partial saves left
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no partial saves, no lock note
     state = json.loads((folder / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["step"] == 12 and len(state["data"]) == 1 and state["data"][0]["documents"] > 0
     model = TTTForCausalLM.from_pretrained(folder / "checkpoint-12")

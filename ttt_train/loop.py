@@ -299,10 +299,8 @@ def train(args, handle_signals: bool = False):
                 remote.release_if_unused(fresh)
             except UserError as error:  # the run's own outcome (or error) is what the user must see
                 accelerator.print(f"note: {error}")
-        if created and accelerator.is_main_process and output_dir.is_dir() \
-                and [p.name for p in output_dir.iterdir()] == [rundir.LOCK_FILE]:
-            (output_dir / rundir.LOCK_FILE).unlink()  # a run that stopped on bad input leaves no folder behind
-            output_dir.rmdir()
+        if created and accelerator.is_main_process and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # a run that stopped on bad input leaves no folder behind
 
 
 class Evaluator:
@@ -556,7 +554,9 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
     inner_loop = InnerLoopMetrics(log, accelerator, args.logging_steps, args.max_train_steps, config)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     guard = DivergenceGuard(args.on_nonfinite, output_dir, log)
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
+    # The bar starts after this process's first step: its rate and ETA then leave out start-up, compilation and a
+    # resumed stream's fast-forward, which a bar made here counted as one step's time (hours of ETA after a resume).
+    progress = None
     stop_now = False
     with StopRequest(handle_signals) as stop:
         model.train()
@@ -580,7 +580,10 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            progress.update(1)
+            if progress is None:
+                progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
+            else:
+                progress.update(1)
 
             tokens += tokens_per_step
             metrics.after_step(step, scheduler.get_last_lr()[0], grad_norm)
@@ -589,7 +592,8 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
             checkpointer.after_step(step, args, stop_now, eval_loss)
             if stop_now:
                 break
-    progress.close()
+    if progress is not None:
+        progress.close()
     if args.data_prefetch:
         train_batches.close()
     if stop_now and step < args.max_train_steps:

@@ -208,50 +208,56 @@ def prune_checkpoints(output_dir: Path, keep: int):
 
 class RunLock:
     """Exclusive ownership of an output directory while a run (all its processes) works in it: an advisory lock
-    (flock) on `<output_dir>/.lock`, held by the main process, released by the kernel when the process ends, even
-    by kill -9. The file records who holds it; a lock left by a dead process is simply taken over."""
+    (flock) on the directory itself, held by the main process, released by the kernel when the process ends, even
+    by kill -9. A note `<output_dir>/.lock` says who holds it while it is held and is deleted on release, so a
+    finished run leaves no lock file; a note found on acquiring is that of a holder that ended without releasing.
+    (The lock is on the directory, not on the note: deleting a locked file would let a second trainer lock a new
+    file of the same name while the first still holds the old one.)"""
 
     def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / LOCK_FILE
-        self.file = None
+        self.folder = Path(output_dir)
+        self.path = self.folder / LOCK_FILE
+        self.fd = None
 
     def acquire(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a+")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            self.file = None
-            raise self.in_use(holder) from None
-        self.file.seek(0)
-        previous = self.file.read().strip()
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self.file.flush()
-        # a holder that ended without releasing it (kill -9, a crash): the kernel dropped its lock, not the note
+            os.close(fd)
+            raise self.in_use(self.holder()) from None
+        self.fd = fd
+        previous = self.holder(default="")
+        self.path.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        # an empty note is what releases in order wrote before they deleted it: nothing to report
         return f"took over the lock of a trainer that ended without releasing it ({previous})" if previous else None
 
+    def holder(self, default="another process") -> str:
+        try:
+            return self.path.read_text().strip() or default
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            return default
+
     def in_use(self, holder: str) -> CheckpointError:
-        return CheckpointError(f"output_dir {self.path.parent} is in use by a running trainer ({holder}); wait for it "
+        return CheckpointError(f"output_dir {self.folder} is in use by a running trainer ({holder}); wait for it "
                                f"to finish, stop it, or choose another --output_dir")
 
     def check_free(self):
         """Only looks (creates nothing): the lock is not held by a running trainer, else its CheckpointError."""
         try:
-            with self.path.open("r") as file:
-                try:
-                    fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise self.in_use(file.read().strip() or "another process") from None
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # no folder (or not one, or unreadable): nobody holds it; the caller reports the rest
             return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self.in_use(self.holder()) from None
+        finally:
+            os.close(fd)
 
     def release(self):
-        if self.file is not None:
-            self.file.truncate(0)  # an empty note: released in order
-            self.file.close()  # closing releases the flock
-            self.file = None
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no other trainer can be writing its own note
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
