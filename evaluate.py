@@ -1,12 +1,18 @@
-"""Perplexity of saved models on a dataset, overall and by token position, as JSON and one comparison plot.
+"""Perplexity of saved models on a dataset, overall and by token position, and passkey retrieval by context length
+and needle depth, as JSON and one comparison plot per task.
 
     python evaluate.py --model_name_or_path outputs/ttt/final_model outputs/transformer/final_model \\
         --dataset_name ../shared/data/tinyshakespeare.txt --seq_length 1024 --output_dir outputs/eval
+    python evaluate.py --model_name_or_path RUN/final_model --tasks passkey --passkey_lengths 1024 4096 16384 \\
+        --output_dir outputs/passkey
 
-Writes OUT/eval.json, a list with per model: model, loss, perplexity, tokens, and by_position, a list of
-{start, end, loss, perplexity} over the positions (in the block) of the predicted tokens; and
-OUT/ppl_by_position.png. Evaluating at a --seq_length beyond the training context (e.g. 2x) shows how a model
-uses long context. The data is loaded as in training; `--split validation` (the default) is the trainer's
+Perplexity writes OUT/eval.json, a list with per model: model, loss, perplexity, tokens, by_position, a list of
+{start, end, loss, perplexity} over the positions (in the block) of the predicted tokens in buckets of
+--bucket_size (end exclusive), and by_position_log, the same over log-spaced buckets [1, 2), [2, 4), [4, 8), ...;
+and OUT/ppl_by_position.png (--buckets chooses which the plot shows). Evaluating at a --seq_length beyond the
+training context (e.g. 2x) shows how a model uses long context; memory does not grow with the whole block's
+logits (the loss is taken a block of positions at a time). Passkey (ttt_train/passkey.py) writes OUT/passkey.json
+and the heatmap OUT/passkey.png. The data is loaded as in training; `--split validation` (the default) is the trainer's
 validation data (the dataset's validation split, or the same held-out documents for the same --seed and
 --validation_split), so the loss matches the trainer's eval loss on the same blocks; `--split all` evaluates every
 document of the data (a whole test file, e.g. WikiText-2's test.txt), up to --max_eval_tokens.
@@ -14,6 +20,7 @@ document of the data (a whole test file, e.g. WikiText-2's test.txt), up to --ma
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -21,30 +28,44 @@ import datasets
 import torch
 
 from ttt import next_token_targets, token_nll
-from ttt_train import cli, data, hub
+from ttt_train import cli, data, hub, passkey
 from ttt_train.metrics import perplexity
 from ttt_train.rundir import TRAINER_STATE
 
-OUTPUTS = ("eval.json", "ppl_by_position.png")  # what an evaluation writes in --output_dir
+TASKS = {"perplexity": ("eval.json", "ppl_by_position.png"), "passkey": ("passkey.json", "passkey.png")}
+OUTPUTS = tuple(name for names in TASKS.values() for name in names)  # what an evaluation writes in --output_dir
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", nargs="+", required=True, help="saved model folders (or Hub ids)")
-    p.add_argument("--dataset_name", required=True, help="as in train_ttt.py: Hub id, local file or folder")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["perplexity"],
+                   help="perplexity (by position) and/or passkey (retrieval by length x depth)")
+    p.add_argument("--dataset_name", help="as in train_ttt.py: Hub id, local file or folder (perplexity; passkey "
+                                          "with --passkey_filler data)")
     p.add_argument("--dataset_config")
     p.add_argument("--split", default="validation",
                    help="'validation' (the trainer's validation data), 'all' (every document of every split), or "
                         "a split name of the dataset, e.g. test; a single local file is one split named train")
     p.add_argument("--text_column")
     p.add_argument("--tokenizer_name", help="default: the tokenizer saved with each model")
-    p.add_argument("--seq_length", type=int, required=True, help="tokens per evaluated block")
+    p.add_argument("--seq_length", type=int, help="tokens per evaluated block (perplexity)")
     p.add_argument("--max_eval_tokens", type=int, default=2**20, help="at most this many tokens per model")
     p.add_argument("--bucket_size", type=int, help="positions per by_position bucket (default: seq_length / 16)")
+    p.add_argument("--buckets", choices=["linear", "log"], default="linear",
+                   help="the plot's buckets: linear (--bucket_size) or log-spaced (powers of two, log axis)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--validation_split", type=float, default=0.05, help="as in train_ttt.py")
     p.add_argument("--streaming_eval_docs", type=int, default=1000, help="as in train_ttt.py")
     p.add_argument("--seed", type=int, default=42, help="as in train_ttt.py (chooses the held-out documents)")
+    k = p.add_argument_group("passkey")
+    k.add_argument("--passkey_lengths", type=int, nargs="+", help="prompt lengths in tokens (default: --seq_length)")
+    k.add_argument("--passkey_depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths, 0 (after the start) to 1 (right before the question)")
+    k.add_argument("--passkey_trials", type=int, default=5, help="prompts (keys) per length x depth")
+    k.add_argument("--passkey_digits", type=int, default=5, help="digits of the key")
+    k.add_argument("--passkey_filler", choices=["generated", "data"], default="generated",
+                   help="the haystack: repeated generated sentences, or the documents of --dataset_name")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help=f"replace the {' and '.join(OUTPUTS)} of an earlier evaluation in --output_dir")
@@ -52,17 +73,33 @@ def build_parser():
 
 
 def check_args(args, parser):
+    needs_data = "perplexity" in args.tasks or ("passkey" in args.tasks and args.passkey_filler == "data")
+    if needs_data and not args.dataset_name:
+        parser.error("--dataset_name is required for " + ("--tasks perplexity" if "perplexity" in args.tasks
+                                                          else "--passkey_filler data"))
+    if "perplexity" in args.tasks and args.seq_length is None:
+        parser.error("--seq_length is required for --tasks perplexity")
+    if "passkey" in args.tasks:
+        args.passkey_lengths = args.passkey_lengths or ([args.seq_length] if args.seq_length else None)
+        if not args.passkey_lengths:
+            parser.error("--tasks passkey needs --passkey_lengths (or --seq_length)")
+        if min(args.passkey_lengths) <= 0 or args.passkey_trials <= 0 or args.passkey_digits <= 0:
+            parser.error("--passkey_lengths, --passkey_trials and --passkey_digits must be positive")
+        if not all(0 <= depth <= 1 for depth in args.passkey_depths):
+            parser.error(f"--passkey_depths must lie in [0, 1], got {args.passkey_depths}")
     for name in ("seq_length", "max_eval_tokens", "batch_size"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.seq_length < 2:
-        parser.error("--seq_length must be at least 2 (one context token and one predicted token)")
-    if args.max_eval_tokens < args.seq_length:
-        parser.error(f"--max_eval_tokens ({args.max_eval_tokens}) must be at least --seq_length ({args.seq_length})")
-    args.bucket_size = args.bucket_size or max(1, args.seq_length // 16)
-    if args.bucket_size <= 0:
+    if args.seq_length is not None:
+        if args.seq_length < 2:
+            parser.error("--seq_length must be at least 2 (one context token and one predicted token)")
+        if args.max_eval_tokens < args.seq_length:
+            parser.error(f"--max_eval_tokens ({args.max_eval_tokens}) must be at least --seq_length "
+                         f"({args.seq_length})")
+        args.bucket_size = args.bucket_size or max(1, args.seq_length // 16)
+    if args.bucket_size is not None and args.bucket_size <= 0:
         parser.error(f"--bucket_size must be positive, got {args.bucket_size}")
-    existing = [name for name in OUTPUTS if (Path(args.output_dir) / name).exists()]
+    existing = [name for task in args.tasks for name in TASKS[task] if (Path(args.output_dir) / name).exists()]
     if existing and not args.overwrite_output_dir:
         parser.error(f"--output_dir {args.output_dir} already holds {' and '.join(existing)} of an earlier "
                      f"evaluation; choose another folder, or pass --overwrite_output_dir to replace them")
@@ -113,10 +150,16 @@ def next_token_losses(model, batch):
     return token_nll(hidden_states, model.get_output_embeddings(), next_token_targets(batch))
 
 
-def by_position(totals, num_blocks, bucket_size):
+def by_position(totals, num_blocks, bucket_size=None):
+    """Mean loss and perplexity over buckets of target positions 1..T-1 ([start, end), end exclusive): of
+    `bucket_size` positions, or without it log-spaced, [1, 2), [2, 4), [4, 8), ... (the last cut at T)."""
+    count = totals.shape[0]
+    if bucket_size:
+        starts = list(range(1, count + 1, bucket_size))
+    else:
+        starts = [2 ** i for i in range(int(math.log2(count)) + 1)]
     buckets = []
-    for start in range(1, totals.shape[0] + 1, bucket_size):
-        end = min(start + bucket_size, totals.shape[0] + 1)
+    for start, end in zip(starts, [*starts[1:], count + 1]):
         loss = (totals[start - 1:end - 1].sum() / (num_blocks * (end - start))).item()
         buckets.append({"start": start, "end": end, "loss": loss, "perplexity": perplexity(loss)})
     return buckets
@@ -128,22 +171,26 @@ def training_context(model_dir):
     return json.loads(state.read_text())["args"]["seq_length"] if state.is_file() else None
 
 
-def plot(results, path, seq_length):
+def plot(results, path, seq_length, buckets="linear"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = "by_position" if buckets == "linear" else "by_position_log"
     fig, ax = plt.subplots(figsize=(8, 5))
     marked = False  # a dotted line at a model's training context, when the evaluation goes beyond it
     for result in results:
-        x = [(b["start"] + b["end"] - 1) / 2 for b in result["by_position"]]
-        line, = ax.plot(x, [b["perplexity"] for b in result["by_position"]], marker="o", markersize=3,
+        x = [(b["start"] + b["end"] - 1) / 2 for b in result[key]]
+        line, = ax.plot(x, [b["perplexity"] for b in result[key]], marker="o", markersize=3,
                         label=f"{result['label']} (ppl {result['perplexity']:.2f})")
         if result["training_context"] and result["training_context"] < seq_length:
             ax.axvline(result["training_context"], color=line.get_color(), linestyle=":", linewidth=1)
             marked = True
-    ax.set_xlabel("token position in the sequence" + (" (dotted: training context)" if marked else ""))
+    if buckets == "log":
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position in the sequence" + (" (log-spaced buckets)" if buckets == "log" else "")
+                  + (" (dotted: training context)" if marked else ""))
     ax.set_ylabel("perplexity")
     ax.set_title(f"Perplexity by token position, sequences of {seq_length} tokens")
     ax.grid(alpha=0.3)
@@ -153,36 +200,80 @@ def plot(results, path, seq_length):
     plt.close(fig)
 
 
+def perplexity_result(model, model_dir, blocks, args) -> dict:
+    totals = position_losses(model, blocks, args.batch_size)
+    loss = (totals.sum() / totals.numel() / blocks.shape[0]).item()
+    print(f"{model_dir}: loss {loss:.4f}, perplexity {perplexity(loss):.3f} over {totals.numel() * blocks.shape[0]} "
+          f"tokens")
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(totals.numel() * blocks.shape[0]),
+            "training_context": training_context(model_dir),
+            "by_position": by_position(totals, blocks.shape[0], args.bucket_size),
+            "by_position_log": by_position(totals, blocks.shape[0])}
+
+
+def passkey_task(args, tokenizer, docs, text_column) -> passkey.PasskeyTask:
+    if args.passkey_filler == "generated":
+        filler = passkey.text_ids(tokenizer, " ".join([passkey.FILLER] * 8) + " ")
+    else:  # the documents as in training: each followed by EOS, enough of them for the longest prompt
+        filler = []
+        for doc in docs:
+            filler += passkey.text_ids(tokenizer, doc[text_column]) + [tokenizer.eos_token_id]
+            if len(filler) >= max(args.passkey_lengths):
+                break
+    task = passkey.PasskeyTask(tokenizer, filler, args.passkey_digits, args.seed)
+    if min(args.passkey_lengths) < task.shortest():
+        raise cli.UserError(f"--passkey_lengths {min(args.passkey_lengths)} is too short: a prompt with this "
+                            f"tokenizer needs at least {task.shortest()} tokens (the needle and the question)")
+    return task
+
+
 def evaluate(args):
     from ttt_train.metrics import quiet_libraries
     from ttt_train.models import describe
 
     quiet_libraries()
-    docs = evaluation_documents(args)
-    text_column = data.detect_text_column(docs, args.text_column)
-    results, blocks_by_tokenizer = [], {}
+    docs = evaluation_documents(args) if args.dataset_name else None
+    text_column = data.detect_text_column(docs, args.text_column) if docs is not None else None
+    results, tokenizers, blocks_by_tokenizer = [], {}, {}
     for model_dir in args.model_name_or_path:
         tokenizer_name = args.tokenizer_name or model_dir
-        if tokenizer_name not in blocks_by_tokenizer:
-            tokenizer = data.load_tokenizer(tokenizer_name)
-            blocks_by_tokenizer[tokenizer_name] = data.eval_blocks(docs, tokenizer, text_column, args.seq_length,
-                                                                   args.max_eval_tokens // args.seq_length)
-        blocks = blocks_by_tokenizer[tokenizer_name]
-        model = data.load_model(model_dir, dtype=torch.float32)
-        if int(blocks.max()) >= model.config.vocab_size:
+        if tokenizer_name not in tokenizers:
+            tokenizers[tokenizer_name] = data.load_tokenizer(tokenizer_name)
+        tokenizer = tokenizers[tokenizer_name]
+        model = data.load_model(model_dir, dtype=torch.float32).eval()
+        if len(tokenizer) > model.config.vocab_size:
             raise cli.UserError(f"tokenizer {tokenizer_name} produces ids beyond model {model_dir}'s vocabulary")
-        totals = position_losses(model, blocks, args.batch_size)
-        loss = (totals.sum() / totals.numel() / blocks.shape[0]).item()
-        results.append({"model": model_dir, "label": describe(model.config) + f" [{Path(model_dir).parent.name}]",
-                        "loss": loss, "perplexity": perplexity(loss), "tokens": int(totals.numel() * blocks.shape[0]),
-                        "training_context": training_context(model_dir),
-                        "by_position": by_position(totals, blocks.shape[0], args.bucket_size)})
-        print(f"{model_dir}: loss {loss:.4f}, perplexity {perplexity(loss):.3f} over {results[-1]['tokens']} tokens")
+        result = {"model": model_dir, "label": describe(model.config) + f" [{Path(model_dir).parent.name}]"}
+        if "perplexity" in args.tasks:
+            if tokenizer_name not in blocks_by_tokenizer:
+                blocks_by_tokenizer[tokenizer_name] = data.eval_blocks(docs, tokenizer, text_column, args.seq_length,
+                                                                       args.max_eval_tokens // args.seq_length)
+            result |= perplexity_result(model, model_dir, blocks_by_tokenizer[tokenizer_name], args)
+        if "passkey" in args.tasks:
+            task = passkey_task(args, tokenizer, docs, text_column)
+            result["passkey"] = passkey.evaluate(model, task, args.passkey_lengths, args.passkey_depths,
+                                                 args.passkey_trials)
+            summary = result["passkey"]
+            sides = [f"{side} the window {summary[f'accuracy_{side}']:.2f}" for side in ("inside", "outside")
+                     if summary[f"accuracy_{side}"] is not None]
+            correct = sum(c["correct"] for c in summary["cells"])
+            total = sum(c["trials"] for c in summary["cells"])
+            print(f"{model_dir}: passkey {correct}/{total} right" + (f" ({', '.join(sides)})" if sides else ""))
+        results.append(result)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / OUTPUTS[0]).write_text(json.dumps(results, indent=2))
-    plot(results, out / OUTPUTS[1], args.seq_length)
-    print(f"wrote {out / OUTPUTS[0]} and {out / OUTPUTS[1]}")
+    written = []
+    if "perplexity" in args.tasks:
+        table, figure = (out / name for name in TASKS["perplexity"])
+        table.write_text(json.dumps([{k: v for k, v in r.items() if k != "passkey"} for r in results], indent=2))
+        plot(results, figure, args.seq_length, args.buckets)
+        written += [table, figure]
+    if "passkey" in args.tasks:
+        table, figure = (out / name for name in TASKS["passkey"])
+        table.write_text(json.dumps([{k: r[k] for k in ("model", "label", "passkey")} for r in results], indent=2))
+        passkey.heatmap(results, figure)
+        written += [table, figure]
+    print("wrote " + ", ".join(map(str, written)))
     return results
 
 

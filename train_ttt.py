@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "this many mini-batches instead of the default recomputing scan (0: off)")
     m.add_argument("--sliding_window", type=int,
                    help="transformer and e2e: attend to this many previous tokens (e2e official 8192)")
+    m.add_argument("--rope_theta", type=float,
+                   help="RoPE base (defaults: 10000; e2e 500000); with --init_from, length extension raises it for "
+                        "full attention (official fa extension: 2e6 at 32K, 1e7 at 128K); not changeable for ttt")
     e = p.add_argument_group("TTT-E2E (--model_type e2e; unset flags take the official recipe's values)")
     e.add_argument("--suffix_len", type=int, help="the last blocks whose prime MLP learns at test time (L/4)")
     e.add_argument("--train_mode", choices=["meta", "pretrain"],
@@ -425,7 +428,7 @@ def check_args(args, parser):
                  "lr_end", "lr_warmup_steps", "streaming_eval_docs", "seed"]:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ["ttt_base_lr", "mini_batch_size", "conv_kernel", "sliding_window", "max_train_examples",
+    for name in ["ttt_base_lr", "mini_batch_size", "conv_kernel", "sliding_window", "rope_theta", "max_train_examples",
                  "max_eval_examples", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "lora_rank"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:

@@ -51,6 +51,9 @@ E2E_STAGES = {
     "pretrain": dict(seq_length=8192, dataset_name="mlfoundations/dclm-baseline-1.0", streaming=True),
     "extend": dict(seq_length=32768, learning_rate=4e-4, ilr_init=1.0, ilr_warmup_steps=0),
 }
+# The fa baseline's RoPE theta when extended to a length (E2E keeps 500,000: its attention never spans more
+# than window + chunk); the official configs raise it with the context.
+FA_EXTENSION_THETA = {32768: 2e6, 131072: 1e7}
 E2E_RECIPES = {  # size: pretraining (steps, global batch, peak lr), extension (steps, global batch)
     "125m": dict(pretrain=(4800, 64, 3e-3), extend=(120, 32), per_device_batch=4),
     "350m": dict(pretrain=(13500, 64, 1.5e-3), extend=(337, 32), per_device_batch=2),
@@ -115,6 +118,8 @@ def e2e_flags(size, stage, variant, processes) -> tuple:
             flags |= {"ilr_init": 0.1, "ilr_warmup_steps": steps // 10}  # over the outer warm-up
     if variant == "fa":
         flags = {k: v for k, v in flags.items() if k not in ("ilr_init", "ilr_warmup_steps")}
+        if stage == "extend":
+            flags["rope_theta"] = FA_EXTENSION_THETA[flags["seq_length"]]
     if stage == "extend":
         flags.pop("model_size")  # the size is that of --init_from, the pretrained model
     return flags, size in ("760m", "1b", "3b")
@@ -187,9 +192,6 @@ def main(argv=None):
         if missing:
             parser.error(f"--stage extend needs {' and '.join(missing)}: extension starts from the pretrained model "
                          f"(--init_from) on long documents (Books3 in the paper, not distributed: --dataset_name)")
-        if args.variant == "fa":
-            parser.error("--stage extend --variant fa: the official fa extension raises RoPE theta (2e6 at 32K), "
-                         "which a run started with --init_from cannot change yet; extend the E2E model only")
     command = build_command(args.size, args.layer, num_gpus, extra, args.family, args.stage, args.variant)
     print(shlex.join(command), flush=True)
     if not args.dry_run:  # from where the user is: their relative paths (data, output_dir) mean what they wrote

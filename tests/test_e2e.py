@@ -413,8 +413,9 @@ def test_extension_from_a_pretrained_e2e_model_resets_the_warm_up(tmp_path, caps
     config = E2EConfig.from_pretrained(extended / "final_model")
     assert (config.ilr_init, config.ilr_warmup_steps, config.sliding_window) == (1.0, 0, 128)
     assert [r["e2e/ilr_multiplier"] for r in metrics(extended) if "e2e/ilr_multiplier" in r] == [1.0, 1.0]
-    fails(capsys, *train[:-1], str(tmp_path / "other"), "--sliding_window", "256",
-          match="--sliding_window 256 conflicts with --init_from")
+    fails(capsys, *train[:-1], str(tmp_path / "other"), "--sliding_window", "16",
+          match="model configuration: sliding_window (16) is smaller than mini_batch_size")
+    fails(capsys, *train[:-1], str(tmp_path / "other"), "--suffix_len", "2", match="--suffix_len 2 conflicts with")
 
 
 def test_activation_checkpointing_of_the_prefix_keeps_the_gradients():

@@ -80,6 +80,11 @@ def test_e2e_recipes_dry_run(size):
         32768, ext_steps, 4e-4, "pre/final_model", None)
     assert (ext.ilr_init, ext.ilr_warmup_steps) == (1.0, 0)
     assert ext.per_device_train_batch_size * ext.gradient_accumulation_steps * 8 == ext_batch
+    assert ext.rope_theta is None  # E2E keeps its theta: its attention spans at most window + chunk
+    _, fa_ext = trainer_args(launcher_command("train_e2e.sh", size, "--stage", "extend", "--variant", "fa",
+                                              "--init_from", "pre/final_model", "--dataset_name", "books", "--dry-run",
+                                              NUM_GPUS="8"))
+    assert (fa_ext.model_type, fa_ext.seq_length, fa_ext.rope_theta, fa_ext.ilr_init) == ("e2e_fa", 32768, 2e6, None)
 
 
 def test_e2e_extension_needs_the_pretrained_model_and_data():

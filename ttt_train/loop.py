@@ -438,7 +438,7 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
         if args.tokenizer_name is not None:
             data.check_same_tokenizer(tokenizer, data.load_tokenizer(str(checkpoint)), args.tokenizer_name, checkpoint)
     elif args.init_from:
-        config = models.init_config(args)
+        config = models.init_config(args, report=accelerator.print)
         if len(tokenizer) > config.vocab_size:
             raise UserError(f"tokenizer {resolved['tokenizer_name']} has {len(tokenizer)} tokens, more than the "
                             f"vocabulary of --init_from {args.init_from} ({config.vocab_size})")

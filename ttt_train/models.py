@@ -16,15 +16,28 @@ from ttt_train.cli import UserError
 MODEL_TYPES = ("ttt", "transformer", "e2e", "e2e_fa")
 # Flags that define each kind of model's architecture; on resume (or --init_from) they must agree with its config.
 TTT_FLAGS = ("ttt_layer_type", "ttt_base_lr", "mini_batch_size", "use_gate", "share_qk", "pre_conv",
-             "conv_kernel", "scan_checkpoint_group_size")
-TRANSFORMER_FLAGS = ("sliding_window",)
+             "conv_kernel", "scan_checkpoint_group_size", "rope_theta")
+TRANSFORMER_FLAGS = ("sliding_window", "rope_theta")
 E2E_FLAGS = ("sliding_window", "mini_batch_size", "suffix_len", "train_mode", "inner_lr", "inner_clip", "ilr_init",
-             "ilr_warmup_steps", "first_order", "recompute_prefix")
-FLAGS = {"ttt": TTT_FLAGS, "transformer": TRANSFORMER_FLAGS, "e2e": E2E_FLAGS, "e2e_fa": ()}
+             "ilr_warmup_steps", "first_order", "recompute_prefix", "rope_theta")
+FLAGS = {"ttt": TTT_FLAGS, "transformer": TRANSFORMER_FLAGS, "e2e": E2E_FLAGS, "e2e_fa": ("rope_theta",)}
 ALL_FLAGS = tuple(dict.fromkeys(TTT_FLAGS + TRANSFORMER_FLAGS + E2E_FLAGS))
-# TTT-E2E training settings, not architecture: --init_from may change them (extension starts without the inner
-# step's warm-up, from a model pretrained with it).
-INIT_OVERRIDES = ("ilr_init", "ilr_warmup_steps", "first_order", "recompute_prefix")
+# What --init_from may change, by the saved model's config.model_type: settings that no weight's shape depends on.
+# Length extension (a model trained at one length continued at a longer one) raises RoPE theta for full attention
+# (the official fa extension: 2e6 at 32K, 1e7 at 128K) and may change E2E's window and chunk; E2E's training
+# settings change too (extension starts without the inner step's warm-up, from a model pretrained with it).
+E2E_TRAINING = ("ilr_init", "ilr_warmup_steps", "first_order", "recompute_prefix")
+INIT_OVERRIDES = {
+    "ttt_e2e": E2E_TRAINING + ("rope_theta", "sliding_window", "mini_batch_size"),
+    "mistral": ("rope_theta", "sliding_window"),
+    "ttt": (),
+}
+# Why a model type's settings stay what they are under --init_from (said with the refusal).
+FIXED_ON_INIT = {
+    "ttt": "TTT layers restart RoPE every mini-batch, so theta does not bound their context, and the mini-batch size "
+           "fixes the shape of the learned token-position factors; a TTT model extends to a longer context as it is: "
+           "train it at the longer --seq_length",
+}
 CONFIG_MODEL_TYPE = {"ttt": "ttt", "transformer": "mistral", "e2e": "ttt_e2e", "e2e_fa": "ttt_e2e"}
 
 
@@ -44,11 +57,12 @@ HEAD_DIM = 64  # --target_params shapes: heads of 64, MLP width 8/3 of the hidde
 TARGET_TOLERANCE = 0.1  # shapes within 10% of --target_params compete on their aspect; else the closest wins
 
 
-def transformer_config(dims: dict, vocab_size: int, sliding_window: int | None = None) -> MistralConfig:
+def transformer_config(dims: dict, vocab_size: int, sliding_window: int | None = None,
+                       rope_theta: float | None = None) -> MistralConfig:
     """The baseline with the given hidden/intermediate/layers/heads, tied embeddings as the TTT models."""
     return MistralConfig(vocab_size=vocab_size, num_key_value_heads=dims["num_attention_heads"],
                          head_dim=dims["hidden_size"] // dims["num_attention_heads"], sliding_window=sliding_window,
-                         max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6,
+                         max_position_embeddings=2048, rope_theta=rope_theta or 10000.0, rms_norm_eps=1e-6,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
                          **dims)
 
@@ -57,7 +71,7 @@ def make_config(model_type: str, size: str | None, dims: dict, vocab_size: int, 
                 eos_token_id=None):
     """The config of `model_type` with the shape `dims` (on top of the standard `size` when there is one)."""
     if model_type == "transformer":
-        return transformer_config(dims, vocab_size, overrides.get("sliding_window"))
+        return transformer_config(dims, vocab_size, overrides.get("sliding_window"), overrides.get("rope_theta"))
     if model_type == "ttt":
         return TTTConfig(**{**TTT_STANDARD_CONFIGS.get(size, {}), **dims, "vocab_size": vocab_size, **overrides})
     overrides = dict(overrides)
@@ -158,9 +172,26 @@ def check_flags_agree(args, config, source: str, skip=()):
         if flag in skip:
             continue
         value = getattr(args, flag)
-        if value is not None and value != getattr(config, flag, None):
+        if value is not None and value != setting(config, flag):
+            why = f" ({FIXED_ON_INIT[config.model_type]})" if source.startswith("--init_from") \
+                and config.model_type in FIXED_ON_INIT and flag in ALL_FLAGS else ""
             raise UserError(f"--{flag} {value} conflicts with {source}, whose model has "
-                            f"{flag}={getattr(config, flag, None)}")
+                            f"{flag}={setting(config, flag)}{why}")
+
+
+def setting(config, name: str):
+    """A config's value of the flag `name` (transformers 5 keeps a Mistral model's RoPE theta in rope_parameters)."""
+    if name == "rope_theta" and getattr(config, "rope_parameters", None):
+        return config.rope_parameters.get("rope_theta")
+    return getattr(config, name, None)
+
+
+def with_settings(config, values: dict):
+    """A copy of `config` with the flags' `values` (a ValueError names a field the config refuses)."""
+    fields = config.to_diff_dict()
+    if "rope_theta" in values and getattr(config, "rope_parameters", None):
+        fields["rope_parameters"] = {**config.rope_parameters, "rope_theta": values.pop("rope_theta")}
+    return type(config)(**{**fields, **values})
 
 
 BYTES_PER_TRAINED_PARAMETER = 16  # float32 weights, their gradients and AdamW's two moments
@@ -226,8 +257,9 @@ def checkpoint_config(args, checkpoint, saved_args: dict):
     return config
 
 
-def init_config(args):
-    """The config of the --init_from model (a local folder or a Hub id), checked against the flags."""
+def init_config(args, report=print):
+    """The config of the --init_from model (a local folder or a Hub id), checked against the flags; the settings
+    the flags change (INIT_OVERRIDES) are reported."""
     name = hub.resolve(args.init_from, "--init_from model")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
@@ -236,14 +268,19 @@ def init_config(args):
             raise data.refusal(error, "--init_from model", args.init_from) from error
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--init_from {args.init_from} is not a saved model (config.json): {detail}") from error
-    overrides = {f: getattr(args, f) for f in INIT_OVERRIDES if getattr(args, f) is not None}
-    if overrides and config.model_type != "ttt_e2e":
-        raise UserError(f"--{next(iter(overrides))} applies to TTT-E2E models; --init_from {args.init_from} is a "
+    changeable = INIT_OVERRIDES.get(config.model_type, ())
+    e2e_only = [f for f in E2E_TRAINING if getattr(args, f) is not None]  # meaningless for other models
+    if e2e_only and config.model_type != "ttt_e2e":
+        raise UserError(f"--{e2e_only[0]} applies to TTT-E2E models; --init_from {args.init_from} is a "
                         f"{config.model_type} model")
-    check_flags_agree(args, config, f"--init_from {args.init_from}", skip=INIT_OVERRIDES)
+    check_flags_agree(args, config, f"--init_from {args.init_from}", skip=changeable)
+    overrides = {f: getattr(args, f) for f in changeable
+                 if getattr(args, f) is not None and getattr(args, f) != setting(config, f)}
     if overrides:
+        report(f"--init_from {args.init_from}: " + ", ".join(f"{flag} {setting(config, flag)} -> {value}"
+                                                             for flag, value in overrides.items()))
         try:
-            config = type(config)(**{**config.to_diff_dict(), **overrides})
+            config = with_settings(config, overrides)
         except ValueError as error:
             raise UserError(f"model configuration: {error}") from error
     return config
