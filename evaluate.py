@@ -187,8 +187,9 @@ def plot(results, path, seq_length, buckets="linear"):
         if result["training_context"] and result["training_context"] < seq_length:
             ax.axvline(result["training_context"], color=line.get_color(), linestyle=":", linewidth=1)
             marked = True
-    if buckets == "log":
+    if buckets == "log":  # the first positions' perplexity is far above the rest: both axes logarithmic
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
     ax.set_xlabel("token position in the sequence" + (" (log-spaced buckets)" if buckets == "log" else "")
                   + (" (dotted: training context)" if marked else ""))
     ax.set_ylabel("perplexity")

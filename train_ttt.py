@@ -35,10 +35,10 @@ MAX_VOCAB_SIZE = 2**20
 
 # The spellings users bring from other trainers (all-in-one CLIs, the Hugging Face Trainer), as aliases of the
 # flags: one option each in --help. Every flag also takes its dashed spelling (added by add_aliases).
-FLAG_ALIASES = {
+FLAG_ALIASES = {  # other trainers' spellings with the same meaning (HF Trainer, the guides in ../shared/seeds)
     "model_size": ["--model-preset"],
     "max_train_steps": ["--max_steps"],
-    "lr_warmup_steps": ["--warmup_steps"],
+    "lr_warmup_steps": ["--warmup_steps", "--warmup-steps"],
     "save_checkpoint_freq": ["--save_steps", "--save-every"],
     "resume_from_checkpoint": ["--resume-from"],
     "logging_steps": ["--log-every"],
@@ -46,7 +46,65 @@ FLAG_ALIASES = {
     "per_device_train_batch_size": ["--batch-size"],
     "seq_length": ["--seq-len"],
     "num_train_epochs": ["--epochs"],
+    "dataset_name": ["--dataset-id"],
+    "hidden_size": ["--d-model"],
+    "num_hidden_layers": ["--num-layers"],
+    "num_attention_heads": ["--num-heads"],
+    "intermediate_size": ["--d-ff"],
+    "tokenizer_name": ["--tokenizer-path"],
+    "train_tokenizer": ["--retrain-tokenizer"],
+    "tokenizer_train_docs": ["--tokenizer-train-examples"],
+    "max_eval_examples": ["--max-val-examples"],
+    "max_grad_norm": ["--grad-clip"],
+    "streaming": ["--use-streaming"],
 }
+CLOUD_SCHEMES = {"s3": "s3", "aws": "s3", "gcs": "gs", "gcp": "gs", "azure": "az"}
+# The guides' spellings of things this toolkit does differently: refused with what to use instead (an alias would
+# silently mean something else).
+OTHER_WAYS = {
+    "--split": "the trainer trains on the dataset's train split (a local file: all of it but the held-out "
+               "documents); choose data with --dataset_name / --dataset_config (evaluate.py takes --split)",
+    "--val-split": "validation is the dataset's validation split when it has one, else a held-out fraction of the "
+                   "documents: --validation_split 0.05",
+    "--dropout-rate": "these models train without dropout, as the papers' recipes do",
+    "--activation": "the activation belongs to the architecture (SwiGLU in the Transformer++ and TTT-E2E, GELU in "
+                    "TTT-MLP): choose the model with --model_type and --ttt_layer_type",
+    "--no-rmsnorm": "the architectures are the papers' (RMSNorm, SwiGLU, RoPE): choose the model with --model_type",
+    "--no-swiglu": "the architectures are the papers' (RMSNorm, SwiGLU, RoPE): choose the model with --model_type",
+    "--no-rope": "the architectures are the papers' (RMSNorm, SwiGLU, RoPE): choose the model with --model_type",
+    "--no-flash-attention": "attention runs through PyTorch's scaled_dot_product_attention, which chooses its fused "
+                            "kernel itself",
+    "--stride": "blocks are cut contiguously, --seq_length tokens each, without overlap",
+    "--shuffle-buffer-size": "a streamed dataset is shuffled with a fixed, seeded buffer of 10,000 documents (so a "
+                             "resume continues it exactly); --seed changes the order",
+    "--azure-account-name": "adlfs reads AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_SAS_TOKEN from the "
+                            "environment; give --output_dir az://CONTAINER/PREFIX",
+    "--azure-sas-token": "adlfs reads AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_SAS_TOKEN from the environment; "
+                         "give --output_dir az://CONTAINER/PREFIX",
+    "--config_file": "it belongs to accelerate launch, before the script (accelerate launch --config_file F "
+                     "train_gpu_optimized.py ...); this trainer's YAML file of flag values is --config",
+}
+CLOUD_FLAGS = ("--cloud-provider", "--cloud-bucket", "--cloud-prefix", "--cloud-region")
+
+
+def other_way(argv: list) -> str | None:
+    """The one-line refusal of the guides' cloud flags (all given, as one URL) or of the first OTHER_WAYS spelling
+    in argv, with what to use instead."""
+    given = {}
+    for index, token in enumerate(argv):
+        name, _, value = token.partition("=")
+        if name in CLOUD_FLAGS:
+            given[name] = value or (argv[index + 1] if index + 1 < len(argv) else "")
+    if given:  # provider, bucket and prefix are one URL here
+        scheme = CLOUD_SCHEMES.get(given.get("--cloud-provider", "s3").lower(), "s3")
+        url = f"{scheme}://{given.get('--cloud-bucket') or 'BUCKET'}/{given.get('--cloud-prefix') or 'checkpoints'}"
+        return (f"{', '.join(given)}: a cloud output directory is one URL here: --output_dir {url} (s3://, gs:// or "
+                f"az://; the region and credentials come from the provider's environment)")
+    for token in argv:
+        name = token.partition("=")[0]
+        if name in OTHER_WAYS:
+            return f"{name} is not a flag of this trainer: {OTHER_WAYS[name]}"
+    return None
 
 
 def parameter_amount(text: str) -> int:
@@ -223,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the data's tokens (not for streamed data)")
     t.add_argument("--mixed_precision", choices=PRECISIONS,
                    help="default: the `accelerate launch` config's mixed_precision, else no (--bf16: bf16)")
-    t.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16", help=argparse.SUPPRESS)
+    t.add_argument("--bf16", "--use-mixed-precision", dest="mixed_precision", action="store_const", const="bf16",
+                   help=argparse.SUPPRESS)
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--on_nonfinite", default="stop", choices=["stop", "skip"],
                    help="a non-finite loss or gradient norm: stop the run (default; nothing from the step is "
@@ -359,6 +418,9 @@ def command_line_conflicts(argv: list, parser) -> str | None:
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
     parser = parser or build_parser()
+    refused = other_way(sys.argv[1:] if argv is None else list(argv))
+    if refused:
+        parser.error(refused)
     args = parser.parse_args(argv)
     conflict = command_line_conflicts(sys.argv[1:] if argv is None else argv, parser)
     if conflict:

@@ -66,8 +66,7 @@ E2E_RECIPES = {  # size: pretraining (steps, global batch, peak lr), extension (
 def count_gpus() -> int:
     if "NUM_GPUS" in os.environ:
         return int(os.environ["NUM_GPUS"])
-    import torch
-    return torch.cuda.device_count()
+    return visible_gpus()
 
 
 def batch_split(processes: int, max_per_device: int, global_batch: int = GLOBAL_BATCH) -> tuple:
@@ -164,6 +163,7 @@ def main(argv=None):
     parser.add_argument("--num_gpus", type=int, help="default: NUM_GPUS, else the GPUs torch sees")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the command instead of running it")
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
     args, extra = parser.parse_known_args(argv)
     if int(os.environ.get("NUM_MACHINES", "1")) > 1 and "MAIN_PROCESS_IP" not in os.environ:
         parser.error("NUM_MACHINES > 1 needs MAIN_PROCESS_IP (the address of the node with MACHINE_RANK 0)")
@@ -192,10 +192,33 @@ def main(argv=None):
         if missing:
             parser.error(f"--stage extend needs {' and '.join(missing)}: extension starts from the pretrained model "
                          f"(--init_from) on long documents (Books3 in the paper, not distributed: --dataset_name)")
+    if num_gpus > 0 and not args.dry_run:
+        visible = visible_gpus()
+        if visible < num_gpus:  # else every process would start, fail alike and print its own traceback
+            parser.error(f"{num_gpus} GPU(s) asked (--num_gpus / NUM_GPUS) but this host has "
+                         + (f"{visible}: give at most {visible}" if visible else
+                            "no CUDA GPU: --num_gpus 0 runs the recipe on the CPU") + "; --dry-run prints the command")
     command = build_command(args.size, args.layer, num_gpus, extra, args.family, args.stage, args.variant)
-    print(shlex.join(command), flush=True)
     if not args.dry_run:  # from where the user is: their relative paths (data, output_dir) mean what they wrote
+        check_trainer_flags(command[command.index(str(ROOT / "train_gpu_optimized.py")) + 1:])
+    print(shlex.join(command), flush=True)
+    if not args.dry_run:
         os.execvp(command[0], command)
+
+
+def visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count()
+
+
+def check_trainer_flags(trainer_args: list):
+    """The trainer's own checks of its flags, paths and output folder (no torch needed), once here: launched, each
+    of its processes would report the same error after its start-up, and the launcher its traceback."""
+    sys.path.insert(0, str(ROOT))
+    import train_ttt
+    from ttt_train import cli
+
+    cli.run(train_ttt.check_paths, train_ttt.parse_args(trainer_args))
 
 
 if __name__ == "__main__":

@@ -201,3 +201,22 @@ def test_a_gpu_recipe_without_a_gpu_and_without_a_terminal_is_refused(tmp_path):
     printed = shlex.split(dry.stdout.strip().splitlines()[-1])  # the README's promise: the accelerate command
     assert printed[:2] == ["accelerate", "launch"] and printed[printed.index("--num_processes") + 1] == "8"
     assert printed[printed.index("--gradient_accumulation_steps") + 1] == "2"  # 256 = 8 GPUs x 16 x 2
+
+
+def test_a_launch_that_cannot_work_is_one_line_before_any_process_starts(tmp_path):
+    """More GPUs asked than the host has, or a trainer flag that fails its checks (a missing path): one error line
+    from the launcher, no trainer process (each would fail alike after its start-up, and accelerate would add its
+    traceback)."""
+    env = {**os.environ, "NUM_GPUS": "4"}
+    result = subprocess.run([str(ROOT / "scripts" / "train_125m_c4.sh"), "--output_dir", "out"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and len(errors) == 1 and "4 GPU(s) asked" in errors[0], result.stderr
+    assert "no CUDA GPU: --num_gpus 0 runs the recipe on the CPU" in errors[0] and result.stdout == ""
+    result = subprocess.run([str(ROOT / "scripts" / "train_125m_c4.sh"), "--num_gpus", "0", "--dataset_name",
+                             "nope.txt", "--output_dir", "out"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 1 and len(errors) == 1 and "dataset path nope.txt does not exist" in errors[0]
+    assert "train_gpu_optimized.py: no CUDA GPU found" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "out").exists()

@@ -142,3 +142,105 @@ def test_yaml_config_takes_switches_and_the_flag_not_its_alias(tmp_path):
     args = train_ttt.parse_args(["--config", str(config)])
     assert (args.use_lora, args.init_from, args.mixed_precision, args.train_tokenizer, args.save_best) == (
         True, "some/model", "bf16", False, True)
+
+
+# Every flag spelling of the guides this toolkit replaces (../shared/seeds 000-002): (its value, the setting and
+# value it gives), or the words of its one-line refusal (something done differently here).
+SAME_MEANING = {
+    "--dataset-id": ("roneneldan/TinyStories", "dataset_name", "roneneldan/TinyStories"),
+    "--dataset-config": ("en", "dataset_config", "en"), "--dataset_config": ("en", "dataset_config", "en"),
+    "--dataset_name": ("x", "dataset_name", "x"),
+    "--d-model": ("512", "hidden_size", 512), "--num-layers": ("8", "num_hidden_layers", 8),
+    "--num-heads": ("8", "num_attention_heads", 8), "--d-ff": ("2048", "intermediate_size", 2048),
+    "--tokenizer-path": ("tok", "tokenizer_name", "tok"), "--retrain-tokenizer": (None, "train_tokenizer", True),
+    "--tokenizer-train-examples": ("500", "tokenizer_train_docs", 500),
+    "--auto-vocab-size": (None, "auto_vocab_size", True), "--vocab-size": ("4096", "vocab_size", 4096),
+    "--min-vocab-size": ("512", "min_vocab_size", 512), "--max-vocab-size": ("9000", "max_vocab_size", 9000),
+    "--max-val-examples": ("50", "max_eval_examples", 50), "--max-train-examples": ("60", "max_train_examples", 60),
+    "--text-column": ("body", "text_column", "body"),
+    "--use-streaming": (None, "streaming", True), "--use-mixed-precision": (None, "mixed_precision", "bf16"),
+    "--mixed_precision": ("bf16", "mixed_precision", "bf16"),
+    "--grad-clip": ("0.5", "max_grad_norm", 0.5), "--warmup-steps": ("100", "lr_warmup_steps", 100),
+    "--lr_warmup_steps": ("100", "lr_warmup_steps", 100), "--warmup_ratio": ("0.2", "warmup_ratio", 0.2),
+    "--batch-size": ("3", "per_device_train_batch_size", 3),
+    "--per_device_train_batch_size": ("3", "per_device_train_batch_size", 3),
+    "--gradient-accumulation-steps": ("2", "gradient_accumulation_steps", 2),
+    "--gradient_accumulation_steps": ("2", "gradient_accumulation_steps", 2),
+    "--learning-rate": ("1e-3", "learning_rate", 1e-3), "--learning_rate": ("1e-3", "learning_rate", 1e-3),
+    "--lr_end": ("1e-6", "lr_end", 1e-6), "--lr_scheduler_type": ("linear", "lr_scheduler_type", "linear"),
+    "--weight-decay": ("0.01", "weight_decay", 0.01), "--weight_decay": ("0.01", "weight_decay", 0.01),
+    "--epochs": ("2", "num_train_epochs", 2.0), "--max_train_steps": ("9", "max_train_steps", 9),
+    "--eval-every": ("50", "eval_steps", 50), "--log-every": ("5", "logging_steps", 5),
+    "--logging_steps": ("5", "logging_steps", 5), "--save-every": ("40", "save_checkpoint_freq", 40),
+    "--save_checkpoint_freq": ("40", "save_checkpoint_freq", 40),
+    "--save_milestone_freq": ("80", "save_milestone_freq", 80),
+    "--seq-len": ("256", "seq_length", 256), "--seq_length": ("256", "seq_length", 256),
+    "--max_seq_length": ("256", "seq_length", 256),
+    "--model-preset": ("small", "model_size", "small"), "--model_size": ("125m", "model_size", "125m"),
+    "--target-params": ("10M", "target_params", 10_000_000), "--prefer-depth": (None, "prefer_depth", True),
+    "--use-lora": (None, "use_lora", True), "--lora-rank": ("4", "lora_rank", 4),
+    "--output-dir": ("out", "output_dir", "out"), "--output_dir": ("out", "output_dir", "out"),
+    "--resume-from": ("latest", "resume_from_checkpoint", "latest"),
+    "--resume_from_checkpoint": ("latest", "resume_from_checkpoint", "latest"),
+    "--ttt_layer_type": ("mlp", "ttt_layer_type", "mlp"), "--ttt_base_lr": ("0.1", "ttt_base_lr", 0.1),
+    "--conv_kernel": ("2", "conv_kernel", 2), "--pre_conv": (None, "pre_conv", True),
+    "--share_qk": (None, "share_qk", True), "--use_gate": (None, "use_gate", True),
+    "--wandb_project": ("p", "wandb_project", "p"), "--wandb_run_name": ("r", "wandb_run_name", "r"),
+}
+# what a flag applies to (it is refused alone)
+COMPANIONS = {"auto_vocab_size": ["--train_tokenizer"], "vocab_size": ["--train_tokenizer"],
+              "prefer_depth": ["--target_params", "1M"], "use_lora": ["--init_from", "m"],
+              "lora_rank": ["--use_lora", "--init_from", "m"]}
+REFUSED = {
+    "--split": ("train", "choose data with --dataset_name / --dataset_config"),
+    "--val-split": ("validation", "--validation_split 0.05"),
+    "--dropout-rate": ("0.1", "these models train without dropout"),
+    "--activation": ("gelu", "choose the model with --model_type"),
+    "--no-rmsnorm": (None, "the architectures are the papers'"), "--no-swiglu": (None, "the architectures are"),
+    "--no-rope": (None, "the architectures are the papers'"),
+    "--no-flash-attention": (None, "scaled_dot_product_attention"),
+    "--stride": ("128", "without overlap"), "--shuffle-buffer-size": ("5000", "fixed, seeded buffer"),
+    "--azure-account-name": ("acct", "AZURE_STORAGE_ACCOUNT_NAME"), "--azure-sas-token": ("tok", "az://"),
+    "--config_file": ("f.yaml", "belongs to accelerate launch"),
+    "--cloud-provider": ("gcs", "--output_dir gs://BUCKET/checkpoints"),
+    "--cloud-bucket": ("b", "--output_dir s3://b/checkpoints"),
+    "--cloud-prefix": ("runs/x", "--output_dir s3://BUCKET/runs/x"),
+    "--cloud-region": ("us-east-1", "the region and credentials come from the provider's environment"),
+}
+
+
+def test_every_spelling_of_the_guides_this_toolkit_replaces_is_accepted_or_refused_with_the_replacement(capsys):
+    import pytest
+
+    import train_ttt
+
+    for spelling, (value, setting, expected) in SAME_MEANING.items():
+        args = train_ttt.parse_args([spelling] + ([value] if value is not None else []) + COMPANIONS.get(setting, []))
+        assert getattr(args, setting) == expected, (spelling, getattr(args, setting))
+    for spelling, (value, words) in REFUSED.items():
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            train_ttt.parse_args(["--max_train_steps", "3", spelling] + ([value] if value is not None else []))
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, (spelling, err)
+        assert words in err and "unrecognized" not in err, (spelling, err)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the guide's own example: provider, bucket and region into one URL
+        train_ttt.parse_args(["--cloud-provider", "gcs", "--cloud-bucket", "my-tpu-checkpoints", "--cloud-region",
+                              "us-central1"])
+    assert "--output_dir gs://my-tpu-checkpoints/checkpoints" in capsys.readouterr().err
+
+
+def test_the_spelling_table_covers_every_flag_of_the_guides():
+    import re
+
+    import pytest
+
+    from conftest import SHARED
+
+    guides = sorted((SHARED / "seeds").glob("00[012]_*.txt"))
+    if not guides:
+        pytest.skip(f"{SHARED / 'seeds'} is absent (it exists only beside the developers' checkout)")
+    spellings = {m for guide in guides for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", guide.read_text())}
+    assert len(spellings) > 80
+    assert sorted(spellings - SAME_MEANING.keys() - REFUSED.keys()) == []

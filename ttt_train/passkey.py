@@ -12,6 +12,7 @@ to the needle's first token. Filler is a generated text (the sentences of the pa
 
 import random
 import re
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +130,9 @@ def heatmap(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 0.8, 3.6), squeeze=False)
-    for ax, result in zip(axes[0], results):
+    fig, axes = plt.subplots(1, len(results), figsize=(3.4 * len(results) + 1.2, 4.0), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    for index, (ax, result) in enumerate(zip(axes[0], results)):
         cells = result["passkey"]["cells"]
         lengths = sorted({c["length"] for c in cells})
         depths = sorted({c["depth"] for c in cells})
@@ -146,10 +148,11 @@ def heatmap(results, path):
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_xlabel("needle depth (0: start, 1: end)")
-        ax.set_ylabel("context length (tokens)")
+        if index == 0:
+            ax.set_ylabel("context length (tokens)")
         window = result["passkey"]["window"]
-        ax.set_title(f"{result['label']}\n" + (f"window {window}; hatched: needle outside it" if window
-                                               else "no attention window"), fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+        ax.set_title(textwrap.fill(result["label"], 36) + "\n" + (f"window {window}; hatched: needle outside"
+                                                                  if window else "no attention window"), fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy", shrink=0.8)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
