@@ -223,3 +223,14 @@ def test_extension_changes_the_e2e_window_and_refuses_what_a_model_cannot_change
           match="--mini_batch_size 8 conflicts with --init_from")
     fails(capsys, *common, "--init_from", e2e, "--num_hidden_layers", "2", "--output_dir", str(tmp_path / "c"),
           match="--num_hidden_layers 2 conflicts with --init_from")
+
+
+def test_the_data_filler_is_the_documents_joined_by_eos_as_in_training(tokenizer):
+    docs = [{"text": f"document {i} " + "words " * 20} for i in range(50)]
+    args = types.SimpleNamespace(passkey_filler="data", passkey_lengths=[300], passkey_digits=5, seed=0)
+    task = evaluate.passkey_task(args, tokenizer, docs, "text")
+    first = passkey.text_ids(tokenizer, docs[0]["text"])
+    assert task.filler_ids[:len(first) + 1] == first + [tokenizer.eos_token_id]
+    assert 300 <= len(task.filler_ids) < 300 + len(first) + 1  # enough documents for the longest prompt, no more
+    prompt = tokenizer.decode(task.prompt(300, 0.5, trial=0).ids[0])
+    assert "document" in prompt and passkey.FILLER[:20] not in prompt
