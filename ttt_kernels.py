@@ -113,7 +113,7 @@ def _store_weights(w_ptr, b_ptr, index, W, b, offsets, cols, SIZE: tl.constexpr,
 @triton.jit
 def _ln_reconstruction(z, target, gamma, beta, eps, F: tl.constexpr):
     """x_hat, std, g = (LN(z) - target) * gamma and G = dl/dz, row-wise over the F features (ln_reconstruction_parts
-    in ttt.py)."""
+    in ttt_math.py)."""
     mean = tl.sum(z, 1)[:, None] / F
     centered = z - mean
     std = tl.sqrt(tl.sum(centered * centered, 1)[:, None] / F + eps)
@@ -126,7 +126,7 @@ def _ln_reconstruction(z, target, gamma, beta, eps, F: tl.constexpr):
 @triton.jit
 def _ln_reconstruction_vjp(u, x_hat, std, g, grad, gamma, F: tl.constexpr):
     """d_z and d_g for an upstream gradient u of G, the LN-reconstruction gradient of z (ln_reconstruction_grad_vjp
-    in ttt.py)."""
+    in ttt_math.py)."""
     u_xhat = tl.sum(u * x_hat, 1)[:, None] / F
     d_g = (u - tl.sum(u, 1)[:, None] / F - x_hat * u_xhat) / std
     d_xhat = d_g * gamma * gamma - (u * (tl.sum(g * x_hat, 1)[:, None] / F) + g * u_xhat) / std
@@ -238,7 +238,7 @@ def _scan_backward_inputs(q_ptr, k_ptr, target_ptr, eta_qk_ptr, e_ptr, gamma_ptr
 
 @triton.jit
 def _gelu_tanh(x):
-    """GELU(x) (tanh approximation) and its derivative (gelu_tanh_grad in ttt.py), from one tanh written with exp:
+    """GELU(x) (tanh approximation) and its derivative (gelu_tanh_grad in ttt_math.py), from one tanh written with exp:
     tanh(u) = 2 / (1 + exp(-2u)) - 1."""
     tanh_out = 2 / (1 + tl.exp(-1.59576912 * x * (1 + 0.044715 * x * x))) - 1
     grad = 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)

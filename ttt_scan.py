@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ttt import (
+from ttt_math import (
     TTT_NORM_EPS,
     gelu_tanh_grad,
     gelu_tanh_second_derivative,

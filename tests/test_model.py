@@ -24,9 +24,8 @@ from ttt import (
     TTTConfig,
     TTTForCausalLM,
     TTTModel,
-    gelu_tanh_grad,
-    gelu_tanh_second_derivative,
 )
+from ttt_math import gelu_tanh_grad, gelu_tanh_second_derivative
 from ttt_scan import linear_scan_op, mlp_scan_op
 from ttt_train.models import enable_activation_checkpointing
 
