@@ -27,11 +27,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, gather_object
 from accelerate.utils.other import load as accelerate_load  # torch.load(weights_only=True) + numpy's RNG types
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ttt_train.distributed import main_decides
 from ttt_train.rundir import (
     BEST_MODEL,
     FINAL_MODEL,
@@ -156,8 +157,7 @@ class Checkpointer:
         # a cloud output_dir (ttt_train.remote): each saved folder is uploaded whole, with remote_files beside it
         self.tokens, self.remote, self.remote_files = tokens, remote, remote_files
         # every process must take the same save decisions (a save is collective): the main process reads, all get it
-        best = [read_best(self.output_dir) if accelerator.is_main_process else None]
-        self.best = (broadcast_object_list(best) if accelerator.num_processes > 1 else best)[0]
+        self.best = main_decides(accelerator, lambda: read_best(self.output_dir))
 
     def after_step(self, step: int, args, stop_requested: bool, eval_loss: float | None = None):
         if args.save_milestone_freq and step % args.save_milestone_freq == 0:

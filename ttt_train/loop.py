@@ -12,13 +12,14 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ttt_train import checkpoint as ckpt
 from ttt_train import data, models, rundir
 from ttt_train.cli import Stopped, UserError, resume_command
+from ttt_train.distributed import main_decides
 from ttt_train.metrics import (
     InnerLoopMetrics,
     MetricsLog,
@@ -185,29 +186,23 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
     directory holds against what was asked (a fresh run, or a resume); every process gets the outcome. Returns
     (checkpoint or None, its trainer state or None); the main process alone reads and verifies the checkpoint's
     files (every rank hashing every file would multiply the reads by the process count)."""
-    outcome = [None, None, None, None]  # error, checkpoint, notes, its trainer state
-    if accelerator.is_main_process:
+    def claim() -> tuple:  # (notes, checkpoint or None, its trainer state or None)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise UserError(f"output_dir {output_dir} is a file, not a folder")
         try:
-            if output_dir.exists() and not output_dir.is_dir():
-                raise UserError(f"output_dir {output_dir} is a file, not a folder")
-            try:
-                taken_over = lock.acquire()
-            except OSError as error:
-                raise UserError(f"cannot write to output_dir {output_dir}: {error.strerror or error}") from error
-            notes = [taken_over] * bool(taken_over) + rundir.clean_interrupted_saves(output_dir)
-            outcome[2] = notes + rundir.check_run_directory(output_dir, fresh=not args.resume_from_checkpoint,
-                                                          overwrite=args.overwrite_output_dir,
-                                                          extra=rundir.tracker_folders(args))
-            if args.resume_from_checkpoint:
-                checkpoint = rundir.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-                outcome[1], outcome[3] = str(checkpoint), ckpt.validate_checkpoint(checkpoint)
-        except UserError as error:
-            outcome[0] = str(error)
-    outcome = broadcast_object_list(outcome) if accelerator.num_processes > 1 else outcome
-    error, checkpoint, notes, state = outcome
-    if error:
-        raise UserError(error)
-    for note in notes or []:
+            taken_over = lock.acquire()
+        except OSError as error:
+            raise UserError(f"cannot write to output_dir {output_dir}: {error.strerror or error}") from error
+        notes = [taken_over] * bool(taken_over) + rundir.clean_interrupted_saves(output_dir)
+        notes += rundir.check_run_directory(output_dir, fresh=not args.resume_from_checkpoint,
+                                            overwrite=args.overwrite_output_dir, extra=rundir.tracker_folders(args))
+        if not args.resume_from_checkpoint:
+            return notes, None, None
+        checkpoint = rundir.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        return notes, str(checkpoint), ckpt.validate_checkpoint(checkpoint)
+
+    notes, checkpoint, state = main_decides(accelerator, claim)
+    for note in notes:
         accelerator.print(f"{output_dir}: {note}")
     return (Path(checkpoint), state) if checkpoint else (None, None)
 
@@ -273,20 +268,14 @@ def train(args, handle_signals: bool = False):
                               project_dir=str(output_dir), cpu=multi_process_cpu,
                               dynamo_plugin=compile_plugin(args))
     if remote or is_remote(args.init_from):
-        outcome = [None, args.resume_from_checkpoint, args.init_from]
-        if accelerator.is_main_process:
-            try:
-                if remote:
-                    stage_remote(args, remote, output_dir)
-                if is_remote(args.init_from):
-                    args.init_from = download_model(args.init_from)
-                outcome = [None, args.resume_from_checkpoint, args.init_from]
-            except UserError as error:
-                outcome[0] = str(error)
-        outcome = broadcast_object_list(outcome) if accelerator.num_processes > 1 else outcome
-        if outcome[0]:
-            raise UserError(outcome[0])
-        args.resume_from_checkpoint, args.init_from = outcome[1], outcome[2]
+        def stage() -> tuple:  # the local copies every process then reads
+            if remote:
+                stage_remote(args, remote, output_dir)
+            if is_remote(args.init_from):
+                args.init_from = download_model(args.init_from)
+            return args.resume_from_checkpoint, args.init_from
+
+        args.resume_from_checkpoint, args.init_from = main_decides(accelerator, stage)
     lock = rundir.RunLock(output_dir)
     created = not output_dir.exists()
     fresh = not args.resume_from_checkpoint
@@ -386,28 +375,24 @@ def trained_tokenizer(args, accelerator, output_dir: Path, train_docs, text_colu
     """--train_tokenizer: a byte-level BPE trained by the main process on the first --tokenizer_train_docs training
     documents, saved to <output_dir>/tokenizer (atomically), which every process then loads. Returns that path."""
     folder = output_dir / rundir.TOKENIZER_DIR
-    error = [None]
-    if accelerator.is_main_process:
-        try:
-            texts = [t for t in (row[text_column] for row in data.first_rows(train_docs, args.tokenizer_train_docs))
-                     if isinstance(t, str) and t]
-            size = args.vocab_size or data.auto_vocab_size(texts, args.min_vocab_size, args.max_vocab_size)
-            tokenizer = data.train_tokenizer(texts, size)
-            partial = rundir.partial_of(folder)
-            if partial.exists() or folder.exists() or folder.is_symlink():  # the start-up check cleared them
-                raise UserError(f"{folder} is in the way of --train_tokenizer's tokenizer; move it")
-            partial.mkdir()
-            (partial / rundir.TRAINER_MARK).touch()  # stays: tells this trainer's tokenizer/ from a user's
-            tokenizer.save_pretrained(partial)
-            os.replace(partial, folder)
-            accelerator.print(f"--train_tokenizer: byte-level BPE of {len(tokenizer)} tokens ({size} asked"
-                              f"{', --auto_vocab_size' if not args.vocab_size else ''}) from {len(texts)} documents "
-                              f"-> {folder}")
-        except UserError as failure:
-            error[0] = str(failure)
-    error = broadcast_object_list(error) if accelerator.num_processes > 1 else error
-    if error[0]:
-        raise UserError(error[0])
+
+    def train_and_save():
+        texts = [t for t in (row[text_column] for row in data.first_rows(train_docs, args.tokenizer_train_docs))
+                 if isinstance(t, str) and t]
+        size = args.vocab_size or data.auto_vocab_size(texts, args.min_vocab_size, args.max_vocab_size)
+        tokenizer = data.train_tokenizer(texts, size)
+        partial = rundir.partial_of(folder)
+        if partial.exists() or folder.exists() or folder.is_symlink():  # the start-up check cleared them
+            raise UserError(f"{folder} is in the way of --train_tokenizer's tokenizer; move it")
+        partial.mkdir()
+        (partial / rundir.TRAINER_MARK).touch()  # stays: tells this trainer's tokenizer/ from a user's
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, folder)
+        accelerator.print(f"--train_tokenizer: byte-level BPE of {len(tokenizer)} tokens ({size} asked"
+                          f"{', --auto_vocab_size' if not args.vocab_size else ''}) from {len(texts)} documents "
+                          f"-> {folder}")
+
+    main_decides(accelerator, train_and_save)
     return str(folder)
 
 
