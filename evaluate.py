@@ -235,23 +235,23 @@ def evaluate(args):
     quiet_libraries()
     docs = evaluation_documents(args) if args.dataset_name else None
     text_column = data.detect_text_column(docs, args.text_column) if docs is not None else None
-    results, tokenizers, blocks_by_tokenizer = [], {}, {}
+    results, prepared = [], {}  # per tokenizer: it, the perplexity blocks, the passkey task (made once)
     for model_dir in args.model_name_or_path:
         tokenizer_name = args.tokenizer_name or model_dir
-        if tokenizer_name not in tokenizers:
-            tokenizers[tokenizer_name] = data.load_tokenizer(tokenizer_name)
-        tokenizer = tokenizers[tokenizer_name]
+        if tokenizer_name not in prepared:
+            tokenizer = data.load_tokenizer(tokenizer_name)
+            blocks = data.eval_blocks(docs, tokenizer, text_column, args.seq_length,
+                                      args.max_eval_tokens // args.seq_length) if "perplexity" in args.tasks else None
+            task = passkey_task(args, tokenizer, docs, text_column) if "passkey" in args.tasks else None
+            prepared[tokenizer_name] = tokenizer, blocks, task
+        tokenizer, blocks, task = prepared[tokenizer_name]
         model = data.load_model(model_dir, dtype=torch.float32).eval()
         if len(tokenizer) > model.config.vocab_size:
             raise cli.UserError(f"tokenizer {tokenizer_name} produces ids beyond model {model_dir}'s vocabulary")
         result = {"model": model_dir, "label": describe(model.config) + f" [{Path(model_dir).parent.name}]"}
         if "perplexity" in args.tasks:
-            if tokenizer_name not in blocks_by_tokenizer:
-                blocks_by_tokenizer[tokenizer_name] = data.eval_blocks(docs, tokenizer, text_column, args.seq_length,
-                                                                       args.max_eval_tokens // args.seq_length)
-            result |= perplexity_result(model, model_dir, blocks_by_tokenizer[tokenizer_name], args)
+            result |= perplexity_result(model, model_dir, blocks, args)
         if "passkey" in args.tasks:
-            task = passkey_task(args, tokenizer, docs, text_column)
             result["passkey"] = passkey.evaluate(model, task, args.passkey_lengths, args.passkey_depths,
                                                  args.passkey_trials)
             summary = result["passkey"]

@@ -59,6 +59,9 @@ FLAG_ALIASES = {  # other trainers' spellings with the same meaning (HF Trainer,
     "streaming": ["--use-streaming"],
 }
 CLOUD_SCHEMES = {"s3": "s3", "aws": "s3", "gcs": "gs", "gcp": "gs", "azure": "az"}
+PAPERS_ARCHITECTURES = "the architectures are the papers' (RMSNorm, SwiGLU, RoPE): choose the model with --model_type"
+AZURE_ENVIRONMENT = ("adlfs reads AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_SAS_TOKEN from the environment; give "
+                     "--output_dir az://CONTAINER/PREFIX")
 # The guides' spellings of things this toolkit does differently: refused with what to use instead (an alias would
 # silently mean something else).
 OTHER_WAYS = {
@@ -69,18 +72,13 @@ OTHER_WAYS = {
     "--dropout-rate": "these models train without dropout, as the papers' recipes do",
     "--activation": "the activation belongs to the architecture (SwiGLU in the Transformer++ and TTT-E2E, GELU in "
                     "TTT-MLP): choose the model with --model_type and --ttt_layer_type",
-    "--no-rmsnorm": "the architectures are the papers' (RMSNorm, SwiGLU, RoPE): choose the model with --model_type",
-    "--no-swiglu": "the architectures are the papers' (RMSNorm, SwiGLU, RoPE): choose the model with --model_type",
-    "--no-rope": "the architectures are the papers' (RMSNorm, SwiGLU, RoPE): choose the model with --model_type",
+    "--no-rmsnorm": PAPERS_ARCHITECTURES, "--no-swiglu": PAPERS_ARCHITECTURES, "--no-rope": PAPERS_ARCHITECTURES,
     "--no-flash-attention": "attention runs through PyTorch's scaled_dot_product_attention, which chooses its fused "
                             "kernel itself",
     "--stride": "blocks are cut contiguously, --seq_length tokens each, without overlap",
     "--shuffle-buffer-size": "a streamed dataset is shuffled with a fixed, seeded buffer of 10,000 documents (so a "
                              "resume continues it exactly); --seed changes the order",
-    "--azure-account-name": "adlfs reads AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_SAS_TOKEN from the "
-                            "environment; give --output_dir az://CONTAINER/PREFIX",
-    "--azure-sas-token": "adlfs reads AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_SAS_TOKEN from the environment; "
-                         "give --output_dir az://CONTAINER/PREFIX",
+    "--azure-account-name": AZURE_ENVIRONMENT, "--azure-sas-token": AZURE_ENVIRONMENT,
     "--config_file": "it belongs to accelerate launch, before the script (accelerate launch --config_file F "
                      "train_gpu_optimized.py ...); this trainer's YAML file of flag values is --config",
 }
@@ -418,11 +416,12 @@ def command_line_conflicts(argv: list, parser) -> str | None:
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
     parser = parser or build_parser()
-    refused = other_way(sys.argv[1:] if argv is None else list(argv))
+    given = sys.argv[1:] if argv is None else list(argv)
+    refused = other_way(given)
     if refused:
         parser.error(refused)
-    args = parser.parse_args(argv)
-    conflict = command_line_conflicts(sys.argv[1:] if argv is None else argv, parser)
+    args = parser.parse_args(given)
+    conflict = command_line_conflicts(given, parser)
     if conflict:
         parser.error(conflict)
     if args.config:

@@ -686,7 +686,7 @@ def token_nll(hidden_states, head, targets, block: int = LOSS_BLOCK):
         return token_cross_entropy(head(h), t)
 
     pieces = []
-    for h, t in zip(hidden_states.split(block, 1), targets.split(block, 1), strict=True):  # split: see below
+    for h, t in zip(hidden_states.split(block, 1), targets.split(block, 1), strict=True):  # split: see the docstring
         if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
             pieces.append(torch.utils.checkpoint.checkpoint(block_nll, h, t, use_reentrant=False))
         else:

@@ -698,13 +698,14 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         targets = next_token_targets(input_ids)
         b, length = config.mini_batch_size, input_ids.shape[1]
         logits, nll, losses, norms = [], [], [], []
+        parameters = self.chunk_parameters() if keep_graph else []  # what every recomputed chunk reads
         # split, not sliced: the chunks' gradients reach h in one step, not each through a zero tensor of h's size
         for start, x, chunk_targets in zip(range(0, length, b), h.split(b, 1), targets.split(b, 1), strict=True):
             update = start + b < length and step_size != 0  # the last chunk's update would reach no prediction
             args = (start, update, step_size, keep_graph, want_logits, x, chunk_targets, *state)
             if keep_graph:  # recompute the chunk in the backward: memory per chunk is its state, not activations
                 out = RecomputedChunk.apply(partial(self.chunk_step, start, update, step_size), want_logits,
-                                            len(args) - 5, *args[5:], *self.chunk_parameters())
+                                            len(args) - 5, *args[5:], *parameters)
             else:
                 out = self.chunk_step(*args)
             logits.append(out[0])
@@ -807,6 +808,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         cache.fast = [tuple(state[i:i + 3]) for i in range(0, n, 3)]
         for j, layer in enumerate(suffix):
             cache.kv[layer], cache.chunk_kv[layer] = (state[n + 2 * j], state[n + 2 * j + 1]), None
+
     def _cached_segment(self, ids, position: int, cache: E2ECache, want_logits: bool = True, prefix_output=None):
         """Tokens `ids` at `position` (within one chunk in meta mode) through every block with the cache, or, given
         prefix_output (their prefix blocks' output, from a prefill), through the suffix blocks only. Returns their

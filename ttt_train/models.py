@@ -160,9 +160,10 @@ def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_tok
         raise UserError(f"model configuration: {error}{given}") from error
 
 
-def check_flags_agree(args, config, source: str, skip=()):
+def check_flags_agree(args, config, source: str, skip=(), why: str | None = None):
     """The explicitly given architecture flags must be those of `config` (the model of `source`): resuming or
-    initialising from a saved model cannot change its architecture."""
+    initialising from a saved model cannot change its architecture. `why`: the reason, added to a model flag's
+    refusal."""
     if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
         raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {config.model_type} model")
     if args.model_type in ("e2e", "e2e_fa") and (args.model_type == "e2e_fa") != (config.suffix_len == 0):
@@ -173,10 +174,9 @@ def check_flags_agree(args, config, source: str, skip=()):
             continue
         value = getattr(args, flag)
         if value is not None and value != setting(config, flag):
-            why = f" ({FIXED_ON_INIT[config.model_type]})" if source.startswith("--init_from") \
-                and config.model_type in FIXED_ON_INIT and flag in ALL_FLAGS else ""
+            reason = f" ({why})" if why and flag in ALL_FLAGS else ""
             raise UserError(f"--{flag} {value} conflicts with {source}, whose model has "
-                            f"{flag}={setting(config, flag)}{why}")
+                            f"{flag}={setting(config, flag)}{reason}")
 
 
 def setting(config, name: str):
@@ -188,7 +188,7 @@ def setting(config, name: str):
 
 def with_settings(config, values: dict):
     """A copy of `config` with the flags' `values` (a ValueError names a field the config refuses)."""
-    fields = config.to_diff_dict()
+    fields, values = config.to_diff_dict(), dict(values)
     if "rope_theta" in values and getattr(config, "rope_parameters", None):
         fields["rope_parameters"] = {**config.rope_parameters, "rope_theta": values.pop("rope_theta")}
     return type(config)(**{**fields, **values})
@@ -273,7 +273,8 @@ def init_config(args, report=print):
     if e2e_only and config.model_type != "ttt_e2e":
         raise UserError(f"--{e2e_only[0]} applies to TTT-E2E models; --init_from {args.init_from} is a "
                         f"{config.model_type} model")
-    check_flags_agree(args, config, f"--init_from {args.init_from}", skip=changeable)
+    check_flags_agree(args, config, f"--init_from {args.init_from}", skip=changeable,
+                      why=FIXED_ON_INIT.get(config.model_type))
     overrides = {f: getattr(args, f) for f in changeable
                  if getattr(args, f) is not None and getattr(args, f) != setting(config, f)}
     if overrides:
