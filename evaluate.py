@@ -8,20 +8,23 @@ and needle depth, as JSON and one comparison plot per task.
 
 Perplexity writes OUT/eval.json, a list with per model: model, loss, perplexity, tokens, by_position, a list of
 {start, end, loss, perplexity} over the positions (in the block) of the predicted tokens in buckets of
---bucket_size (end exclusive), and by_position_log, the same over log-spaced buckets [1, 2), [2, 4), [4, 8), ...;
-and OUT/ppl_by_position.png (--buckets chooses which the plot shows). Evaluating at a --seq_length beyond the
-training context (e.g. 2x) shows how a model uses long context; memory does not grow with the whole block's
-logits (the loss is taken a block of positions at a time). Passkey (ttt_train/passkey.py) writes OUT/passkey.json
-and the heatmap OUT/passkey.png. The data is loaded as in training; `--split validation` (the default) is the trainer's
-validation data (the dataset's validation split, or the same held-out documents for the same --seed and
---validation_split), so the loss matches the trainer's eval loss on the same blocks; `--split all` evaluates every
-document of the data (a whole test file, e.g. WikiText-2's test.txt), up to --max_eval_tokens.
+--bucket_size (end exclusive), by_position_log, the same over log-spaced buckets [1, 2), [2, 4), [4, 8), ...,
+parameters, tokens_per_sec, peak_memory_bytes; OUT/ppl_by_position.png (--buckets chooses which the plot shows);
+and OUT/comparison.md, the models side by side (parameters, loss, perplexity, tokens/s, peak memory).
+Evaluating at a --seq_length beyond the training context (e.g. 2x) shows how a model uses long context; memory
+does not grow with the whole block's logits (the loss is taken a block of positions at a time). Passkey
+(ttt_train/passkey.py) writes OUT/passkey.json and the heatmap OUT/passkey.png. The data is loaded as in
+training; `--split validation` (the default) is the trainer's validation data (the dataset's validation split, or
+the same held-out documents for the same --seed and --validation_split), so the loss matches the trainer's eval
+loss on the same blocks; `--split all` evaluates every document of the data (a whole test file, e.g. WikiText-2's
+test.txt), up to --max_eval_tokens.
 """
 
 import argparse
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import datasets
@@ -29,10 +32,12 @@ import torch
 
 from ttt import next_token_targets, token_nll
 from ttt_train import cli, data, hub, passkey
+from ttt_train.memory import PeakMemory
 from ttt_train.metrics import perplexity
 from ttt_train.rundir import TRAINER_STATE
 
-TASKS = {"perplexity": ("eval.json", "ppl_by_position.png"), "passkey": ("passkey.json", "passkey.png")}
+TASKS = {"perplexity": ("eval.json", "ppl_by_position.png", "comparison.md"),
+         "passkey": ("passkey.json", "passkey.png")}
 OUTPUTS = tuple(name for names in TASKS.values() for name in names)  # what an evaluation writes in --output_dir
 
 
@@ -146,7 +151,7 @@ def next_token_losses(model, batch):
     block by block (transformers' causal LMs)."""
     if hasattr(model, "next_token_losses"):
         return model.next_token_losses(batch)
-    hidden_states = model.get_decoder()(input_ids=batch).last_hidden_state
+    hidden_states = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
     return token_nll(hidden_states, model.get_output_embeddings(), next_token_targets(batch))
 
 
@@ -202,14 +207,35 @@ def plot(results, path, seq_length, buckets="linear"):
 
 
 def perplexity_result(model, model_dir, blocks, args) -> dict:
+    """The loss overall and by position; the speed of that evaluation (tokens/s, forward only) and, in a pass of
+    its own (counting costs time), the peak memory of one batch's forward beyond the weights."""
+    start = time.perf_counter()
     totals = position_losses(model, blocks, args.batch_size)
+    seconds = time.perf_counter() - start
+    with PeakMemory(model.device) as memory:
+        position_losses(model, blocks[:args.batch_size], args.batch_size)
     loss = (totals.sum() / totals.numel() / blocks.shape[0]).item()
     print(f"{model_dir}: loss {loss:.4f}, perplexity {perplexity(loss):.3f} over {totals.numel() * blocks.shape[0]} "
           f"tokens")
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(totals.numel() * blocks.shape[0]),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "tokens_per_sec": blocks.numel() / seconds, "peak_memory_bytes": memory.peak_bytes,
+            "device": model.device.type,
             "training_context": training_context(model_dir),
             "by_position": by_position(totals, blocks.shape[0], args.bucket_size),
             "by_position_log": by_position(totals, blocks.shape[0])}
+
+
+def comparison_table(results, seq_length, batch_size) -> str:
+    """The models side by side (markdown): what the paper's comparison tables hold, on the same blocks."""
+    rows = [f"| {r['label']} | {r['parameters'] / 1e6:.2f}M | {r['loss']:.4f} | {r['perplexity']:.2f} | "
+            f"{r['tokens_per_sec']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.1f} |" for r in results]
+    return "\n".join([
+        f"Blocks of {seq_length} tokens, {results[0]['tokens']} predicted tokens per model, on "
+        f"{results[0]['device'].upper()}; tokens/s: the evaluation's forward passes; peak memory: one batch of "
+        f"{batch_size} blocks' forward beyond the weights.", "",
+        "| model | parameters | loss | perplexity | tokens/s | peak memory (MiB) |",
+        "| --- | --- | --- | --- | --- | --- |", *rows]) + "\n"
 
 
 def passkey_task(args, tokenizer, docs, text_column) -> passkey.PasskeyTask:
@@ -265,10 +291,12 @@ def evaluate(args):
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if "perplexity" in args.tasks:
-        table, figure = (out / name for name in TASKS["perplexity"])
+        table, figure, comparison = (out / name for name in TASKS["perplexity"])
         table.write_text(json.dumps([{k: v for k, v in r.items() if k != "passkey"} for r in results], indent=2))
         plot(results, figure, args.seq_length, args.buckets)
-        written += [table, figure]
+        comparison.write_text(comparison_table(results, args.seq_length, args.batch_size))
+        print(comparison.read_text())
+        written += [table, figure, comparison]
     if "passkey" in args.tasks:
         table, figure = (out / name for name in TASKS["passkey"])
         table.write_text(json.dumps([{k: r[k] for k in ("model", "label", "passkey")} for r in results], indent=2))

@@ -15,7 +15,7 @@ import torch
 from transformers import TextStreamer
 
 import ttt  # noqa: F401  (registers the TTT model with the Auto classes)
-from ttt_train import cli, data, hub
+from ttt_train import cli, data, families, hub
 from ttt_train.metrics import quiet_libraries
 
 
@@ -73,7 +73,8 @@ def generate(args, stream=True):
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                           do_sample=not args.greedy, repetition_penalty=args.repetition_penalty,
                           pad_token_id=tokenizer.eos_token_id, eos_token_id=None, streamer=streamer,
-                          return_dict_in_generate=True, output_logits=True, **sampling)
+                          return_dict_in_generate=True, output_logits=True, **sampling,
+                          **families.generation_kwargs(model))
 
 
 def main(argv=None):

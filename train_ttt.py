@@ -21,8 +21,9 @@ import yaml
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes
 # The model's tables, named here without importing ttt.py (torch and transformers take seconds: --help must not);
-# tests/test_train.py checks that they name exactly ttt.TTT_STANDARD_CONFIGS, ttt_e2e.E2E_STANDARD_CONFIGS and
-# ttt.TTT_LAYER_TYPES.
+# tests/test_train.py checks that they name exactly ttt.TTT_STANDARD_CONFIGS, ttt_e2e.E2E_STANDARD_CONFIGS,
+# ttt.TTT_LAYER_TYPES and the families of ttt_train/families.py.
+FAMILIES = ("ttt", "transformer", "e2e", "e2e_fa", "mamba2", "gated_deltanet")
 MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b")
 E2E_MODEL_SIZES = ("tiny", "125m", "350m", "760m", "1b", "3b")
 PRESETS = ("nano", "small", "medium", "large", "xlarge")  # ttt_train.models.PRESETS
@@ -169,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of flag values (keys are flag names without --)")
 
     m = p.add_argument_group("model (unset flags take the official defaults; on resume they come from the checkpoint)")
-    m.add_argument("--model_type", choices=["ttt", "transformer", "e2e", "e2e_fa"],
-                   help="ttt (default, TTT-Linear/MLP), transformer (their Transformer++ baseline), e2e (TTT-E2E), or "
-                        "e2e_fa (TTT-E2E's full-attention baseline)")
+    m.add_argument("--model_type", choices=FAMILIES,
+                   help="ttt (default, TTT-Linear/MLP), transformer (their Transformer++ baseline), e2e (TTT-E2E), "
+                        "e2e_fa (TTT-E2E's full-attention baseline), mamba2 (Mamba-2) or gated_deltanet (Gated "
+                        "DeltaNet); the baselines at a --model_size count the TTT-Linear model's parameters")
     m.add_argument("--model_size", choices=[*E2E_MODEL_SIZES, *PRESETS],  # E2E's include the others' (and 3b)
                    help="a paper size (3b: e2e only) or a preset (nano ~1M, small ~50M, medium ~125M, large "
                         "~350M, xlarge ~700M parameters); default: tiny, or on resume the checkpoint's")
@@ -292,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--torch_compile_mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile's mode: 'reduce-overhead' replays each step as CUDA graphs, which pays off "
                         "when kernel launches dominate (small per-device batches); needs --torch_compile")
+    g.add_argument("--require_fused_kernels", action="store_true",
+                   help="refuse to start where the model's sequence mixing would run its PyTorch fallback instead of "
+                        "fused GPU kernels (the start-up line, metrics.jsonl and training_summary.json say which runs)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
                    help="TF32 tensor-core matmuls for float32 work on Ampere and newer GPUs")
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,

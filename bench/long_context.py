@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ttt import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM  # noqa: E402
 from ttt_e2e import E2E_STANDARD_CONFIGS, E2EConfig, E2EForCausalLM  # noqa: E402
+from ttt_train.families import transformer_config  # noqa: E402
 from ttt_train.memory import PeakMemory  # noqa: E402
-from ttt_train.models import transformer_config  # noqa: E402
 
 FAMILIES = ("ttt-linear", "ttt-mlp", "transformer", "transformer-sw", "e2e", "e2e-off", "e2e-fa")
 PARTS = ("train", "eval", "decode")
@@ -53,7 +53,7 @@ def build(family: str, size: str, vocab_size: int, length: int):
         return TTTForCausalLM(TTTConfig(**dims, vocab_size=vocab_size, ttt_layer_type=family[4:],
                                         max_position_embeddings=length))
     window = E2E_STANDARD_CONFIGS[size].get("sliding_window", 8192) if family == "transformer-sw" else None
-    config = transformer_config(dims, vocab_size, window)
+    config = transformer_config(None, dims, vocab_size, {"sliding_window": window})
     config.max_position_embeddings = length
     return transformer_model(config)
 

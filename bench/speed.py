@@ -33,13 +33,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_ttt import COMPILE_MODES
 from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, TTT_STANDARD_CONFIGS, InnerState, TTTConfig, TTTForCausalLM
+from ttt_train.families import FAMILIES, transformer_config
 from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token
-from ttt_train.models import transformer_config
+from ttt_train.models import matched_config
 
 # The suffix is the scan (TTTConfig.scan_implementation): "-loop", the autograd loop over mini-batches;
 # "-recomputing", the recomputing scan in PyTorch even where the Triton kernels run; none, "auto" (Triton on a GPU)
+# "mamba2" and "gated_deltanet": transformers' classes at the size's parameter count (ttt_train/families.py), on their
+# PyTorch reference path unless mamba-ssm / flash-linear-attention and causal-conv1d run (CUDA).
+BASELINES = ("mamba2", "gated_deltanet")
 MODELS = ("ttt-linear-loop", "ttt-linear-recomputing", "ttt-linear", "ttt-mlp-loop", "ttt-mlp-recomputing",
-          "ttt-mlp", "transformer")
+          "ttt-mlp", "transformer", *BASELINES)
 WORKLOADS = {
     "a": [dict(model=m, seq_length=2048, batch_size=4) for m in MODELS if m != "transformer"],
     "b": [dict(model=m, seq_length=512, batch_size=4, size="tiny") for m in MODELS],
@@ -47,8 +51,9 @@ WORKLOADS = {
     "d": [dict(model=m, seq_length=2048, batch_size=1, size="125m") for m in MODELS],
     "e": [dict(model=m, seq_length=t, batch_size=1, size="125m") for t in (8192, 32768)
           for m in ("ttt-linear", "transformer")],
+    # the baselines' caches are driven by generate() (families.generation_kwargs), not by this loop
     "decode": [dict(model=m, seq_length=t, batch_size=1, size="tiny") for t in (128, 512, 2048)
-               for m in MODELS if "-loop" not in m],
+               for m in MODELS if "-loop" not in m and m not in BASELINES],
 }
 
 
@@ -114,9 +119,15 @@ def scan_of(name) -> str:
 
 def build_model(name, size):
     vocab = 32000 if size == "125m" else 8000
+    from transformers import AutoModelForCausalLM
+
     if name == "transformer":
-        from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_config(transformer_config(TTT_STANDARD_CONFIGS[size], vocab))
+        return AutoModelForCausalLM.from_config(transformer_config(size, {}, vocab, {}))
+    if name in BASELINES:
+        family = FAMILIES[name]
+        make = lambda dims: family.make_config(None, dims, vocab, {}, 1, 2)
+        config = matched_config(family, dict(TTT_STANDARD_CONFIGS[size]), vocab, make, report=lambda _: None)
+        return AutoModelForCausalLM.from_config(config)
     return TTTForCausalLM(TTTConfig.from_size(size, vocab_size=vocab, ttt_layer_type=name.split("-")[1],
                                               scan_implementation=scan_of(name)))
 
@@ -259,7 +270,7 @@ def main():
                 continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
             speeds = {k.replace("_tokens_per_sec", ""): v for k, v in result.items() if k.endswith("tokens_per_sec")}
-            key = (case["model"].split("-")[1] if case["model"] != "transformer" else None,
+            key = (case["model"].split("-")[1] if case["model"].startswith("ttt-") else None,
                    case["seq_length"], case["batch_size"])
             if case["model"].endswith("-loop"):
                 loop[key] = speeds

@@ -3,7 +3,8 @@ the per-device batch and gradient accumulation derived from the global batch and
 `accelerate launch` (or plain python for one process) of train_gpu_optimized.py. Arguments it does not know are
 passed to the trainer and override the recipe (the trainer's last value of a flag wins).
 
-    scripts/train_125m_c4.sh [--layer linear|mlp] [--num_gpus N] [--dry-run] [trainer flags ...]
+    scripts/train_125m_c4.sh [--layer linear|mlp] [--model_type ttt|transformer|mamba2|gated_deltanet]
+                             [--num_gpus N] [--dry-run] [trainer flags ...]
     scripts/train_e2e.sh SIZE [--stage pretrain|extend] [--variant e2e|fa] [--num_gpus N] [--dry-run] [flags ...]
 
 Environment: NUM_GPUS (default: the GPUs torch sees), PER_DEVICE_BATCH (default: the recipe's), and for several
@@ -24,7 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = dict(dataset_name="allenai/c4", dataset_config="en", tokenizer_name="meta-llama/Llama-2-7b-hf",
               seq_length=2048, weight_decay=0.1, lr_end=1e-5, warmup_ratio=0.1, lr_scheduler_type="cosine",
               save_checkpoint_freq=500, save_milestone_freq=2000, eval_steps=500, logging_steps=10,
-              report_to="tensorboard", pre_conv=True, share_qk=True, use_gate=True)
+              report_to="tensorboard")
+TTT_BACKBONE = dict(pre_conv=True, share_qk=True, use_gate=True)  # the paper's Mamba backbone for the TTT layers
+# The baselines the C4 recipes train at the same size, tokens and schedule (the paper's comparison); their sizes
+# count the TTT-Linear model's parameters (ttt_train/families.py).
+BASELINES = ("transformer", "mamba2", "gated_deltanet")
 RECIPES = {
     "125m": dict(learning_rate=3e-3, max_train_steps=4800, per_device_batch=16, fsdp=False),
     "350m": dict(learning_rate=1.5e-3, max_train_steps=13500, per_device_batch=8, fsdp=False),
@@ -91,15 +96,20 @@ def flag_args(values: dict) -> list:
     return out
 
 
-def ttt_flags(size, layer, processes) -> tuple:
-    """(trainer flags, use FSDP) of the TTT-Linear/MLP recipe."""
+def ttt_flags(size, layer, processes, model_type="ttt") -> tuple:
+    """(trainer flags, use FSDP) of the C4 recipe for TTT-Linear/MLP, or for a baseline (`model_type`)."""
     recipe = RECIPES[size]
     per_device_batch = int(os.environ.get("PER_DEVICE_BATCH", recipe["per_device_batch"]))
     per_device, accumulation = batch_split(processes, per_device_batch)
-    return {**COMMON, "model_size": size, "ttt_layer_type": layer, "ttt_base_lr": INNER_BASE_LR[layer],
-            "learning_rate": recipe["learning_rate"], "max_train_steps": recipe["max_train_steps"],
-            "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
-            "output_dir": f"outputs/ttt-{layer}-{size}-c4"}, recipe["fsdp"]
+    flags = {**COMMON, "model_size": size, "learning_rate": recipe["learning_rate"],
+             "max_train_steps": recipe["max_train_steps"], "per_device_train_batch_size": per_device,
+             "gradient_accumulation_steps": accumulation}
+    if model_type == "ttt":
+        flags |= {**TTT_BACKBONE, "ttt_layer_type": layer, "ttt_base_lr": INNER_BASE_LR[layer],
+                  "output_dir": f"outputs/ttt-{layer}-{size}-c4"}
+    else:
+        flags |= {"model_type": model_type, "output_dir": f"outputs/{model_type}-{size}-c4"}
+    return flags, recipe["fsdp"]
 
 
 def e2e_flags(size, stage, variant, processes) -> tuple:
@@ -124,10 +134,12 @@ def e2e_flags(size, stage, variant, processes) -> tuple:
     return flags, size in ("760m", "1b", "3b")
 
 
-def build_command(size, layer, num_gpus, extra, family="ttt", stage="pretrain", variant="e2e") -> list:
+def build_command(size, layer, num_gpus, extra, family="ttt", stage="pretrain", variant="e2e",
+                  model_type="ttt") -> list:
     machines = int(os.environ.get("NUM_MACHINES", "1"))
     processes = max(num_gpus, 1) * machines
-    flags, fsdp = ttt_flags(size, layer, processes) if family == "ttt" else e2e_flags(size, stage, variant, processes)
+    flags, fsdp = ttt_flags(size, layer, processes, model_type) if family == "ttt" \
+        else e2e_flags(size, stage, variant, processes)
     trainer = flag_args(flags)
     script = str(ROOT / "train_gpu_optimized.py")
     if processes == 1:
@@ -156,6 +168,8 @@ def main(argv=None):
     parser.add_argument("--family", choices=["ttt", "e2e"], default="ttt",
                         help="ttt: TTT-Linear/MLP on C4 (train_<size>_c4.sh); e2e: TTT-E2E (train_e2e.sh)")
     parser.add_argument("--layer", choices=list(INNER_BASE_LR), default="linear", help="ttt: the inner model")
+    parser.add_argument("--model_type", choices=["ttt", *BASELINES], default="ttt",
+                        help="the C4 recipes: TTT (--layer), or a baseline at the same size, tokens and schedule")
     parser.add_argument("--stage", choices=list(E2E_STAGES), default="pretrain",
                         help="e2e: pretraining at 8K, or extension at 32K (needs --init_from and --dataset_name)")
     parser.add_argument("--variant", choices=["e2e", "fa"], default="e2e",
@@ -165,6 +179,9 @@ def main(argv=None):
                         help="print the command instead of running it")
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
     args, extra = parser.parse_known_args(argv)
+    if args.family == "e2e" and args.model_type != "ttt":
+        parser.error(f"--model_type {args.model_type}: train_e2e.sh trains TTT-E2E or, with --variant fa, its "
+                     f"full-attention baseline; the other baselines take the C4 recipes (train_<size>_c4.sh)")
     if int(os.environ.get("NUM_MACHINES", "1")) > 1 and "MAIN_PROCESS_IP" not in os.environ:
         parser.error("NUM_MACHINES > 1 needs MAIN_PROCESS_IP (the address of the node with MACHINE_RANK 0)")
     chosen = args.num_gpus is not None or "NUM_GPUS" in os.environ  # a GPU count the user gave (0 included)
@@ -178,7 +195,7 @@ def main(argv=None):
                      f"--dry-run prints its command on the recipe's {RECIPE_GPUS} GPUs, --num_gpus 0 runs it here on "
                      f"purpose, and train_ttt.py trains small models on a CPU (README: Quick start)")
     if num_gpus == 0 and args.dry_run and not chosen:  # the command the recipe runs on the GPUs it is planned for
-        here = build_command(args.size, args.layer, 0, extra, args.family, args.stage, args.variant)
+        here = build_command(args.size, args.layer, 0, extra, args.family, args.stage, args.variant, args.model_type)
         print(f"launch: no GPU found here; printing the recipe's command on its {RECIPE_GPUS} GPUs (--num_gpus N for "
               f"another count); on this CPU, as one process, it would run: {shlex.join(here)}", file=sys.stderr)
         num_gpus = RECIPE_GPUS
@@ -198,7 +215,8 @@ def main(argv=None):
             parser.error(f"{num_gpus} GPU(s) asked (--num_gpus / NUM_GPUS) but this host has "
                          + (f"{visible}: give at most {visible}" if visible else
                             "no CUDA GPU: --num_gpus 0 runs the recipe on the CPU") + "; --dry-run prints the command")
-    command = build_command(args.size, args.layer, num_gpus, extra, args.family, args.stage, args.variant)
+    command = build_command(args.size, args.layer, num_gpus, extra, args.family, args.stage, args.variant,
+                            args.model_type)
     if not args.dry_run:  # from where the user is: their relative paths (data, output_dir) mean what they wrote
         check_trainer_flags(command[command.index(str(ROOT / "train_gpu_optimized.py")) + 1:])
     print(shlex.join(command), flush=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Interactive launcher: asks for the size, inner model, dataset, GPU count and whether to resume, then runs
+# Interactive launcher: asks for the size, model (TTT's inner model or a baseline), dataset, GPU count and whether to resume, then runs
 # scripts/train_<size>_c4.sh. Answers can come on standard input, one per line (an empty line takes the default):
 #   printf '125m\nmlp\n\n8\ny\n' | scripts/launch_training.sh --dry-run
 # Arguments to this script (e.g. --dry-run, or trainer flags) are passed on to the launcher.
@@ -33,7 +33,8 @@ if [ ! -t 0 ] && [[ " $* " != *" --dry-run "* ]]; then
 fi
 detected=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 ask size "Model size (125m, 350m, 760m, 1b)" 125m 125m 350m 760m 1b
-ask layer "Inner model (linear = TTT-Linear, mlp = TTT-MLP)" linear linear mlp
+ask layer "Model (linear = TTT-Linear, mlp = TTT-MLP, or a baseline: transformer, mamba2, gated_deltanet)" linear \
+  linear mlp transformer mamba2 gated_deltanet
 ask dataset "Dataset (Hub id or local path; empty = allenai/c4 en)" allenai/c4
 ask gpus "Number of GPUs on this node" "${detected:-0}"
 ask resume "Resume from the latest checkpoint? (y/n)" n y n
@@ -45,7 +46,11 @@ if [ "$gpus" = 0 ] && [[ " $* " != *" --dry-run "* ]]; then
     exit 1
   fi
 fi
-args=(--layer "$layer" --num_gpus "$gpus")
+if [ "$layer" = linear ] || [ "$layer" = mlp ]; then
+  args=(--layer "$layer" --num_gpus "$gpus")
+else
+  args=(--model_type "$layer" --num_gpus "$gpus")
+fi
 if [ "$dataset" != "allenai/c4" ]; then
   args+=(--dataset_name "$dataset" --dataset_config "")
 fi

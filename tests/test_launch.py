@@ -56,6 +56,23 @@ def test_recipe_passes_extra_arguments_and_mlp_settings():
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 4 == 256
 
 
+@pytest.mark.parametrize("model_type", ["transformer", "mamba2", "gated_deltanet"])
+def test_the_c4_recipes_train_the_baselines_at_the_same_size_and_schedule(model_type):
+    """The paper's comparison: the same recipe (data, tokens, schedule) for the baseline, without the TTT layers'
+    backbone flags (which the trainer would refuse for it), checked by the trainer's own flag validation."""
+    _, args = trainer_args(launcher_command("train_350m_c4.sh", "--dry-run", "--model_type", model_type))
+    assert (args.model_type, args.model_size, args.learning_rate, args.max_train_steps) == (
+        model_type, "350m", 1.5e-3, 13500)
+    assert not (args.pre_conv or args.share_qk or args.use_gate) and args.ttt_layer_type is None
+    assert args.output_dir == f"outputs/{model_type}-350m-c4"
+    answers = f"125m\n{model_type}\n\n1\n\n"
+    _, answered = trainer_args(launcher_command("launch_training.sh", "--dry-run", stdin=answers))
+    assert answered.model_type == model_type and answered.ttt_layer_type is None
+    result = subprocess.run([str(ROOT / "scripts" / "train_e2e.sh"), "125m", "--model_type", model_type, "--dry-run"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--variant fa" in result.stderr
+
+
 # TTT-E2E (SPEC.md 2.6): size -> pretraining (steps, global batch, peak lr), extension (steps, global batch)
 E2E_RECIPES = {"125m": ((4800, 64, 3e-3), (120, 32)), "350m": ((13500, 64, 1.5e-3), (337, 32)),
                "760m": ((29000, 64, 1.25e-3), (725, 32)), "1b": ((50000, 64, 1e-3), (1250, 32)),

@@ -38,6 +38,9 @@ def test_loss_falls_on_tinyshakespeare(tmp_path, shakespeare, llama_tokenizer_di
         elif "eval_loss" in record:
             assert set(record) == {"step", "eval_loss", "eval_perplexity"}
             assert abs(record["eval_perplexity"] - torch.tensor(record["eval_loss"]).exp().item()) < 1e-3
+        elif "event" in record:  # the start: which implementation runs the TTT scan
+            assert set(record) == {"step", "event", "kernels", "kernel_detail"} and record["step"] == 0
+            assert record["kernels"] == "fallback" and record["kernel_detail"].startswith("TTT scan: recomputing scan")
         else:
             assert set(record) == {"step"} | {f"ttt/layer{i}/{n}" for i in range(4)
                                               for n in ("initial", "before", "after", "update_factor")}
@@ -495,9 +498,11 @@ def test_help_is_fast_and_names_the_models_tables():
     choices it names are the model's tables."""
     import ttt
     import ttt_e2e
+    from ttt_train import families
 
     assert list(train_ttt.MODEL_SIZES) == list(ttt.TTT_STANDARD_CONFIGS)
     assert list(train_ttt.E2E_MODEL_SIZES) == list(ttt_e2e.E2E_STANDARD_CONFIGS)
+    assert list(train_ttt.FAMILIES) == list(families.NAMES)
     from ttt_train import models
 
     assert list(train_ttt.PRESETS) == list(models.PRESETS)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ttt_train import checkpoint as ckpt
-from ttt_train import data, models, rundir
+from ttt_train import data, families, models, rundir
 from ttt_train.cli import Stopped, UserError, resume_command
 from ttt_train.distributed import main_decides
 from ttt_train.metrics import (
@@ -73,16 +73,16 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on norms, biases (including the inner model's b1/b2 and the lr-gate bias),
-    embeddings and the per-position tau."""
+def param_groups(model, weight_decay, exempt_names=()):
+    """AdamW groups: no weight decay on norms, biases, embeddings, 1-D parameters and the family's own
+    (Family.no_decay: TTT's inner biases b1/b2 and per-position tau, the state-space models' A_log, D, dt_bias)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:  # frozen (the base model under LoRA)
             continue
         leaf = name.rsplit(".", 1)[-1]
         exempt = (p.ndim < 2 or "norm" in name or "embed_tokens" in name or "bias" in leaf
-                  or leaf in ("b1", "b2", "learnable_token_idx"))
+                  or leaf in exempt_names)
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -430,9 +430,14 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
     else:
         config = models.build_config(args, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                                      report=accelerator.print)
-    if config.model_type == "ttt_e2e" and config.train_mode == "meta" and args.seq_length % config.mini_batch_size:
-        raise UserError(f"--seq_length {args.seq_length} is not a multiple of the E2E chunk (mini_batch_size "
-                        f"{config.mini_batch_size}): the training loss weighs every chunk equally, as the official one")
+    family = families.family_of(config)
+    refusal = family.check_run(config, args.seq_length)
+    if refusal:
+        raise UserError(refusal)
+    kernels = family.kernels(config, accelerator.device)
+    if args.require_fused_kernels and not kernels.fused:
+        raise UserError(f"--require_fused_kernels: this run would use the {kernels.detail}; for the fused "
+                        f"kernels: {kernels.install}")
     if accelerator.is_main_process:
         ckpt.check_disk_space(output_dir, models.parameter_count(config))
     if args.num_train_epochs is not None:  # the step count the epochs make; the same on resume (same data)
@@ -474,8 +479,9 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
             else models.build_model(config)
         if args.gradient_checkpointing:
             models.enable_activation_checkpointing(model)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
-                                  betas=(0.9, 0.95), eps=1e-8, fused=accelerator.device.type == "cuda")
+    groups = param_groups(model, args.weight_decay, families.family_of(config).no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=accelerator.device.type == "cuda")
     # The scheduler is neither `prepare`d (Accelerate would step it once per process; ours steps once per optimizer
     # step) nor registered for Accelerate's checkpointing (which unpickles it): its state goes into trainer_state.
     scheduler = build_scheduler(args, optimizer)
@@ -523,7 +529,9 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
     accum = args.gradient_accumulation_steps
     tokens_per_step = args.per_device_train_batch_size * args.seq_length * accum * accelerator.num_processes
     params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters; "
+    kernels = families.family_of(config).kernels(config, accelerator.device)
+    log.note({"step": step, "event": "start", **kernels.record()})
+    accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters ({kernels.detail}); "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
                       f"{describe_setup(accelerator)}; writing to {remote.url if remote else output_dir}")
     if args.init_from and not checkpoint:
@@ -535,7 +543,7 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
     metrics = StepMetrics(log, accelerator, args.logging_steps, args.max_train_steps, tokens_per_step,
                           training_flops_per_token(config, params, args.seq_length),
                           args.peak_tflops or gpu_peak_tflops(), elapsed)
-    evaluator = Evaluator(model, eval_set, accelerator, args, log, config.model_type == "ttt")
+    evaluator = Evaluator(model, eval_set, accelerator, args, log, families.family_of(config).ttt_statistics)
     inner_loop = InnerLoopMetrics(log, accelerator, args.logging_steps, args.max_train_steps, config)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     guard = DivergenceGuard(args.on_nonfinite, output_dir, log)
@@ -590,7 +598,7 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
         checkpointer.save_final(step, merge_lora=bool(lora) and args.merge_lora)
         if accelerator.is_main_process:
             write_summary(output_dir / SUMMARY_FILE, step=step, tokens=tokens, elapsed=elapsed(), parameters=params,
-                          final_eval_loss=evaluator.last, best=checkpointer.best)
+                          final_eval_loss=evaluator.last, best=checkpointer.best, kernels=kernels)
             if remote:
                 for name in (SUMMARY_FILE, METRICS_FILE):
                     remote.upload_file(output_dir / name, name)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ttt_train import families
 from ttt_train.cli import UserError
 from ttt_train.rundir import METRICS_FILE
 
@@ -51,6 +52,12 @@ class MetricsLog:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
+
+    def note(self, record: dict):
+        """A line of metrics.jsonl only (words, such as the kernel path, that the trackers' scalars cannot take)."""
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def log(self, record: dict, console: dict | None = None):
         """record: a dict with a "step", written whole to metrics.jsonl and the trackers; the console shows
@@ -108,7 +115,7 @@ class InnerLoopMetrics:
 
     def __init__(self, log, accelerator, every, max_steps, config):
         self.log, self.accelerator, self.every, self.max_steps = log, accelerator, every, max_steps
-        self.enabled = config.model_type == "ttt_e2e" and config.train_mode == "meta"
+        self.enabled = families.family_of(config).inner_loop(config)
         self.clip = getattr(config, "inner_clip", None)
         self.reset()
 
@@ -148,16 +155,18 @@ class InnerLoopMetrics:
         self.reset()
 
 
-def write_summary(path: Path, step: int, tokens: int, elapsed: float, parameters: int, final_eval_loss, best):
+def write_summary(path: Path, step: int, tokens: int, elapsed: float, parameters: int, final_eval_loss, best,
+                  kernels=None):
     """training_summary.json at the end of a run (written atomically): steps, training tokens and time over all
     resumed segments, throughput, parameters, the final and best validation loss and perplexity (best: with
-    --save_best, the best_model's)."""
+    --save_best, the best_model's), and which implementation ran the sequence mixing (families.KernelPath)."""
     summary = {"steps": step, "tokens": tokens, "train_time_sec": elapsed,
                "tokens_per_sec": tokens / elapsed if elapsed > 0 else None, "parameters": parameters,
                "final_eval_loss": final_eval_loss,
                "final_eval_perplexity": perplexity(final_eval_loss) if final_eval_loss is not None else None,
                "best_step": best[0] if best else None, "best_eval_loss": best[1] if best else None,
-               "best_eval_perplexity": perplexity(best[1]) if best else None}
+               "best_eval_perplexity": perplexity(best[1]) if best else None,
+               **(kernels.record() if kernels else {})}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
@@ -194,19 +203,11 @@ def gpu_peak_tflops() -> float | None:
 
 def training_flops_per_token(config, num_params: int, seq_length: int) -> float:
     """Model FLOPs of one training token: 6 per parameter used in a matmul (the input embedding is a lookup, so
-    it counts only when tied, as the output head), plus the sequence mixing, 3x its forward FLOPs:
-    TTT (per head and layer, K = mini_batch_size, f = head dim): the inner loop's dual form, 6f^2 + 4Kf for
-    TTT-Linear (the two f x f products, the gradient sum, the K x K mixing), 56f^2 + 8Kf for TTT-MLP;
-    Transformer and TTT-E2E: attention scores and values over the T (or window) previous tokens, 4 T C per layer
-    (E2E's inner loop, a further forward and backward of the suffix blocks, is not counted: these are the
-    model's FLOPs, so its MFU reads low by that factor)."""
+    it counts only when tied, as the output head), plus the sequence mixing, 3x its forward FLOPs, each family's
+    own formula (Family.mixing_flops, in families.py: TTT's inner loop in dual form, attention over the T or window
+    previous tokens, the Mamba-2 and Gated DeltaNet chunked scans; TTT-E2E's inner loop, a further forward and
+    backward of the suffix blocks, is not counted: these are the model's FLOPs, so its MFU reads low by that
+    factor)."""
     matmul_params = num_params - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
-    if config.model_type == "ttt":
-        f, K = config.hidden_size // config.num_attention_heads, config.mini_batch_size
-        inner = 6 * f * f + 4 * K * f if config.ttt_layer_type == "linear" else 56 * f * f + 8 * K * f
-        mixing = inner * config.num_attention_heads
-    elif config.model_type == "ttt_e2e":  # the attention as for a Transformer; the inner loop is not counted
-        mixing = 4 * min(seq_length, config.sliding_window or seq_length) * config.hidden_size
-    else:
-        mixing = 4 * min(seq_length, getattr(config, "sliding_window", None) or seq_length) * config.hidden_size
+    mixing = families.family_of(config).mixing_flops(config, seq_length)
     return 6 * matmul_params + 3 * mixing * config.num_hidden_layers

@@ -1,49 +1,22 @@
-"""Which model a run trains: a TTT model (ttt.py), or the Transformer++ baseline of the same size (Mistral's
-Llama-style architecture from transformers: RoPE, SwiGLU, RMSNorm, attention through
-torch.nn.functional.scaled_dot_product_attention, optional sliding window)."""
+"""The model a run trains: its config from the flags (a family of families.py at a size, a preset or the shape
+--target_params finds), checked against a checkpoint or an --init_from model; building it; LoRA."""
 
 import math
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from ttt import TTT_STANDARD_CONFIGS, TTTConfig
-from ttt_e2e import E2E_STANDARD_CONFIGS, E2EConfig
+from ttt import TTT_STANDARD_CONFIGS
 from ttt_train import data, hub
 from ttt_train.cli import UserError
-
-MODEL_TYPES = ("ttt", "transformer", "e2e", "e2e_fa")
-# Flags that define each kind of model's architecture; on resume (or --init_from) they must agree with its config.
-TTT_FLAGS = ("ttt_layer_type", "ttt_base_lr", "mini_batch_size", "use_gate", "share_qk", "pre_conv",
-             "conv_kernel", "scan_checkpoint_group_size", "rope_theta")
-TRANSFORMER_FLAGS = ("sliding_window", "rope_theta")
-E2E_FLAGS = ("sliding_window", "mini_batch_size", "suffix_len", "train_mode", "inner_lr", "inner_clip", "ilr_init",
-             "ilr_warmup_steps", "first_order", "recompute_prefix", "rope_theta")
-FLAGS = {"ttt": TTT_FLAGS, "transformer": TRANSFORMER_FLAGS, "e2e": E2E_FLAGS, "e2e_fa": ("rope_theta",)}
-ALL_FLAGS = tuple(dict.fromkeys(TTT_FLAGS + TRANSFORMER_FLAGS + E2E_FLAGS))
-# What --init_from may change, by the saved model's config.model_type: settings that no weight's shape depends on.
-# Length extension (a model trained at one length continued at a longer one) raises RoPE theta for full attention
-# (the official fa extension: 2e6 at 32K, 1e7 at 128K) and may change E2E's window and chunk; E2E's training
-# settings change too (extension starts without the inner step's warm-up, from a model pretrained with it).
-E2E_TRAINING = ("ilr_init", "ilr_warmup_steps", "first_order", "recompute_prefix")
-INIT_OVERRIDES = {
-    "ttt_e2e": E2E_TRAINING + ("rope_theta", "sliding_window", "mini_batch_size"),
-    "mistral": ("rope_theta", "sliding_window"),
-    "ttt": (),
-}
-# Why a model type's settings stay what they are under --init_from (said with the refusal).
-FIXED_ON_INIT = {
-    "ttt": "TTT layers restart RoPE every mini-batch, so theta does not bound their context, and the mini-batch size "
-           "fixes the shape of the learned token-position factors; a TTT model extends to a longer context as it is: "
-           "train it at the longer --seq_length",
-}
-CONFIG_MODEL_TYPE = {"ttt": "ttt", "transformer": "mistral", "e2e": "ttt_e2e", "e2e_fa": "ttt_e2e"}
-
+from ttt_train.families import ALL_FLAGS, E2E_TRAINING, FAMILIES, family_of
 
 # Presets named by scale (configuration as data): the shape of a TTT-Linear / Transformer++ model of about that
 # many parameters with the Llama-2 vocabulary (nano: with the byte tokenizer). TTT-E2E takes the same shape with
-# the prime MLP in the last quarter of the blocks and E2E_WIDTH of the MLP width (the official sizes' ratio).
+# the prime MLP in the last quarter of the blocks and families.E2E_WIDTH of the MLP width (the official sizes'
+# ratio); Mamba-2 and Gated DeltaNet take its hidden size, and set one dimension (Family.match_knob) so that they
+# count the TTT-Linear model's parameters.
 PRESETS = {
     "nano": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
     "small": dict(hidden_size=512, num_hidden_layers=10, num_attention_heads=8, intermediate_size=1408),
@@ -52,42 +25,15 @@ PRESETS = {
     "xlarge": TTT_STANDARD_CONFIGS["760m"],
 }
 DIM_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-E2E_WIDTH = 13 / 16  # 1664 / 2048, 2304 / 2816 (rounded), ...
 HEAD_DIM = 64  # --target_params shapes: heads of 64, MLP width 8/3 of the hidden size (multiples of 64)
 TARGET_TOLERANCE = 0.1  # shapes within 10% of --target_params compete on their aspect; else the closest wins
 
 
-def transformer_config(dims: dict, vocab_size: int, sliding_window: int | None = None,
-                       rope_theta: float | None = None) -> MistralConfig:
-    """The baseline with the given hidden/intermediate/layers/heads, tied embeddings as the TTT models."""
-    return MistralConfig(vocab_size=vocab_size, num_key_value_heads=dims["num_attention_heads"],
-                         head_dim=dims["hidden_size"] // dims["num_attention_heads"], sliding_window=sliding_window,
-                         max_position_embeddings=2048, rope_theta=rope_theta or 10000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
-                         **dims)
-
-
 def make_config(model_type: str, size: str | None, dims: dict, vocab_size: int, overrides: dict, bos_token_id=None,
                 eos_token_id=None):
-    """The config of `model_type` with the shape `dims` (on top of the standard `size` when there is one)."""
-    if model_type == "transformer":
-        return transformer_config(dims, vocab_size, overrides.get("sliding_window"), overrides.get("rope_theta"))
-    if model_type == "ttt":
-        return TTTConfig(**{**TTT_STANDARD_CONFIGS.get(size, {}), **dims, "vocab_size": vocab_size, **overrides})
-    overrides = dict(overrides)
-    variant = "fa" if model_type == "e2e_fa" else "pretrain" if overrides.pop("train_mode", None) == "pretrain" \
-        else "e2e"
-    if size not in E2E_STANDARD_CONFIGS:  # a preset or a searched shape: E2E's proportions on it
-        base = "tiny" if dims["hidden_size"] <= 256 else "125m"  # tiny's window and chunk, or the official ones
-        dims = dict(dims)
-        if variant != "fa":
-            dims["intermediate_size"] = max(32, round(dims["intermediate_size"] * E2E_WIDTH / 32) * 32)
-            dims.setdefault("suffix_len", max(1, dims["num_hidden_layers"] // 4))
-        size = base
-    elif "num_hidden_layers" in dims and variant != "fa":
-        dims = {**dims, "suffix_len": max(1, dims["num_hidden_layers"] // 4)}
-    return E2EConfig.from_size(size, variant, vocab_size=vocab_size, bos_token_id=bos_token_id,
-                               eos_token_id=eos_token_id, **{**dims, **overrides})
+    """The config of the family `model_type` with the shape `dims` (on top of the standard `size` when there is
+    one)."""
+    return FAMILIES[model_type].make_config(size, dims, vocab_size, overrides, bos_token_id, eos_token_id)
 
 
 def search_shape(target: int, prefer_depth: bool, make) -> tuple:
@@ -127,12 +73,13 @@ def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_tok
     """The config the flags ask for: a standard size of the model type, a preset, or the shape --target_params
     finds; explicit dimension flags override the size's."""
     model_type = args.model_type or "ttt"
-    wrong = [f for f in ALL_FLAGS if f not in FLAGS[model_type] and getattr(args, f) is not None]
+    family = FAMILIES[model_type]
+    wrong = [f for f in ALL_FLAGS if f not in family.flags and getattr(args, f) is not None]
     if wrong:
         raise UserError(f"--{wrong[0]} does not apply to --model_type {model_type}")
-    sizes = E2E_STANDARD_CONFIGS if model_type.startswith("e2e") else TTT_STANDARD_CONFIGS
+    sizes = family.sizes
     explicit = {k: getattr(args, k) for k in DIM_FLAGS if getattr(args, k) is not None}
-    overrides = {k: getattr(args, k) for k in FLAGS[model_type] if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in family.flags if getattr(args, k) is not None}
     make = lambda dims, size=None: make_config(model_type, size, dims, vocab_size, overrides, bos_token_id,
                                               eos_token_id)
     try:
@@ -141,18 +88,23 @@ def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_tok
                 raise UserError(f"--target_params chooses the dimensions; --{next(iter(explicit))} conflicts with it")
             dims, count = search_shape(args.target_params, args.prefer_depth, make)
             config = make(dims)
-            report(f"--target_params {args.target_params}: hidden {config.hidden_size}, {config.num_hidden_layers} "
-                   f"layers, {config.num_attention_heads} heads, MLP {config.intermediate_size} -> {count} "
+            # a Mamba-2 stack has neither heads of attention nor an MLP
+            shape = ", ".join(what.format(getattr(config, k)) for k, what in (
+                ("num_hidden_layers", "{} layers"), ("num_attention_heads", "{} heads"),
+                ("intermediate_size", "MLP {}")) if hasattr(config, k))
+            report(f"--target_params {args.target_params}: hidden {config.hidden_size}, {shape} -> {count} "
                    f"parameters (vocabulary {vocab_size})")
             return config
         if args.model_size in PRESETS:
-            return make({**PRESETS[args.model_size], **explicit})
-        if args.model_size not in sizes:
+            dims, size = {**PRESETS[args.model_size], **explicit}, None
+        elif args.model_size in sizes:
+            dims, size = explicit, args.model_size
+        else:
             raise UserError(f"--model_size {args.model_size} is not a size of --model_type {model_type} "
                             f"({', '.join([*sizes, *PRESETS])})")
-        if model_type == "transformer":
-            return make({**TTT_STANDARD_CONFIGS[args.model_size], **explicit})
-        return make(explicit, args.model_size)
+        if family.match_knob and family.match_knob not in explicit:
+            return matched_config(family, {**TTT_STANDARD_CONFIGS.get(size, {}), **dims}, vocab_size, make, report)
+        return make(dims, size)
     except ValueError as error:  # the config names the field and the value
         if isinstance(error, UserError):
             raise
@@ -160,15 +112,32 @@ def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_tok
         raise UserError(f"model configuration: {error}{given}") from error
 
 
+def matched_config(family, dims: dict, vocab_size: int, make, report=print):
+    """A baseline of the TTT size `dims` whose Family.match_knob (a depth or a width, in multiples of match_step)
+    makes its parameter count closest to the TTT-Linear model of those dims with the same vocabulary (parameters
+    grow linearly in either: two counts give the slope)."""
+    target = parameter_count(FAMILIES["ttt"].make_config(None, dims, vocab_size, {}, None, None))
+    knob, step = family.match_knob, family.match_step
+    one, two = (parameter_count(make({**dims, knob: n * step})) for n in (1, 2))
+    n = max(1, round((target - (one - (two - one))) / max(two - one, 1)))
+    config = make({**dims, knob: n * step})
+    count = parameter_count(config)
+    report(f"{family.title}: {knob} {n * step} -> {count} parameters, {100 * (count / target - 1):+.1f}% of "
+           f"TTT-Linear's {target} at this size")
+    return config
+
+
 def check_flags_agree(args, config, source: str, skip=(), why: str | None = None):
     """The explicitly given architecture flags must be those of `config` (the model of `source`): resuming or
     initialising from a saved model cannot change its architecture. `why`: the reason, added to a model flag's
     refusal."""
-    if args.model_type and CONFIG_MODEL_TYPE[args.model_type] != config.model_type:
-        raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {config.model_type} model")
-    if args.model_type in ("e2e", "e2e_fa") and (args.model_type == "e2e_fa") != (config.suffix_len == 0):
-        actual = "TTT-E2E's full-attention baseline" if config.suffix_len == 0 else "a TTT-E2E model"
-        raise UserError(f"--model_type {args.model_type} conflicts with {source}, {actual}")
+    try:
+        actual = family_of(config)
+    except ValueError as error:
+        raise UserError(f"{source}: {error}") from error
+    if args.model_type and args.model_type != actual.name:
+        raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {actual.title} model "
+                        f"(--model_type {actual.name})")
     for flag in ALL_FLAGS + DIM_FLAGS:
         if flag in skip:
             continue
@@ -259,7 +228,7 @@ def checkpoint_config(args, checkpoint, saved_args: dict):
 
 def init_config(args, report=print):
     """The config of the --init_from model (a local folder or a Hub id), checked against the flags; the settings
-    the flags change (INIT_OVERRIDES) are reported."""
+    the flags change (Family.init_overrides) are reported."""
     name = hub.resolve(args.init_from, "--init_from model")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
@@ -268,13 +237,16 @@ def init_config(args, report=print):
             raise data.refusal(error, "--init_from model", args.init_from) from error
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--init_from {args.init_from} is not a saved model (config.json): {detail}") from error
-    changeable = INIT_OVERRIDES.get(config.model_type, ())
+    try:
+        family = family_of(config)
+    except ValueError as error:
+        raise UserError(f"--init_from {args.init_from}: {error}") from error
+    changeable = family.init_overrides
     e2e_only = [f for f in E2E_TRAINING if getattr(args, f) is not None]  # meaningless for other models
-    if e2e_only and config.model_type != "ttt_e2e":
+    if e2e_only and E2E_TRAINING[0] not in changeable:
         raise UserError(f"--{e2e_only[0]} applies to TTT-E2E models; --init_from {args.init_from} is a "
-                        f"{config.model_type} model")
-    check_flags_agree(args, config, f"--init_from {args.init_from}", skip=changeable,
-                      why=FIXED_ON_INIT.get(config.model_type))
+                        f"{family.title} model")
+    check_flags_agree(args, config, f"--init_from {args.init_from}", skip=changeable, why=family.fixed_on_init)
     overrides = {f: getattr(args, f) for f in changeable
                  if getattr(args, f) is not None and getattr(args, f) != setting(config, f)}
     if overrides:
@@ -318,29 +290,14 @@ def enable_activation_checkpointing(model):
 
 
 def describe(config) -> str:
-    if config.model_type == "ttt":
-        return {"linear": "TTT-Linear", "mlp": "TTT-MLP"}[config.ttt_layer_type]
-    if config.model_type == "ttt_e2e":
-        attention = f"window {config.sliding_window}" if config.sliding_window else "full attention"
-        if not config.suffix_len:
-            return f"TTT-E2E's full-attention baseline ({attention})"
-        mode = (f"chunks of {config.mini_batch_size}" + (", first-order" if config.first_order else "")
-                + ("" if config.recompute_prefix else ", prefix activations kept")
-                if config.train_mode == "meta" else "TTT off")
-        return f"TTT-E2E ({attention}, prime MLPs in the last {config.suffix_len} blocks, {mode})"
-    return "Transformer++" + (f" (sliding window {config.sliding_window})" if config.sliding_window else "")
+    return family_of(config).describe(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA (peft)
 
-# Default adapter targets per model: the attention / TTT layer's projections and the MLP. TTT-E2E's prime MLP is
-# left out: its weights are the fast weights' initial values, which the inner loop reads directly.
-LORA_TARGETS = {
-    "ttt": ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "ttt_e2e": r".*\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-}
+# Default adapter targets: Family.lora_targets (the mixer's projections and the MLP; TTT-E2E's prime MLP is left
+# out: its weights are the fast weights' initial values, which the inner loop reads directly).
 LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_target_modules": None}
 
 
@@ -368,7 +325,8 @@ def apply_lora(model, settings: dict):
     except ImportError as error:
         raise UserError("--use_lora needs peft: pip install peft") from error
     targets = settings["lora_target_modules"]
-    targets = [t.strip() for t in targets.split(",") if t.strip()] if targets else LORA_TARGETS[model.config.model_type]
+    targets = [t.strip() for t in targets.split(",") if t.strip()] if targets \
+        else family_of(model.config).lora_targets
     config = peft.LoraConfig(r=settings["lora_rank"], lora_alpha=settings["lora_alpha"],
                              lora_dropout=settings["lora_dropout"], target_modules=targets, task_type="CAUSAL_LM")
     try:

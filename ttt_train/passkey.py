@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ttt_train import families
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -82,7 +84,7 @@ def answer(model, prompt: Prompt, max_new_tokens: int, pad_token_id: int) -> tor
     """The model's greedy continuation of the prompt, decoded through its cache: [max_new_tokens] ids."""
     ids = prompt.ids.to(model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad_token_id, eos_token_id=None)
+                         pad_token_id=pad_token_id, eos_token_id=None, **families.generation_kwargs(model))
     return out[0, ids.shape[1]:].cpu()
 
 
