@@ -565,6 +565,8 @@ def write_folder(model, tokenizer, provenance: dict, output_dir: Path, dtype: st
     leaves no partial folder."""
     import torch
 
+    from ttt_train.card import model_card
+
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
@@ -573,6 +575,9 @@ def write_folder(model, tokenizer, provenance: dict, output_dir: Path, dtype: st
             tokenizer.save_pretrained(tmp)
         with open(tmp / "conversion.json", "w", encoding="utf-8") as f:
             json.dump(provenance | {"dtype": dtype}, f, indent=2)
+        origin = {"from": provenance["kind"], "source": provenance["source"], "step": provenance["step"],
+                  "dtype": dtype, "details": "conversion.json in this folder"}
+        model_card(model, source=origin).save(tmp / "README.md")
         if output_dir.exists():
             output_dir.rmdir()  # empty (checked before), so nothing of the user's is lost
         os.replace(tmp, output_dir)
@@ -618,10 +623,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer_name", help="the tokenizer to save with the model (the official models use "
                                             "Llama-3's)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    for command in (t, e):  # as the trainer's (HF Trainer's spellings); token: HF_TOKEN or `hf auth login`
+        command.add_argument("--push_to_hub", action="store_true",
+                             help="upload the converted folder (weights, code, model card) to a Hub model repository; "
+                                  "the token and the Hub are checked before converting")
+        command.add_argument("--hub_model_id", help="the repository (default: <your user>/<output_dir's name>)")
+        command.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
     return p
 
 
 def check_flags(args, parser):
+    given = [f for f in ("hub_model_id", "hub_private_repo") if getattr(args, f)]
+    if given and not args.push_to_hub:
+        parser.error(f"--{given[0]} applies to --push_to_hub: add --push_to_hub, or drop it")
     for name in ("ttt_base_lr", "rope_theta", "rms_norm_eps", "max_position_embeddings"):
         value = getattr(args, name, None)
         if value is not None and not (value > 0 and value != float("inf")):
@@ -633,16 +647,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_flags(args, parser)
     output_dir = Path(args.output_dir)
+    from ttt_train import publish
+    from ttt_train.cli import UserError
     from ttt_train.metrics import quiet_libraries
 
     quiet_libraries()  # the libraries' progress bars: the converter prints its own one line
     try:
         check_output_dir(output_dir)
+        repo_id = publish.prepare(args, output_dir) if args.push_to_hub else None
         model, provenance = (convert_ttt if args.kind == "ttt" else convert_e2e)(args)
         tokenizer = load_tokenizer(args.tokenizer_name, model.config.vocab_size)
         check_output_dir(output_dir)  # again: another process may have written there meanwhile
         write_folder(model, tokenizer, provenance, output_dir, args.dtype)
-    except ConversionError as error:
+        if repo_id:
+            publish.Publisher(repo_id, "end").final_model_saved(output_dir, "the converted checkpoint")
+            print(f"pushed {output_dir} to {repo_id}")
+    except (ConversionError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     arch = provenance["inferred"]

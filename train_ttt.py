@@ -234,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--merge_lora", action="store_true",
                     help="write final_model/ as a merged full model (else the adapters, which need peft to load)")
 
+    h = p.add_argument_group("publishing to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)")
+    h.add_argument("--push_to_hub", action="store_true",
+                   help="upload final_model/ (with its model card and code) to a Hub model repository at the end; "
+                        "the token and the Hub are checked, and the repository created, before training")
+    h.add_argument("--hub_model_id", help="the repository (default: <your user>/<output_dir's name>)")
+    h.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
+    h.add_argument("--hub_strategy", choices=["end", "checkpoint"], default="end",
+                   help="end: the final model; checkpoint: also each saved checkpoint, as last-checkpoint/")
+
     d = p.add_argument_group("data")
     d.add_argument("--dataset_name", default="builtin:synthetic",
                    help="Hub dataset id, a local file or folder (.txt/.json/.jsonl/.parquet/.csv, or a "
@@ -513,6 +522,10 @@ def check_args(args, parser):
     if args.target_params is not None and (args.model_size or args.init_from):
         other = "--model_size" if args.model_size else "--init_from"
         parser.error(f"--target_params chooses a new model's shape; it does not go with {other}")
+    hub_flags = [f for f in ("hub_model_id", "hub_private_repo") if getattr(args, f)] + \
+        ["hub_strategy"] * (args.hub_strategy != "end")
+    if hub_flags and not args.push_to_hub:
+        parser.error(f"--{hub_flags[0]} applies to --push_to_hub: add --push_to_hub, or drop it")
     lora_flags = [f for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
                   if getattr(args, f) not in (None, False)]
     if lora_flags and not args.use_lora:
@@ -582,6 +595,7 @@ def main(argv=None, parser=None):
     args = parse_args(argv, parser)
     from ttt_train import cli  # imported after parsing: --help stays fast
 
+    args.command = cli.command_line(argv)  # recorded in training_args.json and the model cards
     cli.run(check_paths, args)  # before the heavy imports: a wrong path or folder is reported at once
     from ttt_train.loop import train
 

@@ -32,14 +32,28 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from ttt_math import TTT_NORM_EPS, gelu_tanh_grad, ln_fwd, ln_reconstruction_grad  # shared with ttt_scan.py
-
-try:  # the recomputing scans (and through them the Triton kernels), beside this file; without it: the loop scan
-    import ttt_scan
-except ModuleNotFoundError as error:
-    if error.name != "ttt_scan":
+# The modules beside this file: top-level modules in this repository (or where pip installed it); relative ones in
+# a saved model folder, which transformers imports as a package (auto_map, trust_remote_code=True). The `from .x`
+# form is also how transformers finds the files a model needs (save_pretrained copies them beside the weights).
+try:
+    from .ttt_math import TTT_NORM_EPS, gelu_tanh_grad, ln_fwd, ln_reconstruction_grad  # shared with ttt_scan.py
+except ImportError:
+    if __package__:
         raise
-    ttt_scan = None
+    from ttt_math import TTT_NORM_EPS, gelu_tanh_grad, ln_fwd, ln_reconstruction_grad
+
+try:  # the recomputing scans (and through them the Triton kernels); without ttt_scan.py: the loop scan
+    try:
+        from .ttt_scan import linear_scan_op, mlp_scan_op, why_not_triton
+    except ImportError:
+        if __package__:
+            raise
+        from ttt_scan import linear_scan_op, mlp_scan_op, why_not_triton
+    HAS_SCANS = True
+except ModuleNotFoundError as error:
+    if not (error.name or "").endswith("ttt_scan"):
+        raise
+    HAS_SCANS = False
 
 logger = logging.get_logger(__name__)
 
@@ -272,7 +286,7 @@ class LinearInnerModel:
 
     def recomputing_scan_of(self, q, k, target, eta, eta_qk, e, W1, b1, gamma, beta, *, keep_starts, triton):
         # eta is unused: TTT-Linear's dual form needs only eta_qk
-        return ttt_scan.linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
+        return linear_scan_op(q, k, target, eta_qk, e, W1, b1, gamma, beta, keep_starts, triton)[:3]
 
     def inner_forward(self, params, x):
         W1, b1 = params
@@ -306,7 +320,7 @@ class MLPInnerModel:
         return (self.W1, self.b1, self.W2, self.b2)
 
     def recomputing_scan_of(self, *inputs, keep_starts, triton):
-        return ttt_scan.mlp_scan_op(*inputs, keep_starts, triton)[:5]
+        return mlp_scan_op(*inputs, keep_starts, triton)[:5]
 
     def inner_forward(self, params, x):
         W1, b1, W2, b2 = params
@@ -480,7 +494,7 @@ class TTTBase(nn.Module):
         requested = self.config.scan_implementation
         if self.statistics is not None or self.config.scan_checkpoint_group_size or requested == "loop":
             return "loop"
-        if ttt_scan is None:  # ttt.py copied without ttt_scan.py
+        if not HAS_SCANS:  # ttt.py copied without ttt_scan.py
             if requested != "auto":
                 raise RuntimeError(f"scan_implementation={requested!r} needs ttt_scan.py beside ttt.py")
             if not torch.compiler.is_compiling():
@@ -488,7 +502,7 @@ class TTTBase(nn.Module):
             return "loop"
         if requested == "recomputing":
             return "recomputing"
-        why_not = ttt_scan.why_not_triton(q, dtype, self.config.ttt_layer_type)
+        why_not = why_not_triton(q, dtype, self.config.ttt_layer_type)
         if why_not is None:
             return "triton"
         if requested == "triton":
@@ -884,5 +898,10 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
 AutoConfig.register("ttt", TTTConfig, exist_ok=True)
 AutoModel.register(TTTConfig, TTTModel, exist_ok=True)
 AutoModelForCausalLM.register(TTTConfig, TTTForCausalLM, exist_ok=True)
+# save_pretrained writes this file and the ones it imports beside the weights, and an auto_map in config.json: the
+# folder then loads in any process with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+TTTConfig.register_for_auto_class()
+TTTModel.register_for_auto_class("AutoModel")
+TTTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["TTTConfig", "TTTModel", "TTTForCausalLM", "TTTCache", "TTT_STANDARD_CONFIGS"]

@@ -34,7 +34,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ttt import CACHE_FIELD, decoding_state, next_token_targets, token_cross_entropy, token_nll
+try:  # ttt.py beside this file: top-level here, relative in a saved model folder (see the imports of ttt.py)
+    from .ttt import CACHE_FIELD, decoding_state, next_token_targets, token_cross_entropy, token_nll
+except ImportError:
+    if __package__:
+        raise
+    from ttt import CACHE_FIELD, decoding_state, next_token_targets, token_cross_entropy, token_nll
 
 TRAIN_MODES = ("meta", "pretrain")  # meta: the inner loop runs (TTT-E2E); pretrain: it does not (TTT off, or fa)
 
@@ -921,5 +926,8 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
 
 AutoConfig.register("ttt_e2e", E2EConfig, exist_ok=True)
 AutoModelForCausalLM.register(E2EConfig, E2EForCausalLM, exist_ok=True)
+# save_pretrained writes the code beside the weights, with an auto_map (see the end of ttt.py)
+E2EConfig.register_for_auto_class()
+E2EForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["E2EConfig", "E2EModel", "E2EForCausalLM", "E2ECache", "E2E_STANDARD_CONFIGS"]

@@ -12,19 +12,40 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ttt_math import (
-    TTT_NORM_EPS,
-    gelu_tanh_grad,
-    gelu_tanh_second_derivative,
-    ln_reconstruction_grad,
-    ln_reconstruction_grad_vjp,
-    ln_reconstruction_parts,
-)
+# Top-level modules in this repository; relative ones in a saved model folder (see the imports of ttt.py).
+try:
+    from .ttt_math import (
+        TTT_NORM_EPS,
+        gelu_tanh_grad,
+        gelu_tanh_second_derivative,
+        ln_reconstruction_grad,
+        ln_reconstruction_grad_vjp,
+        ln_reconstruction_parts,
+    )
+except ImportError:
+    if __package__:
+        raise
+    from ttt_math import (
+        TTT_NORM_EPS,
+        gelu_tanh_grad,
+        gelu_tanh_second_derivative,
+        ln_reconstruction_grad,
+        ln_reconstruction_grad_vjp,
+        ln_reconstruction_parts,
+    )
 
 try:  # Triton kernels for the scans, used on CUDA tensors
-    import ttt_kernels
+    try:
+        # first: a missing file is then a ModuleNotFoundError (`from . import` raises a plain ImportError); this
+        # `from .x import` form also names the file for transformers to copy
+        from .ttt_kernels import supports  # noqa: F401, I001
+        from . import ttt_kernels
+    except ImportError:
+        if __package__:
+            raise
+        import ttt_kernels
 except ModuleNotFoundError as error:  # no Triton (CPU-only installs): the PyTorch scans serve
-    if error.name not in ("triton", "ttt_kernels"):
+    if not (error.name or "").endswith(("triton", "ttt_kernels")):
         raise
     ttt_kernels = None
 

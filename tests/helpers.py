@@ -1,6 +1,7 @@
 """Helpers shared by the tests: the named tensor comparison, the reference fixtures, and runs of a model with
 one scan or another."""
 
+import base64
 import contextlib
 import json
 import socket
@@ -265,3 +266,112 @@ class StallingProxy:
             thread.join()
         for sock in [*self.sockets, self.server]:
             sock.close()
+
+
+# ---------------------------------------------------------------- a loopback stand-in for the Hugging Face Hub
+
+
+class FakeHub:
+    """The Hub's HTTP API, as much of it as huggingface_hub's whoami, create_repo and upload_folder use, on a loopback
+    port (HF_ENDPOINT=hub.url): it checks the token (`hub.token`), keeps each repository's files as the client's
+    commits send them (`hub.repos[repo_id][path] -> bytes`), records every request (`hub.requests`: method, path,
+    and for commits the summary), and fails commits with HTTP 500 while `hub.fail_commits` is set."""
+
+    def __init__(self, token="hf_test_token", user="alice"):
+        import http.server
+
+        self.token, self.user, self.repos, self.requests, self.fail_commits = token, user, {}, [], False
+        self.private = {}
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def authorised(self):
+                if self.headers.get("Authorization") == f"Bearer {hub.token}":
+                    return True
+                self.reply(401, {"error": "Invalid credentials in Authorization header"})
+                return False
+
+            def body(self):
+                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                hub.requests.append(("GET", path, None))
+                if not self.authorised():
+                    return
+                if path == "/api/whoami-v2":
+                    return self.reply(200, {"type": "user", "name": hub.user, "orgs": [],
+                                            "auth": {"accessToken": {"role": "write"}}})
+                parts = path.split("/")  # /api/models/<ns>/<name>/tree/<revision>[/...]
+                if len(parts) >= 7 and parts[5] == "tree":
+                    files = hub.repos.get(f"{parts[3]}/{parts[4]}")
+                    if files is None:
+                        return self.reply(404, {"error": "Repository not found"})
+                    return self.reply(200, [{"type": "file", "path": p, "size": len(b), "oid": "0" * 40}
+                                            for p, b in sorted(files.items())])
+                self.reply(404, {"error": f"not served by FakeHub: {path}"})
+
+            def do_POST(self):
+                path, body = self.path.split("?")[0], self.body()
+                if not self.authorised():
+                    hub.requests.append(("POST", path, None))
+                    return
+                if path == "/api/repos/create":
+                    request = json.loads(body)
+                    repo_id = f"{request.get('organization') or hub.user}/{request['name']}"
+                    hub.repos.setdefault(repo_id, {})
+                    hub.private[repo_id] = request.get("visibility") == "private" or request.get("private") is True
+                    hub.requests.append(("POST", path, repo_id))
+                    return self.reply(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+                if path == "/api/validate-yaml":  # the model card's metadata, sent before a README.md is uploaded
+                    hub.requests.append(("POST", path, json.loads(body)["content"]))
+                    return self.reply(200, {"errors": [], "warnings": []})
+                parts = path.split("/")  # /api/models/<ns>/<name>/{preupload,commit}/<revision>
+                if len(parts) != 7 or parts[2] != "models":
+                    hub.requests.append(("POST", path, None))
+                    return self.reply(404, {"error": f"not served by FakeHub: {path}"})
+                repo_id = f"{parts[3]}/{parts[4]}"
+                if parts[5] == "preupload":
+                    hub.requests.append(("POST", path, None))
+                    files = json.loads(body)["files"]
+                    return self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                       "shouldIgnore": False} for f in files]})
+                if parts[5] == "commit":
+                    items = [json.loads(line) for line in body.splitlines() if line.strip()]
+                    header = next(i["value"] for i in items if i["key"] == "header")
+                    hub.requests.append(("POST", path, header["summary"]))
+                    if hub.fail_commits:
+                        return self.reply(500, {"error": "Internal Error - the Hub is down"})
+                    files = hub.repos.setdefault(repo_id, {})
+                    for item in items:
+                        if item["key"] == "file":
+                            files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] == "deletedFile":
+                            files.pop(item["value"]["path"], None)
+                        elif item["key"] == "deletedFolder":
+                            prefix = item["value"]["path"].rstrip("/") + "/"
+                            for name in [p for p in files if p.startswith(prefix)]:
+                                del files[name]
+                    return self.reply(200, {"success": True, "commitOid": "1" * 40,
+                                            "commitUrl": f"{hub.url}/{repo_id}/commit/{'1' * 40}"})
+                self.reply(404, {"error": f"not served by FakeHub: {path}"})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -381,7 +381,7 @@ def test_ttt_py_alone_runs_the_loop_scan(monkeypatch, caplog):
     ids = torch.randint(0, 97, (1, 37))
     with torch.no_grad():
         expected = model(ids).logits
-        monkeypatch.setattr(ttt, "ttt_scan", None)
+        monkeypatch.setattr(ttt, "HAS_SCANS", False)
         with caplog.at_level("WARNING", logger="ttt"):
             assert_close("logits without ttt_scan.py", model(ids).logits, expected, atol=1e-5)
         assert ["ttt_scan.py is not beside ttt.py" in r.getMessage() for r in caplog.records] == [True]

@@ -32,6 +32,7 @@ from accelerate.utils.other import load as accelerate_load  # torch.load(weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ttt_train.card import model_card
 from ttt_train.distributed import main_decides
 from ttt_train.rundir import (
     BEST_MODEL,
@@ -129,6 +130,7 @@ def _save(accelerator, folder: Path, model, tokenizer, trainer_state: dict, with
         if hasattr(unwrapped, "peft_config"):  # adapters only: the base model's config beside them (resume reads it)
             unwrapped.get_base_model().config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        model_card(unwrapped, trainer_state).save(partial / "README.md")
         # the trainer state marks the folder as this trainer's from here on; the mark goes (not part of the save)
         _write_json(partial / TRAINER_STATE, {**trainer_state, "manifest": _manifest(partial)})
         (partial / TRAINER_MARK).unlink()
@@ -151,11 +153,12 @@ class Checkpointer:
     checkpoint records; `tokens` counts the training tokens so far."""
 
     def __init__(self, accelerator, output_dir: Path, model, tokenizer, scheduler, stream, run_args: dict, elapsed,
-                 tokens=lambda: None, remote=None, remote_files=()):
+                 tokens=lambda: None, remote=None, remote_files=(), publisher=None):
         self.accelerator, self.output_dir, self.model, self.tokenizer = accelerator, Path(output_dir), model, tokenizer
         self.scheduler, self.stream, self.run_args, self.elapsed = scheduler, stream, run_args, elapsed
         # a cloud output_dir (ttt_train.remote): each saved folder is uploaded whole, with remote_files beside it
         self.tokens, self.remote, self.remote_files = tokens, remote, remote_files
+        self.publisher = publisher  # --push_to_hub (main process only): ttt_train.publish.Publisher
         # every process must take the same save decisions (a save is collective): the main process reads, all get it
         self.best = main_decides(accelerator, lambda: read_best(self.output_dir))
 
@@ -165,6 +168,8 @@ class Checkpointer:
         if (args.save_checkpoint_freq and step % args.save_checkpoint_freq == 0) or stop_requested \
                 or step == args.max_train_steps:
             self.save(f"checkpoint-{step}", step)
+            if self.publisher:
+                self.publisher.checkpoint_saved(self.output_dir / f"checkpoint-{step}", step, self.accelerator.print)
             if self.accelerator.is_main_process:
                 prune_checkpoints(self.output_dir, args.save_total_limit)
                 if self.remote:
@@ -181,14 +186,14 @@ class Checkpointer:
         bad = torch.stack([(~torch.isfinite(p.detach())).any() for p in local]).any().float()
         return self.accelerator.reduce(bad, "sum").item() == 0
 
-    def save_final(self, step: int, merge_lora: bool = False):
+    def save_final(self, step: int, merge_lora: bool = False, eval_loss: float | None = None):
         if merge_lora:  # the adapters folded into the base weights: a plain model (the run ends here)
             self.model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).merge_and_unload()
-        self.save(FINAL_MODEL, step, with_training_state=False)
+        self.save(FINAL_MODEL, step, with_training_state=False, extra={"eval_loss": eval_loss})
 
     def save(self, folder: str, step: int, with_training_state: bool = True, extra: dict | None = None):
         state = {"step": step, "elapsed": self.elapsed(), "tokens": self.tokens(), "args": self.run_args,
-                 "world_size": self.accelerator.num_processes, **(extra or {})}
+                 "world_size": self.accelerator.num_processes, "best": self.best, **(extra or {})}
         if with_training_state:  # what resuming needs; a final model carries no training text (packing leftover)
             state.update(scheduler=self.scheduler.state_dict(), data=gather_object([self.stream.state_dict()]))
         if not self.weights_finite():  # the divergence guard's last line

@@ -39,6 +39,14 @@ def unwritable_folder(path) -> str | None:
     return None
 
 
+def command_line(argv=None) -> str:
+    """A command as a user types it: `python train_ttt.py ...` (or a console script's name and its arguments);
+    `argv`: sys.argv, or the arguments a library call passed to train_ttt.main (then under train_ttt.py's name)."""
+    argv = list(sys.argv) if argv is None else ["train_ttt.py", *argv]
+    program = Path(argv[0]).name
+    return shlex.join(["python", program, *argv[1:]] if program.endswith(".py") else [program, *argv[1:]])
+
+
 def resume_command(argv=None) -> str:
     """The command line of this process with `--resume_from_checkpoint latest` (replacing any resume flag given)."""
     argv = list(sys.argv if argv is None else argv)

@@ -57,6 +57,7 @@ class Family:
     inner_loop: Callable = lambda config: False  # TTT-E2E's meta-learning: inner-loop metrics, inner lr warm-up
     check_run: Callable = lambda config, seq_length: None  # a run's settings the config cannot take (message)
     generation_kwargs: Callable = lambda model: {}  # what model.generate needs beyond the inputs
+    paper: str | None = None  # what a model card asks its users to cite
     extra: dict = field(default_factory=dict)
 
 
@@ -283,6 +284,10 @@ def recurrent_generation(model) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # The registry
 
+TTT_PAPER = ("Yu Sun et al., *Learning to (Learn at Test Time): RNNs with Expressive Hidden States*, "
+             "arXiv:2407.04620 (2024).")
+E2E_PAPER = ("*End-to-End Test-Time Training for Long Context* (the official JAX code: "
+             "https://github.com/test-time-training/e2e).")
 ATTENTION_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TTT_FLAGS = ("ttt_layer_type", "ttt_base_lr", "mini_batch_size", "use_gate", "share_qk", "pre_conv", "conv_kernel",
              "scan_checkpoint_group_size", "rope_theta")
@@ -292,7 +297,7 @@ FAMILIES = {family.name: family for family in (
         name="ttt", title="TTT-Linear / TTT-MLP", config_type="ttt", flags=TTT_FLAGS, sizes=TTT_STANDARD_CONFIGS,
         make_config=ttt_config, describe=lambda c: {"linear": "TTT-Linear", "mlp": "TTT-MLP"}[c.ttt_layer_type],
         mixing_flops=ttt_flops, kernels=ttt_kernels, lora_targets=ATTENTION_LORA[:4] + ["g_proj"] + ATTENTION_LORA[4:],
-        no_decay=("b1", "b2", "learnable_token_idx"), ttt_statistics=True,
+        no_decay=("b1", "b2", "learnable_token_idx"), ttt_statistics=True, paper=TTT_PAPER,
         fixed_on_init="TTT layers restart RoPE every mini-batch, so theta does not bound their context, and the "
                       "mini-batch size fixes the shape of the learned token-position factors; a TTT model extends to "
                       "a longer context as it is: train it at the longer --seq_length"),
@@ -308,12 +313,13 @@ FAMILIES = {family.name: family for family in (
         # the attention as for a Transformer; the inner loop (a further pass of the suffix blocks) is not counted
         mixing_flops=attention_flops, kernels=attention_kernels, lora_targets=E2E_LORA,
         init_overrides=E2E_TRAINING + ("rope_theta", "sliding_window", "mini_batch_size"),
-        inner_loop=lambda c: c.train_mode == "meta", check_run=e2e_check_run),
+        inner_loop=lambda c: c.train_mode == "meta", check_run=e2e_check_run, paper=E2E_PAPER),
     Family(
         name="e2e_fa", title="TTT-E2E's full-attention baseline", config_type="ttt_e2e", flags=("rope_theta",),
         sizes=E2E_STANDARD_CONFIGS, make_config=e2e_config("fa"), describe=describe_e2e,
         matches=lambda c: c.suffix_len == 0, mixing_flops=attention_flops, kernels=attention_kernels,
-        lora_targets=E2E_LORA, init_overrides=E2E_TRAINING + ("rope_theta", "sliding_window", "mini_batch_size")),
+        lora_targets=E2E_LORA, init_overrides=E2E_TRAINING + ("rope_theta", "sliding_window", "mini_batch_size"),
+        paper=E2E_PAPER),
     Family(
         name="mamba2", title="Mamba-2", config_type="mamba2", flags=(), sizes=TTT_STANDARD_CONFIGS,
         make_config=mamba2_config, mixing_flops=mamba2_flops,
@@ -321,7 +327,9 @@ FAMILIES = {family.name: family for family in (
         kernels=lambda c, device: fused_packages(device, {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"},
                                                  "Mamba-2 scan"),
         # peft refuses out_proj (and conv1d) on Mamba models: the fused path reads their weights directly
-        lora_targets=["in_proj"], no_decay=("A_log", "D", "dt_bias"), match_knob="num_hidden_layers"),
+        lora_targets=["in_proj"], no_decay=("A_log", "D", "dt_bias"), match_knob="num_hidden_layers",
+        paper="Tri Dao and Albert Gu, *Transformers are SSMs: Generalized Models and Efficient Algorithms Through "
+              "Structured State Space Duality*, arXiv:2405.21060 (2024)."),
     Family(
         name="gated_deltanet", title="Gated DeltaNet", config_type="qwen3_5_text", flags=(),
         sizes=TTT_STANDARD_CONFIGS, make_config=gated_deltanet_config, mixing_flops=gated_deltanet_flops,
@@ -331,7 +339,9 @@ FAMILIES = {family.name: family for family in (
             device, {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}, "Gated DeltaNet"),
         lora_targets=["in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "up_proj", "down_proj"],
         no_decay=("A_log", "dt_bias"), match_knob="intermediate_size", match_step=64,
-        generation_kwargs=recurrent_generation),
+        generation_kwargs=recurrent_generation,
+        paper="Songlin Yang, Jan Kautz and Ali Hatamizadeh, *Gated Delta Networks: Improving Mamba2 with Delta Rule*, "
+              "arXiv:2412.06464 (2024)."),
 )}
 NAMES = tuple(FAMILIES)
 ALL_FLAGS = tuple(dict.fromkeys(f for family in FAMILIES.values() for f in family.flags))

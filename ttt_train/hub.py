@@ -35,16 +35,21 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+def endpoint() -> str:
+    """The Hub's URL: HF_ENDPOINT (a mirror, or a test's loopback server), else huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 @functools.cache
 def hub_unreachable_reason() -> str | None:
     """None when a TCP connection to the Hub endpoint opens within CONNECT_TIMEOUT, else why not."""
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    url = urlparse(endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((endpoint.hostname, port), timeout=CONNECT_TIMEOUT).close()
+        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT).close()
         return None
     except OSError as error:
-        return f"{endpoint.hostname}:{port} cannot be reached ({error.strerror or error})"
+        return f"{url.hostname}:{port} cannot be reached ({error.strerror or error})"
 
 
 ALTERNATIVES = {  # what a user without the Hub can give instead, per kind of name

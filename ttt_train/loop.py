@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ttt_train import checkpoint as ckpt
-from ttt_train import data, families, models, rundir
+from ttt_train import data, families, hub, models, publish, rundir
 from ttt_train.cli import Stopped, UserError, resume_command
 from ttt_train.distributed import main_decides
 from ttt_train.metrics import (
@@ -460,6 +460,8 @@ def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tupl
 
 def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=False):
     checkpoint, resume_state = claim_output_dir(accelerator, args, output_dir, lock)
+    repo_id = main_decides(accelerator, lambda: publish.prepare(args, output_dir)) if args.push_to_hub else None
+    publisher = publish.Publisher(repo_id, args.hub_strategy) if repo_id and accelerator.is_main_process else None
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     set_seed(args.seed)
     tokenizer, config, resolved, train_docs, text_column, eval_set = read_inputs(
@@ -517,7 +519,7 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
                               * args.gradient_accumulation_steps * accelerator.num_processes) if checkpoint else 0
     checkpointer = ckpt.Checkpointer(accelerator, output_dir, model, tokenizer, scheduler, train_batches, run_args,
                                      elapsed, tokens=lambda: tokens, remote=remote,
-                                     remote_files=(METRICS_FILE, rundir.TRAINING_ARGS))
+                                     remote_files=(METRICS_FILE, rundir.TRAINING_ARGS), publisher=publisher)
     if checkpoint and step >= args.max_train_steps:  # a kill while the final model was written: write it now
         checkpointer.save_final(step)
         accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / rundir.FINAL_MODEL}")
@@ -595,7 +597,7 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
         raise Stopped(f"stopped by {signal.Signals(signum).name} at step {step} of {args.max_train_steps}: saved "
                       f"checkpoint-{step}; resume with: {resume_command()}", signum)
     if step == args.max_train_steps:
-        checkpointer.save_final(step, merge_lora=bool(lora) and args.merge_lora)
+        checkpointer.save_final(step, merge_lora=bool(lora) and args.merge_lora, eval_loss=evaluator.last)
         if accelerator.is_main_process:
             write_summary(output_dir / SUMMARY_FILE, step=step, tokens=tokens, elapsed=elapsed(), parameters=params,
                           final_eval_loss=evaluator.last, best=checkpointer.best, kernels=kernels)
@@ -603,5 +605,8 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
                 for name in (SUMMARY_FILE, METRICS_FILE):
                     remote.upload_file(output_dir / name, name)
         accelerator.print(f"done: {output_dir / rundir.FINAL_MODEL}")
+        if publisher:
+            publisher.final_model_saved(output_dir / rundir.FINAL_MODEL, step)
+            accelerator.print(f"pushed {rundir.FINAL_MODEL} to {hub.endpoint()}/{publisher.repo_id}")
     accelerator.end_training()
     return step
