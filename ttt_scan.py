@@ -14,25 +14,11 @@ import torch.nn.functional as F
 
 # Top-level modules in this repository; relative ones in a saved model folder (see the imports of ttt.py).
 try:
-    from .ttt_math import (
-        TTT_NORM_EPS,
-        gelu_tanh_grad,
-        gelu_tanh_second_derivative,
-        ln_reconstruction_grad,
-        ln_reconstruction_grad_vjp,
-        ln_reconstruction_parts,
-    )
+    from . import ttt_math
 except ImportError:
     if __package__:
         raise
-    from ttt_math import (
-        TTT_NORM_EPS,
-        gelu_tanh_grad,
-        gelu_tanh_second_derivative,
-        ln_reconstruction_grad,
-        ln_reconstruction_grad_vjp,
-        ln_reconstruction_parts,
-    )
+    import ttt_math
 
 try:  # Triton kernels for the scans, used on CUDA tensors
     try:
@@ -124,7 +110,7 @@ def linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_start
     W, b = W0, b0
     starts, outputs = [], []
     for q_i, k_i, t_i, p_i, e_i in zip(*(x.unbind(2) for x in (q, k, target, eta_qk, e))):
-        grad = ln_reconstruction_grad(k_i @ W + b, t_i, gamma, beta)
+        grad = ttt_math.ln_reconstruction_grad(k_i @ W + b, t_i, gamma, beta)
         outputs.append(q_i @ W + b - p_i @ grad)
         if keep_starts:
             starts.append((W, b))
@@ -141,7 +127,7 @@ def linear_backward_through(q, k, target, eta_qk, e, W_starts, b_starts, d_out, 
     weights before the first mini-batch, and of gamma and beta."""
     d_W, d_b = d_params
     gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
-    x_hat, std, g, grad = ln_reconstruction_parts(k @ W_starts + b_starts, target, gamma_, beta_)
+    x_hat, std, g, grad = ttt_math.ln_reconstruction_parts(k @ W_starts + b_starts, target, gamma_, beta_)
     e_grad = e * grad
 
     m = q.shape[2]
@@ -151,8 +137,8 @@ def linear_backward_through(q, k, target, eta_qk, e, W_starts, b_starts, d_out, 
         d_e_grads[i] = d_e_grad = -(k[:, :, i] @ d_W + d_b)  # gradient of e * G
         d_k_updates[i] = e_grad[:, :, i] @ d_W.transpose(-1, -2)
         d_grad = e[:, :, i] * d_e_grad - eta_qk[:, :, i].transpose(-1, -2) @ d_out[:, :, i]
-        d_zs[i], d_gs[i] = d_z, _ = ln_reconstruction_grad_vjp(d_grad, x_hat[:, :, i], std[:, :, i], g[:, :, i],
-                                                               grad[:, :, i], gamma)
+        d_zs[i], d_gs[i] = d_z, _ = ttt_math.ln_reconstruction_grad_vjp(
+            d_grad, x_hat[:, :, i], std[:, :, i], g[:, :, i], grad[:, :, i], gamma)
         d_W = d_W + q[:, :, i].transpose(-1, -2) @ d_out[:, :, i] + k[:, :, i].transpose(-1, -2) @ d_z
         d_b = d_b + (d_out[:, :, i] + d_z).sum(-2, keepdim=True)
     d_e_grad, d_k_update, d_z, d_g = (torch.stack(d, 2) for d in (d_e_grads, d_k_updates, d_zs, d_gs))
@@ -178,8 +164,8 @@ def mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, 
         W1, b1, W2, b2 = params
         z1 = k_i @ W1 + b1
         x2 = F.gelu(z1, approximate="tanh")
-        grad_z2 = ln_reconstruction_grad(x2 @ W2 + b2, t_i, gamma, beta)
-        grad_z1 = (grad_z2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
+        grad_z2 = ttt_math.ln_reconstruction_grad(x2 @ W2 + b2, t_i, gamma, beta)
+        grad_z1 = (grad_z2 @ W2.transpose(-1, -2)) * ttt_math.gelu_tanh_grad(z1)
         x2_bar = F.gelu(q_i @ W1 + b1 - p_i @ grad_z1, approximate="tanh")
         outputs.append(x2_bar @ W2 + b2 - (eta_i * (x2_bar @ x2.transpose(-1, -2) + 1)) @ grad_z2)
         if keep_starts:
@@ -231,7 +217,8 @@ def mlp_walk_back(walk: MLPWalkBack, gamma, d_params):
         d_grad_z1 = w.out_d_grad_z1[i] + w.e[i] * d_e_grad_z1
         d_back_z2 = d_grad_z1 * w.gelu_z1[i]
         d_grad_z2 = w.out_d_grad_z2[i] + w.e[i] * d_e_grad_z2 + d_back_z2 @ w.W2[i]
-        d_z2, d_gs[i] = ln_reconstruction_grad_vjp(d_grad_z2, w.x_hat[i], w.std[i], w.g[i], w.grad_z2[i], gamma)
+        d_z2, d_gs[i] = ttt_math.ln_reconstruction_grad_vjp(d_grad_z2, w.x_hat[i], w.std[i], w.g[i], w.grad_z2[i],
+                                                             gamma)
         d_x2 = w.out_d_x2[i] - w.e_grad_z2[i] @ T(d_W2) + d_z2 @ T(w.W2[i])
         d_zs1[i] = d_z1 = d_grad_z1 * w.curvature_z1[i] + d_x2 * w.gelu_z1[i]
         d_ks[i] = w.e_grad_z1[i] @ T(d_W1)
@@ -257,8 +244,8 @@ def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, ga
     gamma_, beta_ = gamma.unsqueeze(1), beta.unsqueeze(1)  # (H, 1, 1, f) against (B, H, m, K, f)
     z1 = k @ W1 + b1
     x2 = F.gelu(z1, approximate="tanh")
-    x_hat, std, g, grad_z2 = ln_reconstruction_parts(x2 @ W2 + b2, target, gamma_, beta_)
-    gelu_z1 = gelu_tanh_grad(z1)
+    x_hat, std, g, grad_z2 = ttt_math.ln_reconstruction_parts(x2 @ W2 + b2, target, gamma_, beta_)
+    gelu_z1 = ttt_math.gelu_tanh_grad(z1)
     back_z2 = grad_z2 @ T(W2)
     grad_z1 = back_z2 * gelu_z1
     z1_bar = q @ W1 + b1 - eta_qk @ grad_z1
@@ -268,11 +255,11 @@ def mlp_backward_through(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, d_out, ga
     # the output's own gradients, which do not depend on later mini-batches
     d_eta_mix = -(d_out @ T(grad_z2))
     d_mix = d_eta_mix * eta
-    d_z1_bar = (d_out @ T(W2) + d_mix @ x2) * gelu_tanh_grad(z1_bar)
+    d_z1_bar = (d_out @ T(W2) + d_mix @ x2) * ttt_math.gelu_tanh_grad(z1_bar)
     out_d_grad_z1 = -T(eta_qk) @ d_z1_bar
     out_d_grad_z2 = -T(eta * mix) @ d_out
     out_d_x2 = T(d_mix) @ x2_bar
-    curvature_z1 = back_z2 * gelu_tanh_second_derivative(z1)
+    curvature_z1 = back_z2 * ttt_math.gelu_tanh_second_derivative(z1)
 
     walk = MLPWalkBack(q, k, e, x2, gelu_z1, e * grad_z1, e * grad_z2, grad_z2, out_d_grad_z1, out_d_grad_z2,
                        out_d_x2, curvature_z1, d_z1_bar, x2_bar, d_out, x_hat, std, g, W2)
@@ -341,7 +328,7 @@ def linear_scan_op(q: Tensor, k: Tensor, target: Tensor, eta_qk: Tensor, e: Tens
     as one span of n."""
     if triton:
         out, W, b, W_starts, b_starts = ttt_kernels.linear_scan_forward(
-            q, k, target, eta_qk, e, W0, b0, gamma, beta, TTT_NORM_EPS, keep_starts)
+            q, k, target, eta_qk, e, W0, b0, gamma, beta, ttt_math.TTT_NORM_EPS, keep_starts)
         return out, W, b, [W_starts, b_starts] if keep_starts else []
     return linear_scan_forward(q, k, target, eta_qk, e, W0, b0, gamma, beta, keep_starts)
 
@@ -361,7 +348,7 @@ def linear_scan_backward_op(q: Tensor, k: Tensor, target: Tensor, eta_qk: Tensor
     or the Triton kernels when `triton`."""
     if triton:
         return ttt_kernels.linear_scan_backward(q, k, target, eta_qk, e, gamma, beta, *starts, d_out, d_W, d_b,
-                                                TTT_NORM_EPS)
+                                                ttt_math.TTT_NORM_EPS)
     return backward_by_spans(linear_backward_through, (q, k, target, eta_qk, e), starts, d_out, gamma, beta,
                              (d_W, d_b))
 
@@ -392,8 +379,8 @@ def mlp_scan_op(q: Tensor, k: Tensor, target: Tensor, eta: Tensor, eta_qk: Tenso
     """mlp_scan_forward, or its Triton kernel (ttt_kernels.py) when `triton`, whose starting weights come as one
     span of n."""
     if triton:
-        return ttt_kernels.mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, TTT_NORM_EPS,
-                                            keep_starts)
+        return ttt_kernels.mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta,
+                                            ttt_math.TTT_NORM_EPS, keep_starts)
     return mlp_scan_forward(q, k, target, eta, eta_qk, e, W1, b1, W2, b2, gamma, beta, keep_starts)
 
 
