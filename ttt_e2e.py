@@ -25,6 +25,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -350,7 +351,7 @@ class E2EMLP(nn.Module):
         self.up_proj = nn.Linear(d, width, bias=False)
         self.down_proj = nn.Linear(width, d, bias=False)
 
-    def forward(self, x, fast_weights=None):
+    def forward(self, x, fast_weights: "FastWeights | None" = None):
         """fast_weights: per-sequence (gate, up, down) weights [B, out, in] used instead of the module's own."""
         if fast_weights is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -384,10 +385,17 @@ class E2EBlock(nn.Module):
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = E2ERMSNorm(d, eps), E2ERMSNorm(d, eps)
         self.mlp = E2EMLP(config)
 
-    def forward(self, hidden_states, attention, fast_weights=None):
-        """attention: a function of the normed input to the attention output (the caller chooses the kind);
-        fast_weights: the prime MLP's per-sequence weights (None: its own, as a fixed sub-layer)."""
-        h = hidden_states + self.post_attention_layernorm(attention(self.input_layernorm(hidden_states)))
+    def forward(self, hidden_states):
+        """The block over a whole sequence at positions 0.. (sliding-window attention; the prefix blocks, and every
+        block with TTT off, whose prime MLP is then a fixed sub-layer with its own weights)."""
+        attention_output, _ = self.self_attn.sequence_attention(self.input_layernorm(hidden_states), keep=False)
+        return self.after_attention(hidden_states, attention_output)
+
+    def after_attention(self, hidden_states, attention_output, fast_weights: "FastWeights | None" = None):
+        """The rest of the block, given its attention's output on input_layernorm(hidden_states) (the caller runs
+        the attention of its kind: over a sequence, a chunk, or a cache). fast_weights: the prime MLP's
+        per-sequence weights (None: its own)."""
+        h = hidden_states + self.post_attention_layernorm(attention_output)
         if self.is_suffix:
             h = h + self.post_prime_layernorm(self.prime_mlp(self.pre_prime_layernorm(h), fast_weights))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -427,6 +435,60 @@ def mean_over_chunks(per_chunk, counts):
     only the last token, as in a T + 1 token layout, has none and is not averaged in as a 0)."""
     has_targets = counts > 0
     return (per_chunk * has_targets).sum() / has_targets.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The inner loop's state
+
+
+class FastWeights(NamedTuple):
+    """One suffix block's prime MLP as the inner loop trains it: theta = (gate, up, down), each [B, out, in]."""
+
+    gate: torch.Tensor  # [B, I, d]
+    up: torch.Tensor  # [B, I, d]
+    down: torch.Tensor  # [B, d, I]
+
+
+class Window(NamedTuple):
+    """One suffix block's keys and values of the W positions before the current chunk (after QK-norm, before RoPE;
+    zeros, masked, before position 0)."""
+
+    k: torch.Tensor  # [B, W, H, f]
+    v: torch.Tensor  # [B, W, H, f]
+
+
+@dataclass
+class InnerState:
+    """What the inner loop carries from one chunk to the next, per suffix block: the fast weights and the window."""
+
+    fast: list[FastWeights]
+    windows: list[Window]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Flat, for autograd.Function (RecomputedChunk): every block's (gate, up, down), then every (k, v)."""
+        return [t for weights in self.fast for t in weights] + [t for window in self.windows for t in window]
+
+    @classmethod
+    def from_tensors(cls, tensors) -> "InnerState":
+        """The inverse of tensors(): 3 fast weights and 2 window tensors per suffix block."""
+        blocks = len(tensors) // 5
+        fast, windows = tensors[:3 * blocks], tensors[3 * blocks:]
+        return cls([FastWeights(*fast[i:i + 3]) for i in range(0, len(fast), 3)],
+                   [Window(*windows[i:i + 2]) for i in range(0, len(windows), 2)])
+
+    def map(self, fn) -> "InnerState":
+        """fn applied to every tensor (detach, select batch rows)."""
+        return InnerState([FastWeights(*map(fn, w)) for w in self.fast], [Window(*map(fn, w)) for w in self.windows])
+
+
+class ChunkStep(NamedTuple):
+    """What one chunk of the inner loop gives (E2EForCausalLM.chunk_step)."""
+
+    logits: torch.Tensor | None  # [B, n, V], when asked for
+    nll: torch.Tensor  # [B, n] next-token losses under the chunk's fast weights (0 where there is no target)
+    loss: torch.Tensor  # [B] l_c: their mean over the counted targets (BOS masked)
+    grad_norm: torch.Tensor | None  # [B] the inner gradient's global norm before clipping; None without an update
+    state: InnerState  # theta after the step, the window moved on by the chunk
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,11 +541,11 @@ class RecomputedChunk(torch.autograd.Function):
 
 
 class E2ECache:
-    """Decoding state of an E2E model: per block the keys and values its next tokens attend to (the last W,
-    rotated, for sequence blocks; for suffix blocks those before the current chunk, unrotated, and the current
-    chunk's so far), the fast weights of the current chunk, and the current chunk's suffix inputs and tokens (its
-    inner step runs when the next token, its last target, arrives). Its size does not grow with the sequence
-    under a sliding window."""
+    """Decoding state of an E2E model: the sequence blocks' keys and values (the last W, rotated); in meta mode the
+    inner loop's state as the full forward carries it (the suffix blocks' fast weights and windows before the
+    current chunk), the current chunk's suffix keys and values so far, and its suffix inputs and tokens (its inner
+    step runs when the next token, its last target, arrives). Its size does not grow with the sequence under a
+    sliding window."""
 
     is_compileable = False
     is_croppable = False
@@ -491,9 +553,9 @@ class E2ECache:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self.seen = 0
-        self.kv: list = [None] * num_layers  # sequence blocks: (k, v); suffix blocks: (k, v) before the chunk
-        self.chunk_kv: list = [None] * num_layers  # suffix blocks: (k, v) of the current chunk
-        self.fast = None  # [(gate, up, down) per suffix block], each [B, out, in]
+        self.kv: list = [None] * num_layers  # per sequence block: (k, v) [B, <= W, H, f], rotated
+        self.inner: InnerState | None = None  # meta mode: the suffix blocks' state before the current chunk
+        self.chunk_kv: list = []  # per suffix block: Window of the current chunk's m rows so far, or None
         self.chunk_inputs = None  # [B, m, d] the current chunk's suffix inputs (the prefix output)
         self.chunk_ids = None  # [B, m]
 
@@ -507,9 +569,9 @@ class E2ECache:
     def reorder_cache(self, beam_idx: torch.LongTensor):
         """Select batch rows (beam search)."""
         pick = lambda t: None if t is None else t.index_select(0, beam_idx.to(t.device))
-        pair = lambda p: None if p is None else (pick(p[0]), pick(p[1]))
+        pair = lambda p: None if p is None else type(p)(pick(p[0]), pick(p[1]))
         self.kv, self.chunk_kv = [pair(p) for p in self.kv], [pair(p) for p in self.chunk_kv]
-        self.fast = None if self.fast is None else [tuple(map(pick, w)) for w in self.fast]
+        self.inner = None if self.inner is None else self.inner.map(pick)
         self.chunk_inputs, self.chunk_ids = pick(self.chunk_inputs), pick(self.chunk_ids)
 
 
@@ -563,11 +625,10 @@ class E2EModel(E2EPreTrainedModel):
         config = self.config
         recompute = self.gradient_checkpointing or (config.recompute_prefix and config.train_mode == "meta")
         for block in blocks:
-            attention = lambda x, block=block: block.self_attn.sequence_attention(x, keep=False)[0]
             if recompute and self.training and torch.is_grad_enabled():
-                hidden_states = torch.utils.checkpoint.checkpoint(block, hidden_states, attention, use_reentrant=False)
+                hidden_states = torch.utils.checkpoint.checkpoint(block, hidden_states, use_reentrant=False)
             else:
-                hidden_states = block(hidden_states, attention)
+                hidden_states = block(hidden_states)
         return hidden_states
 
     def forward(self, input_ids):
@@ -617,55 +678,60 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------- the inner loop
 
     def chunk_step(self, start: int, update: bool, step_size: float, keep_graph: bool, want_logits: bool, x,
-                   targets, *state):
+                   targets, state: InnerState) -> ChunkStep:
         """One chunk of the inner loop. x [B, n, d]: the chunk's suffix inputs (prefix output) at absolute
-        positions start..; targets [B, n]; state: the fast weights (gate, up, down per suffix block, [B, out, in])
-        then (k, v) per suffix block of the W positions before `start` (unrotated; zeros before position 0).
-        Runs the suffix blocks with the fast weights, takes the chunk's next-token losses nll [B, n] and their
-        mean l_c over the counted targets (BOS masked) and, if `update`, theta <- theta - step_size *
-        clip(dl_c/dtheta) with each sequence's global-norm clip. keep_graph: the outer gradient goes through this
-        step (second order unless config.first_order); otherwise the step runs detached (evaluation, decoding).
-        Returns (logits [B, n, V] if want_logits else None, nll [B, n], l_c [B], inner gradient norm [B] or None,
-        *new state); the new windows are W rows of their own in the keys' dtype (no view of a longer buffer)."""
-        config, blocks = self.config, self.suffix_blocks
-        fast, kv = list(state[:3 * len(blocks)]), list(state[3 * len(blocks):])
+        positions start..; targets [B, n]; state: the fast weights theta and the windows before `start`.
+        Runs the suffix blocks with theta, takes the chunk's next-token losses nll [B, n] and their mean l_c over
+        the counted targets (BOS masked) and, if `update`, theta <- theta - step_size * clip(dl_c/dtheta) with
+        each sequence's global-norm clip. keep_graph: the outer gradient goes through this step (second order
+        unless config.first_order); otherwise the step runs detached (evaluation, decoding). The new windows are W
+        rows of their own in the keys' dtype (no view of a longer buffer)."""
+        config, fast, windows = self.config, state.fast, state.windows
         with torch.enable_grad():  # the inner gradient is taken even in evaluation
             if not keep_graph:  # no graph reaches back into the inputs (the outer loss does not go through here)
-                x, kv = x.detach(), [t.detach() for t in kv]
-                fast = [w.detach().requires_grad_(update) for w in fast]
+                x, windows = x.detach(), [Window(*(t.detach() for t in window)) for window in windows]
+                fast = [FastWeights(*(w.detach().requires_grad_(update) for w in weights)) for weights in fast]
             elif update:  # theta(0) frozen (LoRA trains other weights): the inner gradient still needs a leaf
-                fast = [w if w.requires_grad else w.detach().requires_grad_() for w in fast]
-            h, new_kv = x, []
-            for i, block in enumerate(blocks):
-                def attention(xn, i=i, block=block):
-                    past_k, past_v = kv[2 * i], kv[2 * i + 1]
-                    out, k, v = block.self_attn.chunk_attention(xn, past_k, past_v, start)
-                    drop = min(k.shape[1], past_k.shape[1])  # the window moves on by the chunk's rows
-                    new_kv.extend([torch.cat([past_k[:, drop:].to(k.dtype), k[:, -config.sliding_window:]], 1),
-                                   torch.cat([past_v[:, drop:].to(v.dtype), v[:, -config.sliding_window:]], 1)])
-                    return out
-
-                h = block(h, attention, fast_weights=fast[3 * i:3 * i + 3])
+                fast = [FastWeights(*(w if w.requires_grad else w.detach().requires_grad_() for w in weights))
+                        for weights in fast]
+            h, new_windows = x, []
+            for block, weights, window in zip(self.suffix_blocks, fast, windows, strict=True):
+                out, k, v = block.self_attn.chunk_attention(block.input_layernorm(h), window.k, window.v, start)
+                drop, keep = min(k.shape[1], window.k.shape[1]), config.sliding_window  # the window moves on
+                new_windows.append(Window(torch.cat([window.k[:, drop:].to(k.dtype), k[:, -keep:]], 1),
+                                          torch.cat([window.v[:, drop:].to(v.dtype), v[:, -keep:]], 1)))
+                h = block.after_attention(h, out, weights)
             logits = self.lm_head(self.model.norm(h))
             logits = logits.to(compute_dtype(logits.dtype))
             nll = token_cross_entropy(logits, targets)  # [B, n], 0 where there is no target
             valid = loss_mask(targets, config.bos_token_id)
-            loss = (nll * valid).sum(1) / valid.sum(1).clamp_min(1e-10)  # [B]
+            loss = (nll * valid).sum(1) / valid.sum(1).clamp_min(1e-10)  # l_c [B]
             norm = None
             if update:
                 second_order = keep_graph and not config.first_order
-                grads = torch.autograd.grad(loss.sum(), fast, create_graph=second_order, retain_graph=keep_graph)
+                flat = [w for weights in fast for w in weights]
+                grads = torch.autograd.grad(loss.sum(), flat, create_graph=second_order, retain_graph=keep_graph)
                 # summing the sequences' losses gives each sequence its own gradient; clip by each one's norm
                 squares = sum(g.pow(2).flatten(1).sum(1) for g in grads)  # [B]
                 clipped = squares >= config.inner_clip ** 2
                 norm = torch.where(clipped, squares, torch.ones_like(squares)).sqrt()  # no sqrt'(0) when unclipped
                 scale = torch.where(clipped, config.inner_clip / norm, torch.ones_like(norm))  # optax: g if n < c
-                fast = [w - step_size * scale[:, None, None].to(g.dtype) * g for w, g in zip(fast, grads, strict=True)]
+                stepped = [w - step_size * scale[:, None, None].to(g.dtype) * g
+                           for w, g in zip(flat, grads, strict=True)]
+                fast = [FastWeights(*stepped[i:i + 3]) for i in range(0, len(stepped), 3)]
                 norm = torch.where(clipped, norm, squares.sqrt()).detach()
+            new_state = InnerState(fast, new_windows)
             if not keep_graph:
-                logits, nll, loss, fast = logits.detach(), nll.detach(), loss.detach(), [w.detach() for w in fast]
-                new_kv = [t.detach() for t in new_kv]
-        return (logits if want_logits else None, nll, loss, norm, *fast, *new_kv)
+                logits, nll, loss = logits.detach(), nll.detach(), loss.detach()
+                new_state = new_state.map(torch.Tensor.detach)
+        return ChunkStep(logits if want_logits else None, nll, loss, norm, new_state)
+
+    def flat_chunk_step(self, start: int, update: bool, step_size: float, keep_graph: bool, want_logits: bool, x,
+                        targets, *state_tensors) -> tuple:
+        """chunk_step on flat tensors, as RecomputedChunk runs it: (logits, nll, l_c, norm, *state.tensors())."""
+        out = self.chunk_step(start, update, step_size, keep_graph, want_logits, x, targets,
+                              InnerState.from_tensors(state_tensors))
+        return (*out[:4], *out.state.tensors())
 
     def chunk_parameters(self) -> list:
         """The trained parameters a chunk step reads: the suffix blocks' (their prime MLPs' own are unused, since
@@ -674,14 +740,14 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         parameters = {id(p): p for module in modules for p in module.parameters() if p.requires_grad}
         return list(parameters.values())
 
-    def initial_state(self, batch_size: int, reference) -> list:
-        """The fast weights theta(0) (the prime MLPs' own, one copy per sequence) and zero window caches (in the
-        dtype of `reference`; the first chunk's keys replace them in their own dtype)."""
-        blocks, window = self.suffix_blocks, self.config.sliding_window
-        fast = [w.unsqueeze(0).expand(batch_size, *w.shape) for block in blocks for w in block.prime_mlp.weights()]
-        shape = (batch_size, window, self.config.num_attention_heads, self.config.head_dim)
-        zeros = [reference.new_zeros(shape) for _ in range(2 * len(blocks))]
-        return fast + zeros
+    def initial_state(self, batch_size: int, reference) -> InnerState:
+        """The fast weights theta(0) (the prime MLPs' own, one copy per sequence) and zero windows (in the dtype of
+        `reference`; the first chunk's keys replace them in their own dtype)."""
+        blocks, config = self.suffix_blocks, self.config
+        fast = [FastWeights(*(w.unsqueeze(0).expand(batch_size, *w.shape) for w in block.prime_mlp.weights()))
+                for block in blocks]
+        shape = (batch_size, config.sliding_window, config.num_attention_heads, config.head_dim)  # [B, W, H, f]
+        return InnerState(fast, [Window(reference.new_zeros(shape), reference.new_zeros(shape)) for _ in blocks])
 
     def prefix(self, hidden_states):
         """The prefix blocks (all but the suffix) over the whole sequence."""
@@ -707,20 +773,21 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         # split, not sliced: the chunks' gradients reach h in one step, not each through a zero tensor of h's size
         for start, x, chunk_targets in zip(range(0, length, b), h.split(b, 1), targets.split(b, 1), strict=True):
             update = start + b < length and step_size != 0  # the last chunk's update would reach no prediction
-            args = (start, update, step_size, keep_graph, want_logits, x, chunk_targets, *state)
             if keep_graph:  # recompute the chunk in the backward: memory per chunk is its state, not activations
-                out = RecomputedChunk.apply(partial(self.chunk_step, start, update, step_size), want_logits,
-                                            len(args) - 5, *args[5:], *parameters)
+                inputs = (x, chunk_targets, *state.tensors())
+                flat = RecomputedChunk.apply(partial(self.flat_chunk_step, start, update, step_size), want_logits,
+                                             len(inputs), *inputs, *parameters)
+                out = ChunkStep(*flat[:4], InnerState.from_tensors(flat[4:]))
             else:
-                out = self.chunk_step(*args)
-            logits.append(out[0])
-            nll.append(out[1])
-            losses.append(out[2])
-            if out[3] is not None:
-                norms.append(out[3])
-            state = list(out[4:])
+                out = self.chunk_step(start, update, step_size, False, want_logits, x, chunk_targets, state)
+            logits.append(out.logits)
+            nll.append(out.nll)
+            losses.append(out.loss)
+            if out.grad_norm is not None:
+                norms.append(out.grad_norm)
+            state = out.state
             if update and self.fast_weight_trace is not None:
-                self.fast_weight_trace.append([w.detach() for w in state[:3 * config.suffix_len]])
+                self.fast_weight_trace.append([w.detach() for weights in state.fast for w in weights])
         norms = torch.stack(norms, 1) if norms else None
         return (torch.cat(logits, 1) if want_logits else None, torch.cat(nll, 1), torch.stack(losses, 1).detach(),
                 norms)
@@ -752,7 +819,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         b, length = config.mini_batch_size, input_ids.shape[1]
         keep_from = length - logits_to_keep if logits_to_keep else 0
         logits, offset = [], 0
-        if meta and cache.fast is None:
+        if meta and cache.inner is None:
             offset = self._read_prompt(input_ids, cache, keep_from, logits)
         while offset < length:
             position = cache.seen + offset
@@ -772,80 +839,64 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         values kept), the chunk steps of every chunk whose next token is in the prompt (each chunk's suffix blocks
         run once, for its logits and its inner step together), and the suffix blocks over the rest, which opens
         the current chunk. Appends the logits from position keep_from on to `logits`; returns the tokens read."""
-        b, length = self.config.mini_batch_size, input_ids.shape[1]
-        suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
+        config = self.config
+        b, length = config.mini_batch_size, input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
-        for i, block in enumerate(self.model.layers[:suffix[0]]):
-            def attention(xn, i=i, block=block):
-                out, cache.kv[i] = block.self_attn.sequence_attention(xn)
-                return out
-
-            h = block(h, attention)
+        for i, block in enumerate(self.model.layers[:config.num_hidden_layers - config.suffix_len]):
+            out, cache.kv[i] = block.self_attn.sequence_attention(block.input_layernorm(h))
+            h = block.after_attention(h, out)
         state = self.initial_state(input_ids.shape[0], h)
         step_size = self.inner_step_size()
         targets = next_token_targets(input_ids)
         done = (length - 1) // b * b  # the chunks whose last target (the next chunk's first token) is here
         for start in range(0, done, b):
             out = self.chunk_step(start, step_size != 0, step_size, False, start + b > keep_from,
-                                  h[:, start:start + b], targets[:, start:start + b], *state)
-            if out[0] is not None:
-                logits.append(out[0][:, max(0, keep_from - start):])
-            state = list(out[4:])
-        self._keep_state(cache, state)
+                                  h[:, start:start + b], targets[:, start:start + b], state)
+            if out.logits is not None:
+                logits.append(out.logits[:, max(0, keep_from - start):])
+            state = out.state
+        self._start_chunk(cache, state)
         rest = self._cached_segment(input_ids[:, done:], done, cache, want_logits=True, prefix_output=h[:, done:])
         logits.append(rest[:, max(0, keep_from - done):])
         return length
 
     def _finish_chunk(self, cache: E2ECache, start: int, next_token):
-        suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
+        """The current chunk's inner step, now that its last target `next_token` [B, 1] has arrived."""
         targets = torch.cat([cache.chunk_ids[:, 1:], next_token], 1)
-        state = [w for triple in cache.fast for w in triple] + [t for i in suffix for t in cache.kv[i]]
-        out = self.chunk_step(start, self.inner_step_size() != 0, self.inner_step_size(), False, False,
-                              cache.chunk_inputs, targets, *state)
-        self._keep_state(cache, out[4:])
-        cache.chunk_inputs = cache.chunk_ids = None
+        step_size = self.inner_step_size()
+        out = self.chunk_step(start, step_size != 0, step_size, False, False, cache.chunk_inputs, targets, cache.inner)
+        self._start_chunk(cache, out.state)
 
-    def _keep_state(self, cache: E2ECache, state):
-        """A chunk step's new state (the fast weights, then each suffix block's window) into the cache, the current
-        chunk's keys and values emptied."""
-        suffix = [i for i, block in enumerate(self.model.layers) if block.is_suffix]
-        n = 3 * len(suffix)
-        cache.fast = [tuple(state[i:i + 3]) for i in range(0, n, 3)]
-        for j, layer in enumerate(suffix):
-            cache.kv[layer], cache.chunk_kv[layer] = (state[n + 2 * j], state[n + 2 * j + 1]), None
+    def _start_chunk(self, cache: E2ECache, state: InnerState):
+        """A new chunk begins with the inner loop's `state`: nothing of it read yet."""
+        cache.inner, cache.chunk_kv = state, [None] * len(state.windows)
+        cache.chunk_inputs = cache.chunk_ids = None
 
     def _cached_segment(self, ids, position: int, cache: E2ECache, want_logits: bool = True, prefix_output=None):
         """Tokens `ids` at `position` (within one chunk in meta mode) through every block with the cache, or, given
         prefix_output (their prefix blocks' output, from a prefill), through the suffix blocks only. Returns their
         logits, or None unless want_logits."""
-        meta = self.config.train_mode == "meta"
+        config = self.config
+        meta = config.train_mode == "meta"
         h = self.model.embed_tokens(ids) if prefix_output is None else prefix_output
-        first = 0 if prefix_output is None else self.config.num_hidden_layers - self.config.suffix_len
-        suffix_index = 0
+        first = 0 if prefix_output is None else config.num_hidden_layers - config.suffix_len
         for i, block in enumerate(self.model.layers[first:], start=first):
+            x = block.input_layernorm(h)
             if meta and block.is_suffix:
-                if suffix_index == 0:  # the suffix inputs of the chunk, kept for its inner step
+                j = i - (config.num_hidden_layers - config.suffix_len)  # which suffix block
+                if j == 0:  # the suffix inputs of the chunk, kept for its inner step
                     cat = lambda a, x: x if a is None else torch.cat([a, x], 1)
                     cache.chunk_inputs, cache.chunk_ids = cat(cache.chunk_inputs, h), cat(cache.chunk_ids, ids)
-                past_k, past_v = cache.kv[i]
-                if cache.chunk_kv[i] is not None:
-                    past_k = torch.cat([past_k, cache.chunk_kv[i][0]], 1)
-                    past_v = torch.cat([past_v, cache.chunk_kv[i][1]], 1)
-                def attention(xn, i=i, block=block, past_k=past_k, past_v=past_v):
-                    out, k, v = block.self_attn.chunk_attention(xn, past_k, past_v, position)
-                    previous = cache.chunk_kv[i]
-                    cache.chunk_kv[i] = (k, v) if previous is None else (torch.cat([previous[0], k], 1),
-                                                                        torch.cat([previous[1], v], 1))
-                    return out
-
-                h = block(h, attention, fast_weights=cache.fast[suffix_index])
-                suffix_index += 1
+                window, so_far = cache.inner.windows[j], cache.chunk_kv[j]
+                past_k, past_v = window if so_far is None else (torch.cat([window.k, so_far.k], 1),
+                                                                 torch.cat([window.v, so_far.v], 1))
+                out, k, v = block.self_attn.chunk_attention(x, past_k, past_v, position)
+                cache.chunk_kv[j] = Window(k, v) if so_far is None else Window(torch.cat([so_far.k, k], 1),
+                                                                               torch.cat([so_far.v, v], 1))
+                h = block.after_attention(h, out, cache.inner.fast[j])
             else:
-                def attention(xn, i=i, block=block):
-                    out, cache.kv[i] = block.self_attn.sequence_attention(xn, cache.kv[i], position)
-                    return out
-
-                h = block(h, attention)
+                out, cache.kv[i] = block.self_attn.sequence_attention(x, cache.kv[i], position)
+                h = block.after_attention(h, out)
         return self.lm_head(self.model.norm(h)) if want_logits else None
 
     def next_token_losses(self, input_ids):

@@ -66,7 +66,7 @@ def test_generation_with_the_cache_equals_full_forwards(trained, family):
 def test_generate_cli_on_gated_deltanet(trained, capsys):
     """generate.py on a model whose every layer is recurrent: transformers' own cache raises there (see
     families.RecurrentCache)."""
-    import generate
+    from ttt_lm import generate
 
     capsys.readouterr()
     generate.main(["--model_name_or_path", str(trained["gated_deltanet"] / "final_model"), "--prompt", "Bob",
@@ -110,7 +110,7 @@ def test_loads_back_with_the_auto_classes_in_a_fresh_process(trained, family):
 def test_one_command_compares_and_agrees_with_single_evaluations(trained, tmp_path):
     """evaluate.py on both models writes one table and one plot whose values are those each model gets when
     evaluated alone (the same blocks)."""
-    import evaluate
+    from ttt_lm import evaluate
 
     def evaluate_models(*names, out):
         evaluate.main(["--model_name_or_path", *(str(trained[f] / "final_model") for f in names),
@@ -138,7 +138,7 @@ def test_a_killed_run_resumes_bitwise(tmp_path, family):
     full = run(tmp_path, *common, out="full")
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_ttt.py"), *FAST, *common, "--output_dir", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # a few lines before the kill
     wait_until(lambda: (out / "checkpoint-4" / "trainer_state.json").exists(), proc, "checkpoint-4")
     proc.kill()
     proc.wait()

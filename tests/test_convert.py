@@ -12,12 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import convert_jax_checkpoint as convert
-import evaluate
-import generate
 import train_ttt
 import ttt
 from conftest import SHARED
 from helpers import FAST, assert_close, fails
+from ttt_lm import evaluate, generate
 
 JAX = SHARED / "reference_jax"
 CASES = {"ttt_linear": "linear", "ttt_mlp": "mlp"}

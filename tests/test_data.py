@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-import evaluate
 import train_ttt
 from conftest import ROOT
 from helpers import counting_server
+from ttt_lm import evaluate
 from ttt_train import data, hub
 
 # Three documents as raw WikiText writes them: paragraphs separated by lines that hold a single space, a tab-only
@@ -114,7 +114,7 @@ def test_bad_paths_are_reported_before_the_heavy_imports(tmp_path, flags, messag
 def test_an_unreachable_hub_fails_fast_naming_hf_hub_offline(tmp_path, monkeypatch, capsys, connections, script):
     """No network: one connection attempt (here to a closed local port) and no retry or back-off (no sleep), then
     one line naming HF_HUB_OFFLINE."""
-    import generate
+    from ttt_lm import generate
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")

@@ -360,9 +360,8 @@ def test_e2e_training_resumes_exactly_and_logs_the_inner_loop(tmp_path, capsys):
 def test_e2e_variants_train_evaluate_and_generate(tmp_path, capsys):
     import json
 
-    import evaluate
-    import generate
     from helpers import run
+    from ttt_lm import evaluate, generate
 
     folders = {name: run(tmp_path, *flags, "--max_train_steps", "2", out=name) for name, flags in {
         "e2e": ["--model_type", "e2e"], "off": ["--model_type", "e2e", "--train_mode", "pretrain"],

@@ -6,10 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralForCausalLM
 
-import evaluate
-import generate
-import plot_metrics
 import train_ttt
+from ttt_lm import evaluate, generate, plot_metrics
 
 FAST = ["--seq_length", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "3",
         "--max_eval_samples", "5", "--logging_steps", "1", "--eval_steps", "0", "--max_train_steps", "4"]
@@ -101,7 +99,7 @@ def test_the_plot_mentions_a_dotted_line_only_when_it_draws_one(tmp_path, monkey
     only then."""
     import matplotlib.axes
 
-    import evaluate
+    from ttt_lm import evaluate
 
     labels, lines = [], []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda self, label, *a, **k: labels.append(label))

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import generate
 import ttt
 from helpers import assert_close, load_reference, needs_reference
 from ttt import TTTCache
+from ttt_lm import generate
 from ttt_train import data
 
 # linear/MLP inner models, Transformer and Mamba backbones; the prompt (21 tokens, mini-batch 16) ends inside a

@@ -9,7 +9,8 @@ from conftest import ROOT
 def project_imports() -> dict:
     """{module: sorted project modules it imports anywhere in its file (top level or inside functions)}."""
     files = {p.stem: p for p in ROOT.glob("*.py")}
-    files |= {f"ttt_train.{p.stem}": p for p in (ROOT / "ttt_train").glob("*.py") if p.stem != "__init__"}
+    for package in ("ttt_train", "ttt_lm"):
+        files |= {f"{package}.{p.stem}": p for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
     graph = {}
     for name, path in files.items():
         imported = set()

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import evaluate
 import ttt
 import ttt_e2e
 from helpers import assert_close, noisy
 from ttt import TTTConfig, TTTForCausalLM
 from ttt_e2e import E2EConfig, E2EForCausalLM
+from ttt_lm import evaluate
 from ttt_train.memory import PeakMemory
 
 
@@ -160,9 +160,9 @@ def test_chunk_boundary_windows_are_in_the_compute_dtype_and_own_their_rows():
     state = model.initial_state(1, h)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for start in (0, 8, 16):
-            out = model.chunk_step(start, True, 1.0, False, False, h, ids_of(1, 8, seed=start), *state)
-            state = list(out[4:])
-    windows = state[3 * config.suffix_len:]
+            state = model.chunk_step(start, True, 1.0, False, False, h, ids_of(1, 8, seed=start), state).state
+    windows = [t for window in state.windows for t in window]
+    assert len(windows) == 2 * config.suffix_len
     for window in windows:
         assert window.dtype == torch.bfloat16
         assert window.shape[1] == config.sliding_window
@@ -177,7 +177,8 @@ def test_prefill_runs_each_chunk_once_and_keeps_only_the_last_logits(length):
     ids = ids_of(2, length)
     suffix = model.suffix_blocks[0]
     calls = []
-    hook = suffix.register_forward_hook(lambda *_: calls.append(1))
+    # every run of the block ends with its MLP (the chunk step and the cache call after_attention, not forward)
+    hook = suffix.mlp.register_forward_hook(lambda *_: calls.append(1))
     try:
         with torch.no_grad():
             cached = model(ids, use_cache=True)
@@ -203,7 +204,7 @@ def test_a_training_chunk_runs_once_in_the_forward_and_once_in_the_backward():
     model = e2e().train()
     ids = ids_of(2, 64)  # 8 chunks
     calls = []
-    hook = model.suffix_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    hook = model.suffix_blocks[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # once per block run
     loss = model(ids, labels=ids).loss
     forward, calls[:] = len(calls), []
     loss.backward()

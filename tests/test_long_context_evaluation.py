@@ -11,11 +11,11 @@ import types
 import pytest
 import torch
 
-import evaluate
 import train_ttt
 from helpers import FAST, fails, losses, noisy
 from ttt import TTTConfig, TTTForCausalLM
 from ttt_e2e import E2EConfig, E2EForCausalLM
+from ttt_lm import evaluate
 from ttt_train import data, passkey
 
 

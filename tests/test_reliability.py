@@ -355,8 +355,7 @@ def test_a_corrupt_trainer_state_is_one_line(saved_run, tmp_path, capsys):
 def test_a_final_model_altered_after_training_is_refused_wherever_it_is_read(saved_run, tmp_path, capsys, tool):
     """final_model's trainer_state.json holds the SHA-256 of each of its files: evaluate.py, generate.py and
     --init_from check them before loading (a folder without that manifest, e.g. a converted model, loads as is)."""
-    import evaluate
-    import generate
+    from ttt_lm import evaluate, generate
 
     model = tmp_path / "final_model"
     shutil.copytree(saved_run / "final_model", model)
@@ -579,7 +578,7 @@ def test_a_link_in_the_run_directory_is_refused_and_its_target_untouched(saved_r
 
 
 def test_evaluate_refuses_to_replace_an_earlier_evaluation(saved_run, tmp_path, capsys):
-    import evaluate
+    from ttt_lm import evaluate
 
     out = tmp_path / "eval"
     out.mkdir()
@@ -659,7 +658,7 @@ def test_yaml_numbers_as_users_write_them_and_duplicate_keys(tmp_path, capsys):
 
 
 def test_a_huge_loss_has_an_infinite_perplexity_not_a_crash():
-    import evaluate
+    from ttt_lm import evaluate
 
     buckets = evaluate.by_position(torch.full((4,), 800.0, dtype=torch.float64), num_blocks=1, bucket_size=2)
     assert [b["perplexity"] for b in buckets] == [float("inf")] * 2
@@ -719,8 +718,7 @@ def test_a_disk_that_fills_during_a_save(small_disk):
 
 
 def test_evaluate_and_generate_refuse_bad_models_at_once(saved_run, tmp_path, capsys):
-    import evaluate
-    import generate
+    from ttt_lm import evaluate, generate
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(saved_run / "final_model", corrupt)
@@ -753,7 +751,7 @@ def test_evaluate_and_generate_refuse_bad_models_at_once(saved_run, tmp_path, ca
 
 
 def test_generate_refuses_a_tokenizer_larger_than_the_model(saved_run, capsys, llama_tokenizer_dir):
-    import generate
+    from ttt_lm import generate
 
     with pytest.raises(SystemExit):
         generate.main(["--model_name_or_path", str(saved_run / "final_model"), "--tokenizer_name",

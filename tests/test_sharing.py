@@ -2,6 +2,7 @@
 that has nothing of this repository (code beside the weights, auto_map), carries a model card, and is published to
 the Hub by --push_to_hub (tested against a loopback stand-in for the Hub, with the real huggingface_hub client)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -220,3 +221,64 @@ def test_the_converter_pushes_too(fake_hub, tmp_path):
     files = fake_hub.repos["alice/ttt-linear-official"]
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes() and "README.md" in files
     assert os.environ["HF_ENDPOINT"] == fake_hub.url
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness
+
+LM_EVAL_TASK = """task: ttt_continuations
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+metric_list:
+  - metric: acc
+"""
+LM_EVAL_DOCS = [{"context": "Bob went to the", "continuation": " market"},
+                {"context": "Alice has a", "continuation": " cat and a dog"},
+                {"context": "The king said", "continuation": " nothing at all."}]
+# lm-eval's Python API on the folder, as `lm_eval --model hf --model_args pretrained=<folder>,trust_remote_code=True`
+LM_EVAL_RUN = """import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+folder, tasks, out = sys.argv[1:4]
+results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32",
+                                  tasks=["ttt_continuations"], task_manager=TaskManager(include_path=tasks),
+                                  log_samples=True, batch_size=1, device="cpu")
+samples = results["samples"]["ttt_continuations"]
+json.dump([{"doc": s["doc"], "loglikelihood": s["resps"][0][0][0]} for s in samples], open(out, "w"))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm-eval is not installed (pip install .[eval])")
+@pytest.mark.parametrize("run", ["ttt", "e2e"])
+def test_lm_evaluation_harness_scores_the_model_as_evaluate_py_does(runs, tmp_path, run):
+    """lm-eval (a local task: JSONL written here) reports each continuation's log-likelihood; our evaluate.py's
+    next-token losses on the same tokens give the same sums."""
+    from ttt_lm.evaluate import next_token_losses
+
+    folder = runs[run] / "final_model"
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in LM_EVAL_DOCS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "task.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "data.jsonl"))
+    out = tmp_path / "lm_eval.json"
+    env = {**clean_env(tmp_path), "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", LM_EVAL_RUN, str(folder), str(tmp_path / "tasks"), str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = json.loads(out.read_text())
+    model, tokenizer = data.load_model(str(folder)), data.load_tokenizer(str(folder))
+    assert [r["doc"] for r in reported] == LM_EVAL_DOCS
+    for entry in reported:
+        doc = entry["doc"]
+        context = tokenizer(doc["context"], add_special_tokens=False)["input_ids"]
+        whole = tokenizer(doc["context"] + doc["continuation"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            losses = next_token_losses(model, torch.tensor([whole]))[0]  # losses[i]: predicting whole[i + 1]
+        ours = -losses[len(context) - 1:len(whole) - 1].sum().double()
+        assert_close(f"{run} log-likelihood of {doc['continuation']!r}", torch.tensor(entry["loglikelihood"]).double(),
+                     ours, atol=1e-4 * abs(ours.item()))

@@ -227,10 +227,7 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
         return
     spec = args.resume_from_checkpoint
     if spec == "latest":
-        if not checkpoints:
-            raise rundir.CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ "
-                                       f"folder in {remote.url} (uploads that did not complete do not count)")
-        name = checkpoints[-1][1]
+        name = rundir.newest(checkpoints, remote.url, " (uploads that did not complete do not count)")
     elif spec.startswith(remote.url + "/"):
         name = spec[len(remote.url) + 1:].strip("/")
         if name not in folders:

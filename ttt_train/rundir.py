@@ -80,12 +80,15 @@ def list_checkpoints(output_dir: Path, kinds=("checkpoint", "milestone")) -> lis
 
 def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     """`latest` is the highest step among `output_dir`'s checkpoints and milestones; anything else is a path."""
-    if spec != "latest":
-        return Path(spec)
-    found = list_checkpoints(output_dir)
+    return Path(spec) if spec != "latest" else newest(list_checkpoints(output_dir), output_dir)
+
+
+def newest(found: list, where, why_not: str = ""):
+    """What `latest` means: the last of the (step, folder) pairs `found` (a local or a bucket's listing, in step
+    order), or the error that `where` holds none (`why_not`: what the listing leaves out)."""
     if not found:
         raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint-*/ or milestone-*/ "
-                              f"folder in {output_dir}")
+                              f"folder in {where}{why_not}")
     return found[-1][1]
 
 
