@@ -867,11 +867,11 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                                         **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if return_dict is not False else output.to_tuple()
 
-    def next_token_losses(self, input_ids):
+    def next_token_losses(self, input_ids, block: int = LOSS_BLOCK):
         """[B, T] the cross-entropy of each position's prediction of the next token (0 at the last position),
-        block by block, without the [B, T, V] logits (evaluation by position at long context)."""
+        `block` positions at a time, without the [B, T, V] logits (evaluation by position at long context)."""
         hidden_states = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        return token_nll(hidden_states, self.lm_head, next_token_targets(input_ids))
+        return token_nll(hidden_states, self.lm_head, next_token_targets(input_ids), block)
 
     @torch.no_grad()
     def ttt_statistics(self, input_ids) -> list:

@@ -36,11 +36,11 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:  # ttt.py beside this file: top-level here, relative in a saved model folder (see the imports of ttt.py)
-    from .ttt import CACHE_FIELD, decoding_state, next_token_targets, token_cross_entropy, token_nll
+    from .ttt import CACHE_FIELD, LOSS_BLOCK, decoding_state, next_token_targets, token_cross_entropy, token_nll
 except ImportError:
     if __package__:
         raise
-    from ttt import CACHE_FIELD, decoding_state, next_token_targets, token_cross_entropy, token_nll
+    from ttt import CACHE_FIELD, LOSS_BLOCK, decoding_state, next_token_targets, token_cross_entropy, token_nll
 
 TRAIN_MODES = ("meta", "pretrain")  # meta: the inner loop runs (TTT-E2E); pretrain: it does not (TTT off, or fa)
 
@@ -899,13 +899,13 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
                 h = block.after_attention(h, out)
         return self.lm_head(self.model.norm(h)) if want_logits else None
 
-    def next_token_losses(self, input_ids):
+    def next_token_losses(self, input_ids, block: int = LOSS_BLOCK):
         """[B, T] the cross-entropy of each position's prediction of the next token (0 at the last position; BOS
-        targets included), chunk by chunk, without the [B, T, V] logits (evaluation by position at long
-        context)."""
+        targets included) without the [B, T, V] logits (evaluation by position at long context): chunk by chunk
+        in meta mode, else `block` positions at a time."""
         if self.config.train_mode == "meta":
             return self.meta_forward(input_ids, self.model.embed_tokens(input_ids), want_logits=False)[1]
-        return token_nll(self.model(input_ids), self.lm_head, next_token_targets(input_ids))
+        return token_nll(self.model(input_ids), self.lm_head, next_token_targets(input_ids), block)
 
     # ---------------------------------------------------------------- forward
 

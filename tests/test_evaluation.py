@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 import train_ttt
+from helpers import assert_close
 from ttt_lm import evaluate, generate, plot_metrics
 
 FAST = ["--seq_length", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "3",
@@ -110,3 +111,29 @@ def test_the_plot_mentions_a_dotted_line_only_when_it_draws_one(tmp_path, monkey
               "by_position": [{"start": 1, "end": 33, "perplexity": 3.0}, {"start": 33, "end": 64, "perplexity": 2.0}]}
     evaluate.plot([result], tmp_path / "p.png", seq_length=64)
     assert ("dotted" in labels[0]) == dotted and (lines == [32]) == dotted
+
+
+@pytest.mark.parametrize("family", ["ttt", "transformer"])
+def test_the_comparisons_peak_memory_is_the_models_not_the_losss_logits(family):
+    """With a 32K vocabulary the logits of a training loss block ([B, 1024, V] and their log-softmax) would be most
+    of a small model's evaluation memory, the same number for every model: the evaluation's loss takes
+    EVAL_LOSS_BLOCK positions at a time, so the peak stays far below one such block's logits, and the losses are
+    those of the whole logits."""
+    from ttt import TTTConfig, TTTForCausalLM
+    from ttt_train.memory import PeakMemory
+
+    torch.manual_seed(0)
+    dims = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    if family == "ttt":
+        model = TTTForCausalLM(TTTConfig(**dims, mini_batch_size=16)).eval()
+    else:
+        model = MistralForCausalLM(MistralConfig(**dims, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 32000, (2, 512))
+    with torch.no_grad(), PeakMemory() as memory:
+        losses = evaluate.next_token_losses(model, ids)
+    logits_block = 2 * 512 * 32000 * 4  # one block of the training loss's logits, float32
+    assert memory.peak_bytes < logits_block / 2, (memory.peak_bytes, logits_block)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].transpose(1, 2), ids[:, 1:],
+                                                     reduction="none")
+    assert_close("next-token losses", losses[:, :-1], expected, atol=1e-5)

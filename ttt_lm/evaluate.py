@@ -145,14 +145,20 @@ def position_losses(model, blocks, batch_size):
     return totals
 
 
+# Positions whose logits exist at once in the evaluation's loss: [B, 16, V] in float32 (8 MiB for 4 x 32K). With
+# the training loss's 1024, those logits and their log-softmax (1 GB at B 4, V 32K) would be the peak memory of
+# every model, hiding the models' own in the comparison; the per-position losses do not depend on it.
+EVAL_LOSS_BLOCK = 16
+
+
 def next_token_losses(model, batch):
     """[B, T] next-token losses (0 at the last position) without the [B, T, V] logits: the model's own
     `next_token_losses` (TTT, E2E: chunk by chunk), else its decoder's hidden states through the output layer
     block by block (transformers' causal LMs)."""
     if hasattr(model, "next_token_losses"):
-        return model.next_token_losses(batch)
+        return model.next_token_losses(batch, block=EVAL_LOSS_BLOCK)
     hidden_states = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
-    return token_nll(hidden_states, model.get_output_embeddings(), next_token_targets(batch))
+    return token_nll(hidden_states, model.get_output_embeddings(), next_token_targets(batch), EVAL_LOSS_BLOCK)
 
 
 def by_position(totals, num_blocks, bucket_size=None):
