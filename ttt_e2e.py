@@ -177,6 +177,11 @@ class E2EConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def num_prefix_layers(self) -> int:
+        """The blocks before the suffix: the first suffix block's index."""
+        return self.num_hidden_layers - self.suffix_len
+
     def ilr_multiplier(self, step: int) -> float:
         """The inner step size's factor at outer step `step` (0-based): ilr_init + (1 - ilr_init) *
         min(1, (step + 1) / ilr_warmup_steps), 1 without warm-up (SPEC.md 2.5)."""
@@ -376,7 +381,7 @@ class E2EBlock(nn.Module):
         super().__init__()
         d, eps = config.hidden_size, config.rms_norm_eps
         self.layer_idx = layer_idx
-        self.is_suffix = layer_idx >= config.num_hidden_layers - config.suffix_len
+        self.is_suffix = layer_idx >= config.num_prefix_layers
         self.input_layernorm, self.post_attention_layernorm = E2ERMSNorm(d, eps), E2ERMSNorm(d, eps)
         self.self_attn = E2EAttention(config)
         if self.is_suffix:
@@ -751,9 +756,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
 
     def prefix(self, hidden_states):
         """The prefix blocks (all but the suffix) over the whole sequence."""
-        config = self.config
-        return self.model.run_sequence_blocks(hidden_states, self.model.layers[:config.num_hidden_layers -
-                                                                              config.suffix_len])
+        return self.model.run_sequence_blocks(hidden_states, self.model.layers[:self.config.num_prefix_layers])
 
     def meta_forward(self, input_ids, hidden_states, want_logits: bool = True):
         """The inner loop over a whole sequence: the prefix blocks once, then chunk by chunk the suffix blocks with
@@ -842,7 +845,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         config = self.config
         b, length = config.mini_batch_size, input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
-        for i, block in enumerate(self.model.layers[:config.num_hidden_layers - config.suffix_len]):
+        for i, block in enumerate(self.model.layers[:config.num_prefix_layers]):
             out, cache.kv[i] = block.self_attn.sequence_attention(block.input_layernorm(h))
             h = block.after_attention(h, out)
         state = self.initial_state(input_ids.shape[0], h)
@@ -879,11 +882,11 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         config = self.config
         meta = config.train_mode == "meta"
         h = self.model.embed_tokens(ids) if prefix_output is None else prefix_output
-        first = 0 if prefix_output is None else config.num_hidden_layers - config.suffix_len
+        first = 0 if prefix_output is None else config.num_prefix_layers
         for i, block in enumerate(self.model.layers[first:], start=first):
             x = block.input_layernorm(h)
             if meta and block.is_suffix:
-                j = i - (config.num_hidden_layers - config.suffix_len)  # which suffix block
+                j = i - config.num_prefix_layers  # which suffix block
                 if j == 0:  # the suffix inputs of the chunk, kept for its inner step
                     cat = lambda a, x: x if a is None else torch.cat([a, x], 1)
                     cache.chunk_inputs, cache.chunk_ids = cat(cache.chunk_inputs, h), cat(cache.chunk_ids, ids)
