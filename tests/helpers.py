@@ -94,6 +94,12 @@ def chunked_prefill_logits(model, ids, bounds):
 
 # ---------------------------------------------------------------- training runs of the tiny model (train_ttt.py)
 
+# The imports that take seconds (a minute on a busy machine), as a Python expression over sys.modules: torch, the
+# data and launch libraries, the model, transformers' model code (its package itself imports lazily, and its
+# argument parser, which the trainer's command line is, in about half a second without torch).
+HEAVY_MODULES = ("sorted(m for m in sys.modules if m in ('torch', 'datasets', 'accelerate', 'ttt', "
+                 "'transformers.modeling_utils') or m.startswith('transformers.models'))")
+
 FAST = ["--model_size", "tiny", "--seq_length", "64", "--per_device_train_batch_size", "2",
         "--per_device_eval_batch_size", "4", "--max_eval_samples", "4", "--logging_steps", "1", "--eval_steps", "0"]
 

@@ -4,7 +4,6 @@ registry they are records of, their parameter-matched sizes and the kernel path 
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 import train_ttt
 from conftest import ROOT
 from helpers import FAST, assert_close, fails, losses, run, wait_until
-from ttt_train import families, models
+from ttt_train import config, families, models
 
 BASELINES = ["mamba2", "gated_deltanet"]
 # byte tokenizer (vocabulary 259), 2 layers: a few seconds per run on a CPU
@@ -20,10 +19,8 @@ SMALL = ["--model_size", "nano", "--num_hidden_layers", "2", "--learning_rate", 
 
 
 def flags_of(**given):
-    """A parsed flag namespace with only `given` set (as build_config reads it)."""
-    return types.SimpleNamespace(**{"model_type": None, "model_size": None, "target_params": None,
-                                    "prefer_depth": False, **{k: None for k in models.DIM_FLAGS + families.ALL_FLAGS},
-                                    **given})
+    """The model and TTT-E2E settings with only `given` set (build_config's arguments)."""
+    return config.ModelArguments(**given), config.E2EArguments()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +153,7 @@ def test_every_size_counts_the_ttt_linear_parameters_within_5_percent(size):
     """Counted on the meta device (nothing allocated), with the Llama-2 vocabulary."""
     counts = {}
     for family in ["ttt", "transformer", *BASELINES]:
-        config = models.build_config(flags_of(model_type=family, model_size=size), 32000, 1, 2, report=lambda _: None)
+        config = models.build_config(*flags_of(model_type=family, model_size=size), 32000, 1, 2, report=lambda _: None)
         counts[family] = models.parameter_count(config)
     for family, count in counts.items():
         assert abs(count / counts["ttt"] - 1) < 0.05, (family, counts)
@@ -167,10 +164,10 @@ def test_the_published_shapes_of_the_families():
     vocabulary (mamba2-130m's 24 come with GPT-NeoX's 50K); Gated DeltaNet keeps the TTT size's depth with
     Qwen3.5's head shape; the chosen dimension is reported."""
     said = []
-    mamba = models.build_config(flags_of(model_type="mamba2", model_size="125m"), 32000, 1, 2, report=said.append)
+    mamba = models.build_config(*flags_of(model_type="mamba2", model_size="125m"), 32000, 1, 2, report=said.append)
     assert (mamba.num_hidden_layers, mamba.hidden_size, mamba.state_size, mamba.head_dim, mamba.expand) == \
         (23, 768, 128, 64, 2)
-    gdn = models.build_config(flags_of(model_type="gated_deltanet", model_size="125m"), 32000, 1, 2,
+    gdn = models.build_config(*flags_of(model_type="gated_deltanet", model_size="125m"), 32000, 1, 2,
                               report=said.append)
     assert gdn.num_hidden_layers == 12 and set(gdn.layer_types) == {"linear_attention"}
     assert (gdn.linear_num_key_heads, gdn.linear_num_value_heads, gdn.linear_key_head_dim) == (3, 6, 128)
@@ -178,13 +175,13 @@ def test_the_published_shapes_of_the_families():
 
 
 def test_explicit_dimensions_are_not_rematched():
-    config = models.build_config(flags_of(model_type="mamba2", model_size="tiny", num_hidden_layers=3), 300, 1, 2,
+    config = models.build_config(*flags_of(model_type="mamba2", model_size="tiny", num_hidden_layers=3), 300, 1, 2,
                                  report=lambda _: None)
     assert config.num_hidden_layers == 3
 
 
 def test_target_params_searches_the_baselines_shapes():
-    config = models.build_config(flags_of(model_type="mamba2", target_params=20_000_000), 32000, 1, 2,
+    config = models.build_config(*flags_of(model_type="mamba2", target_params=20_000_000), 32000, 1, 2,
                                  report=lambda _: None)
     assert abs(models.parameter_count(config) / 20e6 - 1) < 0.1
 
@@ -194,7 +191,7 @@ def test_target_params_searches_the_baselines_shapes():
 
 @pytest.mark.parametrize("family", ["ttt", "transformer", "e2e", *BASELINES])
 def test_the_kernel_path_is_the_fallback_on_a_cpu(family):
-    config = models.build_config(flags_of(model_type=family, model_size="tiny"), 300, 1, 2, report=lambda _: None)
+    config = models.build_config(*flags_of(model_type=family, model_size="tiny"), 300, 1, 2, report=lambda _: None)
     path = families.FAMILIES[family].kernels(config, torch.device("cpu"))
     assert not path.fused and path.record()["kernels"] == "fallback" and path.install
 
@@ -223,7 +220,7 @@ def test_require_fused_kernels_refuses_the_fallback(tmp_path, capsys, family, in
 def test_every_saved_model_type_names_one_family():
     """family_of is the inverse of the records: the config of each family's model maps back to that family."""
     for name, family in families.FAMILIES.items():
-        config = models.build_config(flags_of(model_type=name, model_size="tiny"), 300, 1, 2, report=lambda _: None)
+        config = models.build_config(*flags_of(model_type=name, model_size="tiny"), 300, 1, 2, report=lambda _: None)
         assert families.family_of(config) is family, name
         assert config.model_type == family.config_type
 
@@ -239,7 +236,7 @@ def test_the_fsdp_config_shards_each_familys_own_block(family):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     fsdp = yaml.safe_load((ROOT / "accelerate_fsdp_config.yaml").read_text())["fsdp_config"]
-    config = models.build_config(flags_of(model_type=family, model_size="tiny"), 300, 1, 2, report=lambda _: None)
+    config = models.build_config(*flags_of(model_type=family, model_size="tiny"), 300, 1, 2, report=lambda _: None)
     with torch.device("meta"):
         model = models.build_model(config)
     plugin = FullyShardedDataParallelPlugin(
@@ -256,7 +253,7 @@ def test_lora_adapts_the_mixer_and_mlp_and_init_from_continues(trained, tmp_path
     """The default LoRA targets exist in the model (peft raises otherwise) and only the adapters train; a LoRA
     run starts from the trained model with --init_from, and its first loss is that model's (not a fresh one's)."""
     pytest.importorskip("peft")
-    config = models.build_config(flags_of(model_type=family, model_size="nano"), 300, 1, 2, report=lambda _: None)
+    config = models.build_config(*flags_of(model_type=family, model_size="nano"), 300, 1, 2, report=lambda _: None)
     wrapped = models.apply_lora(models.build_model(config), dict(models.LORA_DEFAULTS))
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in wrapped.named_parameters()
                if ".lora_A." in name}

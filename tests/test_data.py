@@ -10,7 +10,7 @@ import pytest
 
 import train_ttt
 from conftest import ROOT
-from helpers import counting_server
+from helpers import HEAVY_MODULES, counting_server
 from ttt_lm import evaluate
 from ttt_train import data, hub
 
@@ -103,7 +103,7 @@ def test_bad_paths_are_reported_before_the_heavy_imports(tmp_path, flags, messag
     probe = (f"import runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nsys.argv = [{script!r}, *{flags!r}]\n"
              f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit as e:\n"
              f"    print('exit', e.code)\n"
-             f"print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))")
+             f"print({HEAVY_MODULES})")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.stdout.strip().splitlines()[-2:] == ["exit 1", "[]"], result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]

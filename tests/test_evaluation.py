@@ -7,20 +7,16 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 import train_ttt
-from helpers import assert_close
+from helpers import FAST, assert_close
 from ttt_lm import evaluate, generate, plot_metrics
 
-FAST = ["--seq_length", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "3",
-        "--max_eval_samples", "5", "--logging_steps", "1", "--eval_steps", "0", "--max_train_steps", "4"]
+EVAL_BLOCKS = 4  # helpers.FAST's --max_eval_samples: the blocks the trainer's last evaluation read
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A TTT-Linear and a Transformer++ run of 4 steps on the built-in corpus."""
-    root = tmp_path_factory.mktemp("runs")
-    for model_type in ("ttt", "transformer"):
-        train_ttt.main([*FAST, "--model_type", model_type, "--output_dir", str(root / model_type)])
-    return root
+@pytest.fixture
+def trained(trained_run) -> dict:
+    """The session's shared TTT-Linear and Transformer++ runs (conftest.trained_run), by model type."""
+    return {model_type: trained_run(model_type) for model_type in ("ttt", "transformer")}
 
 
 def eval_losses(run):
@@ -29,16 +25,17 @@ def eval_losses(run):
 
 
 def test_transformer_baseline_is_a_hugging_face_model_of_equal_size(trained):
-    model = AutoModelForCausalLM.from_pretrained(trained / "transformer" / "final_model")
+    model = AutoModelForCausalLM.from_pretrained(trained["transformer"] / "final_model")
     assert isinstance(model, MistralForCausalLM) and model.config._attn_implementation == "sdpa"
-    ttt = AutoModelForCausalLM.from_pretrained(trained / "ttt" / "final_model")
+    ttt = AutoModelForCausalLM.from_pretrained(trained["ttt"] / "final_model")
     sizes = [sum(p.numel() for p in m.parameters()) for m in (model, ttt)]
     assert abs(sizes[0] - sizes[1]) / sizes[1] < 0.05
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (256, 4)
 
 
 def test_sliding_window_baseline(tmp_path):
-    train_ttt.main([*FAST, "--model_type", "transformer", "--sliding_window", "4", "--output_dir", str(tmp_path)])
+    train_ttt.main([*FAST, "--model_type", "transformer", "--sliding_window", "4", "--max_train_steps", "4",
+                    "--output_dir", str(tmp_path)])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final_model").eval()
     assert model.config.sliding_window == 4
     ids = torch.randint(3, 200, (1, 48))
@@ -50,14 +47,14 @@ def test_sliding_window_baseline(tmp_path):
 
 
 def test_evaluate_matches_the_trainer_and_buckets_positions(trained, tmp_path):
-    models = [str(trained / t / "final_model") for t in ("ttt", "transformer")]
+    models = [str(trained[t] / "final_model") for t in ("ttt", "transformer")]
     results = evaluate.evaluate(evaluate.parse_args(
         ["--model_name_or_path", *models, "--dataset_name", "builtin:synthetic", "--seq_length", "64",
-         "--max_eval_tokens", str(5 * 64), "--output_dir", str(tmp_path)]))
+         "--max_eval_tokens", str(EVAL_BLOCKS * 64), "--output_dir", str(tmp_path)]))
     assert [r["model"] for r in results] == models
     for result, model_type in zip(results, ("ttt", "transformer")):
-        assert abs(result["loss"] - eval_losses(trained / model_type)[-1]) < 1e-5
-        assert result["tokens"] == 5 * 63
+        assert abs(result["loss"] - eval_losses(trained[model_type])[-1]) < 1e-5
+        assert result["tokens"] == EVAL_BLOCKS * 63
         assert abs(result["perplexity"] - torch.tensor(result["loss"]).exp().item()) < 1e-4
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert [r["loss"] for r in saved] == [r["loss"] for r in results]
@@ -67,7 +64,7 @@ def test_evaluate_matches_the_trainer_and_buckets_positions(trained, tmp_path):
 def test_by_position_beyond_the_training_context(trained, tmp_path):
     """At 2x the training context (64), buckets of 16 positions cover predicted positions 1..127."""
     [result] = evaluate.evaluate(evaluate.parse_args(
-        ["--model_name_or_path", str(trained / "ttt" / "final_model"), "--dataset_name", "builtin:synthetic",
+        ["--model_name_or_path", str(trained["ttt"] / "final_model"), "--dataset_name", "builtin:synthetic",
          "--seq_length", "128", "--bucket_size", "16", "--max_eval_tokens", "512", "--output_dir", str(tmp_path)]))
     buckets = result["by_position"]
     assert [(b["start"], b["end"]) for b in buckets] == [(s, min(s + 16, 128)) for s in range(1, 128, 16)]
@@ -83,13 +80,13 @@ def test_evaluate_bad_input(tmp_path, capsys):
 
 
 def test_generate_streams_sampled_text(trained, capsys):
-    generate.main(["--model_name_or_path", str(trained / "transformer" / "final_model"), "--prompt", "Bob",
+    generate.main(["--model_name_or_path", str(trained["transformer"] / "final_model"), "--prompt", "Bob",
                    "--max_new_tokens", "8", "--temperature", "0.7", "--top_p", "0.9", "--seed", "3"])
     assert capsys.readouterr().out.startswith("Bob")
 
 
 def test_plot_metrics_writes_pngs(trained, tmp_path):
-    plot_metrics.main([str(trained / "ttt"), str(trained / "transformer"), "--output_dir", str(tmp_path)])
+    plot_metrics.main([str(trained["ttt"]), str(trained["transformer"]), "--output_dir", str(tmp_path)])
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     assert (tmp_path / "ttt_statistics_ttt.png").exists() and not (tmp_path / "ttt_statistics_transformer.png").exists()
 

@@ -19,10 +19,10 @@ def train(folder, *flags):
     return folder
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("base") / "run", "--model_size", "tiny", "--max_train_steps", "3") \
-        / "final_model"
+@pytest.fixture
+def base(trained_run):
+    """The final model of the session's shared TTT-Linear run (conftest.trained_run)."""
+    return trained_run("ttt") / "final_model"
 
 
 def test_only_adapters_train_and_resume_is_exact(tmp_path, base, capsys):
@@ -84,8 +84,8 @@ def test_lora_errors(tmp_path, base, capsys):
 def test_default_targets_per_model_type(model_type):
     from ttt_train import models
 
-    args = train_ttt.parse_args(["--model_type", model_type])
-    model = models.build_model(models.build_config(args, 300, 1, 2))
+    run = train_ttt.parse_args(["--model_type", model_type])
+    model = models.build_model(models.build_config(run.model, run.e2e, 300, 1, 2))
     wrapped = models.apply_lora(model, dict(models.LORA_DEFAULTS))
     adapted = {name.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for name, _ in wrapped.named_parameters()
                if ".lora_A." in name}

@@ -39,12 +39,11 @@ def checkpoint_files(folder: Path) -> list:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    """A run of 4 steps with checkpoint-2 and checkpoint-4, copied by each test that changes it."""
-    folder = tmp_path_factory.mktemp("saved") / "run"
-    train_ttt.main([*FAST, "--output_dir", str(folder), "--max_train_steps", "4", "--save_checkpoint_freq", "2"])
-    return folder
+@pytest.fixture
+def saved_run(trained_run):
+    """The session's shared TTT-Linear run of 4 steps with checkpoint-2 and checkpoint-4 (conftest.trained_run),
+    copied by each test that changes it."""
+    return trained_run("ttt")
 
 
 def copy_of(saved_run, tmp_path) -> Path:
@@ -650,8 +649,8 @@ def test_impossible_requests_are_one_line_before_any_work(tmp_path, capsys, flag
 def test_yaml_numbers_as_users_write_them_and_duplicate_keys(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 1e-3\nlr_end: 1e-5\n")  # YAML 1.1 (PyYAML) reads these as strings
-    args = train_ttt.parse_args(["--config", str(config)])
-    assert args.learning_rate == 1e-3 and args.lr_end == 1e-5
+    optim = train_ttt.parse_args(["--config", str(config)]).optim
+    assert optim.learning_rate == 1e-3 and optim.lr_end == 1e-5
     config.write_text("learning_rate: 1e-3\nmax_train_steps: 3\nmax_train_steps: 4\n")
     fails(capsys, "--config", str(config), "--output_dir", str(tmp_path / "run"),
           match="key 'max_train_steps' is given twice, '3' (line 2) and '4' (line 3)")

@@ -2,6 +2,7 @@
 --max_train_examples / --max_eval_examples."""
 
 import json
+import types
 
 import datasets
 from safetensors.torch import load_file
@@ -109,14 +110,15 @@ def test_alias_spellings_and_did_you_mean(capsys):
     args = train_ttt.parse_args(["--max_steps", "7", "--bf16", "--batch-size", "3", "--seq-len", "128",
                                  "--save_steps", "6", "--log-every", "2", "--eval-every", "4",
                                  "--warmup_steps", "1", "--resume-from", "latest", "--model-preset", "125m",
-                                 "--max-eval-samples", "9", "--no-first-order"])
+                                 "--max-eval-samples", "9", "--no-first-order"]).flat()
+    args = types.SimpleNamespace(**args)
     assert (args.max_train_steps, args.mixed_precision, args.per_device_train_batch_size, args.seq_length) == (
         7, "bf16", 3, 128)
     assert (args.save_checkpoint_freq, args.logging_steps, args.eval_steps, args.lr_warmup_steps) == (6, 2, 4, 1)
     assert (args.resume_from_checkpoint, args.model_size, args.max_eval_samples, args.first_order) == (
         "latest", "125m", 9, False)
-    assert train_ttt.parse_args(["--epochs", "1.5"]).num_train_epochs == 1.5
-    assert train_ttt.parse_args(["--save-every", "5", "--save_steps", "5"]).save_checkpoint_freq == 5  # agreeing
+    assert train_ttt.parse_args(["--epochs", "1.5"]).optim.num_train_epochs == 1.5
+    assert train_ttt.parse_args(["--save-every", "5", "--save_steps", "5"]).checkpoints.save_checkpoint_freq == 5
     with pytest.raises(SystemExit):  # two spellings of one setting that disagree: refused, not last-wins
         train_ttt.parse_args(["--save-every", "5", "--save_steps", "6"])
     assert "--save-every 5 and --save_steps 6 set the same setting (save_checkpoint_freq)" in capsys.readouterr().err
@@ -139,7 +141,7 @@ def test_yaml_config_takes_switches_and_the_flag_not_its_alias(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("use_lora: true\ninit_from: some/model\nmixed_precision: bf16\ntrain_tokenizer: false\n"
                       "save_best: true\n")
-    args = train_ttt.parse_args(["--config", str(config)])
+    args = types.SimpleNamespace(**train_ttt.parse_args(["--config", str(config)]).flat())
     assert (args.use_lora, args.init_from, args.mixed_precision, args.train_tokenizer, args.save_best) == (
         True, "some/model", "bf16", False, True)
 
@@ -216,7 +218,7 @@ def test_every_spelling_of_the_guides_this_toolkit_replaces_is_accepted_or_refus
 
     for spelling, (value, setting, expected) in SAME_MEANING.items():
         args = train_ttt.parse_args([spelling] + ([value] if value is not None else []) + COMPANIONS.get(setting, []))
-        assert getattr(args, setting) == expected, (spelling, getattr(args, setting))
+        assert args.flat()[setting] == expected, (spelling, args.flat()[setting])
     for spelling, (value, words) in REFUSED.items():
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:

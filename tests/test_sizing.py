@@ -11,7 +11,8 @@ from ttt_train import models
 
 
 def config_for(*flags, vocab=259):
-    return models.build_config(train_ttt.parse_args(list(flags)), vocab, 1, 2, report=lambda line: None)
+    run = train_ttt.parse_args(list(flags))
+    return models.build_config(run.model, run.e2e, vocab, 1, 2, report=lambda line: None)
 
 
 def saved_parameters(folder) -> int:

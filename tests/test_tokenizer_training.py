@@ -67,7 +67,7 @@ def test_tokenizer_training_errors(tmp_path, capsys):
     fails(capsys, *base, "--train_tokenizer", "--vocab_size", "500", "--auto_vocab_size",
           match="give --vocab_size or --auto_vocab_size, not both")
     assert not (tmp_path / "run" / "tokenizer").exists()
-    assert train_ttt.parse_args(["--train_tokenizer"]).vocab_size == 8192
+    assert train_ttt.parse_args(["--train_tokenizer"]).data.vocab_size == 8192
 
 
 def test_the_readme_custom_corpus_command_resumes_with_one_flag_added(tmp_path, capsys):

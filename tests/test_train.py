@@ -16,7 +16,7 @@ import torch
 
 import train_ttt
 from conftest import ROOT
-from helpers import FAST, HANG_GUARD_S, fails, losses, metrics, run, wait_for_steps
+from helpers import FAST, HANG_GUARD_S, HEAVY_MODULES, fails, losses, metrics, run, wait_for_steps
 from ttt import TTTForCausalLM
 
 
@@ -318,7 +318,7 @@ def test_compile_flags_reach_accelerate(flags, backend, mode, monkeypatch):
     from ttt_train.loop import compile_plugin
 
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # as an `accelerate launch` config may set it
-    plugin = compile_plugin(train_ttt.parse_args([*FAST, *flags]))
+    plugin = compile_plugin(train_ttt.parse_args([*FAST, *flags]).perf)
     assert (plugin.backend.name, plugin.mode) == (backend, mode)
 
 
@@ -439,7 +439,7 @@ def test_the_launch_configs_precision_is_kept_unless_a_flag_overrides_it(monkeyp
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    assert train_ttt.parse_args([*FAST, *flags]).mixed_precision == expected
+    assert train_ttt.parse_args([*FAST, *flags]).optim.mixed_precision == expected
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (optional)")
@@ -494,8 +494,9 @@ def test_only_user_errors_become_one_line(monkeypatch, bug):
 
 
 def test_help_is_fast_and_names_the_models_tables():
-    """--help imports neither torch nor the model (under a second where they take several); the size and layer
-    choices it names are the model's tables."""
+    """--help imports neither torch, nor the model, nor transformers' models (under a second where they take
+    several; the parser is transformers' HfArgumentParser, whose package imports lazily, about 0.6 s); the size and
+    layer choices it names are the model's tables."""
     import ttt
     import ttt_e2e
     from ttt_train import families
@@ -510,6 +511,6 @@ def test_help_is_fast_and_names_the_models_tables():
     script = str(ROOT / "train_ttt.py")
     probe = (f"import runpy, sys\nsys.argv = [{script!r}, '--help']\n"
              f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             f"print(sorted(m for m in ('torch', 'transformers', 'ttt') if m in sys.modules))")
+             f"print({HEAVY_MODULES})")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0 and result.stdout.strip().endswith("[]"), result.stdout[-500:] + result.stderr

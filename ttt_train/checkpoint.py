@@ -152,8 +152,9 @@ class Checkpointer:
     resumes; never pruned), and `final_model` at the end. `stream` is the data stream whose position each
     checkpoint records; `tokens` counts the training tokens so far."""
 
-    def __init__(self, accelerator, output_dir: Path, model, tokenizer, scheduler, stream, run_args: dict, elapsed,
-                 tokens=lambda: None, remote=None, remote_files=(), publisher=None):
+    def __init__(self, settings, max_steps: int, accelerator, output_dir: Path, model, tokenizer, scheduler, stream,
+                 run_args: dict, elapsed, tokens=lambda: None, remote=None, remote_files=(), publisher=None):
+        self.settings, self.max_steps = settings, max_steps  # ttt_train.config.CheckpointArguments; the last step
         self.accelerator, self.output_dir, self.model, self.tokenizer = accelerator, Path(output_dir), model, tokenizer
         self.scheduler, self.stream, self.run_args, self.elapsed = scheduler, stream, run_args, elapsed
         # a cloud output_dir (ttt_train.remote): each saved folder is uploaded whole, with remote_files beside it
@@ -162,19 +163,20 @@ class Checkpointer:
         # every process must take the same save decisions (a save is collective): the main process reads, all get it
         self.best = main_decides(accelerator, lambda: read_best(self.output_dir))
 
-    def after_step(self, step: int, args, stop_requested: bool, eval_loss: float | None = None):
-        if args.save_milestone_freq and step % args.save_milestone_freq == 0:
+    def after_step(self, step: int, stop_requested: bool, eval_loss: float | None = None):
+        settings = self.settings
+        if settings.save_milestone_freq and step % settings.save_milestone_freq == 0:
             self.save(f"milestone-{step}", step)
-        if (args.save_checkpoint_freq and step % args.save_checkpoint_freq == 0) or stop_requested \
-                or step == args.max_train_steps:
+        if (settings.save_checkpoint_freq and step % settings.save_checkpoint_freq == 0) or stop_requested \
+                or step == self.max_steps:
             self.save(f"checkpoint-{step}", step)
             if self.publisher:
                 self.publisher.checkpoint_saved(self.output_dir / f"checkpoint-{step}", step, self.accelerator.print)
             if self.accelerator.is_main_process:
-                prune_checkpoints(self.output_dir, args.save_total_limit)
+                prune_checkpoints(self.output_dir, settings.save_total_limit)
                 if self.remote:
-                    self.remote.prune(args.save_total_limit)
-        if args.save_best and eval_loss is not None and math.isfinite(eval_loss) \
+                    self.remote.prune(settings.save_total_limit)
+        if settings.save_best and eval_loss is not None and math.isfinite(eval_loss) \
                 and (self.best is None or eval_loss < self.best[1]):
             self.save(BEST_MODEL, step, with_training_state=False, extra={"eval_loss": eval_loss})
             self.best = (step, eval_loss)

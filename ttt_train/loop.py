@@ -19,6 +19,7 @@ from transformers import get_scheduler
 from ttt_train import checkpoint as ckpt
 from ttt_train import data, families, hub, models, publish, rundir
 from ttt_train.cli import Stopped, UserError, resume_command
+from ttt_train.config import RunConfig, RunState
 from ttt_train.distributed import main_decides
 from ttt_train.metrics import (
     InnerLoopMetrics,
@@ -87,18 +88,20 @@ def param_groups(model, weight_decay, exempt_names=()):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_steps(args) -> int:
-    if args.lr_warmup_steps is not None:
-        return args.lr_warmup_steps
-    return int(args.max_train_steps * args.warmup_ratio)
+def warmup_steps(optim, total_steps: int) -> int:
+    if optim.lr_warmup_steps is not None:
+        return optim.lr_warmup_steps
+    return int(total_steps * optim.warmup_ratio)
 
 
-def build_scheduler(args, optimizer):
-    name = SCHEDULER_NAMES[args.lr_scheduler_type]
-    specific = {"cosine_with_min_lr": {"min_lr": args.lr_end}, "polynomial": {"lr_end": args.lr_end, "power": 1.0},
+def build_scheduler(optim, total_steps: int, optimizer):
+    """The learning-rate schedule of the optimisation settings (ttt_train.config.OptimizerArguments) over the run's
+    `total_steps`."""
+    name = SCHEDULER_NAMES[optim.lr_scheduler_type]
+    specific = {"cosine_with_min_lr": {"min_lr": optim.lr_end}, "polynomial": {"lr_end": optim.lr_end, "power": 1.0},
                 "constant_with_warmup": {}}[name]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(args),
-                         num_training_steps=args.max_train_steps, scheduler_specific_kwargs=specific)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(optim, total_steps),
+                         num_training_steps=total_steps, scheduler_specific_kwargs=specific)
 
 
 @torch.no_grad()
@@ -117,10 +120,10 @@ def evaluate(model, blocks, accelerator, batch_size):
     return (total[0] / total[1]).item()
 
 
-def ttt_statistics(model, blocks, accelerator, args) -> dict:
+def ttt_statistics(model, blocks, accelerator, batch_size: int) -> dict:
     """Per layer, the inner loss of each mini-batch's last token under W_0, before and after the mini-batch's
     update, averaged over mini-batches, on the first eval batch. Every process runs it (sharded models need all)."""
-    batch = blocks[:args.per_device_eval_batch_size].to(accelerator.device)
+    batch = blocks[:batch_size].to(accelerator.device)
     layers = accelerator.unwrap_model(model, keep_torch_compile=False).ttt_statistics(batch)
     return {f"ttt/layer{i}/{name}": sum(values) / len(values)
             for i, layer in enumerate(layers) for name, values in layer.items() if values}
@@ -144,16 +147,18 @@ def resume_data_states(saved: list, world_size: int, accelerator) -> list:
     return [{"epoch": epoch, "documents": documents, "leftover": [], "iterator_state": None}] * world_size
 
 
-def describe_changes(args, saved_args: dict) -> str:
-    changes = [f"{k} {saved_args[k]} -> {getattr(args, k)}" for k in RESUMABLE_CHANGES
-               if k in saved_args and saved_args[k] != getattr(args, k)]
+def describe_changes(run_args: dict, saved_args: dict) -> str:
+    """The settings a resume changes (RESUMABLE_CHANGES), between the checkpoint's record and this run's."""
+    changes = [f"{k} {saved_args[k]} -> {run_args[k]}" for k in RESUMABLE_CHANGES
+               if k in saved_args and saved_args[k] != run_args[k]]
     return ", ".join(changes)
 
 
-def compile_plugin(args) -> TorchDynamoPlugin:
-    """How Accelerate compiles the model: inductor in --torch_compile_mode, or not at all (explicitly, so that an
-    `accelerate launch` config's dynamo settings cannot turn compilation on behind the flags)."""
-    return TorchDynamoPlugin(backend="inductor" if args.torch_compile else "no", mode=args.torch_compile_mode)
+def compile_plugin(perf) -> TorchDynamoPlugin:
+    """How Accelerate compiles the model (`perf`: ttt_train.config.PerformanceArguments): inductor in
+    --torch_compile_mode, or not at all (explicitly, so that an `accelerate launch` config's dynamo settings cannot
+    turn compilation on behind the flags)."""
+    return TorchDynamoPlugin(backend="inductor" if perf.torch_compile else "no", mode=perf.torch_compile_mode)
 
 
 PARALLELISM_WORDS = {"NO": "one process", "MULTI_GPU": "data parallel (DDP)", "MULTI_CPU": "data parallel on CPUs",
@@ -169,23 +174,25 @@ def describe_setup(accelerator) -> str:
             f"{PRECISION_WORDS[accelerator.mixed_precision]}")
 
 
-def start_trackers(accelerator, args, output_dir):
-    """TensorBoard / W&B: a tracker that cannot start (e.g. W&B not logged in) is one error line."""
+def start_trackers(accelerator, logging, run_args: dict, output_dir):
+    """TensorBoard / W&B (`logging`: ttt_train.config.LoggingArguments), given the run's settings `run_args`: a
+    tracker that cannot start (e.g. W&B not logged in) is one error line."""
     try:
-        accelerator.init_trackers(args.wandb_project, config=tracker_config(args),
-                                  init_kwargs={"wandb": {"name": args.wandb_run_name, "dir": str(output_dir)}})
+        accelerator.init_trackers(logging.wandb_project, config=tracker_config(run_args),
+                                  init_kwargs={"wandb": {"name": logging.wandb_run_name, "dir": str(output_dir)}})
     except Exception as error:  # each tracker library raises its own types; all mean "cannot log there"
         hint = ("; log in with `wandb login` (or set WANDB_API_KEY), or run with WANDB_MODE=offline"
-                if "wandb" in trackers(args.report_to) else "")
+                if "wandb" in trackers(logging.report_to) else "")
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--report_to {args.report_to}: the tracker cannot start: {message}{hint}") from error
+        raise UserError(f"--report_to {logging.report_to}: the tracker cannot start: {message}{hint}") from error
 
 
-def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
+def claim_output_dir(accelerator, run, resume: str | None, output_dir: Path, lock) -> tuple:
     """The main process takes the output directory's lock, restores what a killed save left, and checks what the
-    directory holds against what was asked (a fresh run, or a resume); every process gets the outcome. Returns
-    (checkpoint or None, its trainer state or None); the main process alone reads and verifies the checkpoint's
-    files (every rank hashing every file would multiply the reads by the process count)."""
+    directory holds against what was asked (a fresh run, or a resume from `resume`: 'latest' or a local checkpoint
+    folder); every process gets the outcome. Returns (checkpoint or None, its trainer state or None); the main
+    process alone reads and verifies the checkpoint's files (every rank hashing every file would multiply the reads
+    by the process count)."""
     def claim() -> tuple:  # (notes, checkpoint or None, its trainer state or None)
         if output_dir.exists() and not output_dir.is_dir():
             raise UserError(f"output_dir {output_dir} is a file, not a folder")
@@ -194,11 +201,12 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
         except OSError as error:
             raise UserError(f"cannot write to output_dir {output_dir}: {error.strerror or error}") from error
         notes = [taken_over] * bool(taken_over) + rundir.clean_interrupted_saves(output_dir)
-        notes += rundir.check_run_directory(output_dir, fresh=not args.resume_from_checkpoint,
-                                            overwrite=args.overwrite_output_dir, extra=rundir.tracker_folders(args))
-        if not args.resume_from_checkpoint:
+        notes += rundir.check_run_directory(output_dir, fresh=not resume,
+                                            overwrite=run.checkpoints.overwrite_output_dir,
+                                            extra=rundir.tracker_folders(run.logging))
+        if not resume:
             return notes, None, None
-        checkpoint = rundir.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        checkpoint = rundir.resolve_checkpoint(resume, output_dir)
         return notes, str(checkpoint), ckpt.validate_checkpoint(checkpoint)
 
     notes, checkpoint, state = main_decides(accelerator, claim)
@@ -207,10 +215,11 @@ def claim_output_dir(accelerator, args, output_dir: Path, lock) -> tuple:
     return (Path(checkpoint), state) if checkpoint else (None, None)
 
 
-def stage_remote(args, remote: RemoteDir, output_dir: Path):
+def stage_remote(spec: str | None, remote: RemoteDir, output_dir: Path) -> str | None:
     """A cloud --output_dir: the local staging folder made afresh with what the run needs of the bucket (the
     checkpoint it resumes from, metrics.jsonl, the best model's score). A resume from an earlier checkpoint moves
-    the bucket's later ones (an abandoned continuation) to abandoned/<time>/ there, as branch_from does locally."""
+    the bucket's later ones (an abandoned continuation) to abandoned/<time>/ there, as branch_from does locally.
+    `spec`: --resume_from_checkpoint; returns the local copy of the checkpoint it names (None: a fresh run)."""
     remote.check_writable()
     if output_dir.exists():  # another trainer staging the same URL on this machine holds its lock: refused here
         probe = rundir.RunLock(output_dir)
@@ -219,13 +228,12 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
     shutil.rmtree(output_dir, ignore_errors=True)  # a cache of the bucket, never the only copy of anything
     output_dir.mkdir(parents=True)
     checkpoints, folders = remote.checkpoints(), remote.complete_folders()
-    if not args.resume_from_checkpoint:
+    if not spec:
         if checkpoints or rundir.FINAL_MODEL in folders:
             raise UserError(f"output_dir {remote.url} already holds a run (checkpoints or final_model); pass "
                             f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
         remote.claim(fresh=True)
-        return
-    spec = args.resume_from_checkpoint
+        return None
     if spec == "latest":
         name = rundir.newest(checkpoints, remote.url, " (uploads that did not complete do not count)")
     elif spec.startswith(remote.url + "/"):
@@ -240,7 +248,6 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
     if note:
         print(f"{remote.url}: {note}")
     remote.download(name, output_dir / name)
-    args.resume_from_checkpoint = str(output_dir / name)
     step = int(rundir.CHECKPOINT_NAME.match(name).group(2))
     later = [n for s, n in checkpoints if s > step] + [n for n in (rundir.FINAL_MODEL,) if n in folders]
     for other in later:
@@ -250,34 +257,33 @@ def stage_remote(args, remote: RemoteDir, output_dir: Path):
     if rundir.BEST_MODEL in folders:  # its score, for --save_best's comparisons (the weights stay in the bucket)
         best_state = f"{rundir.BEST_MODEL}/{rundir.TRAINER_STATE}"
         remote.download(best_state, output_dir / best_state)
+    return str(output_dir / name)
 
 
-def train(args, handle_signals: bool = False):
+def train(run: RunConfig, handle_signals: bool = False):
     """Set-up, each step that can fail on bad input before any model is built, then the step loop. With
     `handle_signals` (the trainer is the program), SIGTERM / SIGINT save a checkpoint and end the run with
     cli.Stopped."""
     quiet_libraries()
-    remote = RemoteDir(args.output_dir) if is_remote(args.output_dir) else None
-    output_dir = remote.staging if remote else Path(args.output_dir)
+    remote = RemoteDir(run.checkpoints.output_dir) if is_remote(run.checkpoints.output_dir) else None
+    output_dir = remote.staging if remote else Path(run.checkpoints.output_dir)
     # Without CUDA, Accelerate joins a multi-process launch (gloo) only when told it runs on the CPU.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers(args.report_to) or None,
-                              project_dir=str(output_dir), cpu=multi_process_cpu,
-                              dynamo_plugin=compile_plugin(args))
-    if remote or is_remote(args.init_from):
+    accelerator = Accelerator(mixed_precision=run.optim.mixed_precision,
+                              log_with=trackers(run.logging.report_to) or None, project_dir=str(output_dir),
+                              cpu=multi_process_cpu, dynamo_plugin=compile_plugin(run.perf))
+    state = RunState(resume=run.checkpoints.resume_from_checkpoint, init_from=run.model.init_from)
+    if remote or is_remote(state.init_from):
         def stage() -> tuple:  # the local copies every process then reads
-            if remote:
-                stage_remote(args, remote, output_dir)
-            if is_remote(args.init_from):
-                args.init_from = download_model(args.init_from)
-            return args.resume_from_checkpoint, args.init_from
+            resume = stage_remote(state.resume, remote, output_dir) if remote else state.resume
+            return resume, download_model(state.init_from) if is_remote(state.init_from) else state.init_from
 
-        args.resume_from_checkpoint, args.init_from = main_decides(accelerator, stage)
+        state.resume, state.init_from = main_decides(accelerator, stage)
     lock = rundir.RunLock(output_dir)
     created = not output_dir.exists()
-    fresh = not args.resume_from_checkpoint
+    fresh = not state.resume
     try:
-        return _train(args, accelerator, output_dir, lock, remote, handle_signals)
+        return _train(run, state, accelerator, output_dir, lock, remote, handle_signals)
     finally:
         lock.release()
         if remote and accelerator.is_main_process:
@@ -293,15 +299,16 @@ class Evaluator:
     """Every --eval_steps steps and at the last: the validation loss and, for TTT models, the TTT statistics (with
     a note, once per layer, when a layer's end-of-mini-batch update is clamped to zero)."""
 
-    def __init__(self, model, blocks, accelerator, args, log, is_ttt: bool):
-        self.model, self.blocks, self.accelerator, self.args, self.log = model, blocks, accelerator, args, log
+    def __init__(self, model, blocks, accelerator, batch_size: int, every: int, last_step: int, log, is_ttt: bool):
+        self.model, self.blocks, self.accelerator, self.log = model, blocks, accelerator, log
+        self.batch_size, self.every, self.last_step = batch_size, every, last_step
         self.is_ttt, self.noted, self.last = is_ttt, set(), None
 
     def after_step(self, step: int) -> float | None:
         """The validation loss when this step evaluates, else None."""
-        if not ((self.args.eval_steps and step % self.args.eval_steps == 0) or step == self.args.max_train_steps):
+        if not ((self.every and step % self.every == 0) or step == self.last_step):
             return None
-        eval_loss = evaluate(self.model, self.blocks, self.accelerator, self.args.per_device_eval_batch_size)
+        eval_loss = evaluate(self.model, self.blocks, self.accelerator, self.batch_size)
         self.log.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
         self.last = eval_loss
         if self.is_ttt:
@@ -309,7 +316,7 @@ class Evaluator:
         return eval_loss
 
     def log_ttt_statistics(self, step: int):
-        statistics = ttt_statistics(self.model, self.blocks, self.accelerator, self.args)
+        statistics = ttt_statistics(self.model, self.blocks, self.accelerator, self.batch_size)
         self.log.log({"step": step, **statistics})
         newly_clamped = sorted(set(clamped_layers(statistics)) - self.noted)
         if newly_clamped:
@@ -352,31 +359,33 @@ def synchronised_flags(accelerator, stop, loss, grad_norm) -> tuple:
     return stop_now, nonfinite
 
 
-def read_data(args) -> tuple:
-    """(train_docs, eval_docs, text_column): the dataset split, limited, its text column found and checked."""
-    raw = data.load_raw_dataset(args.dataset_name, args.dataset_config or None, args.streaming)
-    train_docs, eval_docs = data.split_train_validation(raw, args.validation_split, args.streaming_eval_docs,
-                                                        args.seed)
+def read_data(settings, seed: int) -> tuple:
+    """(train_docs, eval_docs, text_column) of the data settings (ttt_train.config.DataArguments): the dataset split
+    (a held-out split shuffled by `seed`), limited, its text column found and checked."""
+    raw = data.load_raw_dataset(settings.dataset_name, settings.dataset_config or None, settings.streaming)
+    train_docs, eval_docs = data.split_train_validation(raw, settings.validation_split, settings.streaming_eval_docs,
+                                                        seed)
     held_out = isinstance(train_docs, datasets.IterableDataset) and not any(  # a stream: validation held out
         name in raw for name in data.VALIDATION_SPLITS if hasattr(raw, "keys"))
-    hint = (f": a stream without a validation split gives its first --streaming_eval_docs ({args.streaming_eval_docs})"
+    hint = (f": a stream without a validation split gives its first --streaming_eval_docs "
+            f"({settings.streaming_eval_docs})"
             f" documents to validation, and this one has no more; lower --streaming_eval_docs" if held_out else "")
-    train_docs = data.first_documents(train_docs, args.max_train_examples)
-    eval_docs = data.first_documents(eval_docs, args.max_eval_examples)
-    text_column = data.detect_text_column(train_docs, args.text_column, empty_hint=hint)
+    train_docs = data.first_documents(train_docs, settings.max_train_examples)
+    eval_docs = data.first_documents(eval_docs, settings.max_eval_examples)
+    text_column = data.detect_text_column(train_docs, settings.text_column, empty_hint=hint)
     data.check_not_empty(train_docs, text_column, "training", hint=hint)
     return train_docs, eval_docs, text_column
 
 
-def trained_tokenizer(args, accelerator, output_dir: Path, train_docs, text_column) -> str:
+def trained_tokenizer(settings, accelerator, output_dir: Path, train_docs, text_column) -> str:
     """--train_tokenizer: a byte-level BPE trained by the main process on the first --tokenizer_train_docs training
     documents, saved to <output_dir>/tokenizer (atomically), which every process then loads. Returns that path."""
     folder = output_dir / rundir.TOKENIZER_DIR
 
     def train_and_save():
-        texts = [t for t in (row[text_column] for row in data.first_rows(train_docs, args.tokenizer_train_docs))
+        texts = [t for t in (row[text_column] for row in data.first_rows(train_docs, settings.tokenizer_train_docs))
                  if isinstance(t, str) and t]
-        size = args.vocab_size or data.auto_vocab_size(texts, args.min_vocab_size, args.max_vocab_size)
+        size = settings.vocab_size or data.auto_vocab_size(texts, settings.min_vocab_size, settings.max_vocab_size)
         tokenizer = data.train_tokenizer(texts, size)
         partial = rundir.partial_of(folder)
         if partial.exists() or folder.exists() or folder.is_symlink():  # the start-up check cleared them
@@ -386,104 +395,114 @@ def trained_tokenizer(args, accelerator, output_dir: Path, train_docs, text_colu
         tokenizer.save_pretrained(partial)
         os.replace(partial, folder)
         accelerator.print(f"--train_tokenizer: byte-level BPE of {len(tokenizer)} tokens ({size} asked"
-                          f"{', --auto_vocab_size' if not args.vocab_size else ''}) from {len(texts)} documents "
+                          f"{', --auto_vocab_size' if not settings.vocab_size else ''}) from {len(texts)} documents "
                           f"-> {folder}")
 
     main_decides(accelerator, train_and_save)
     return str(folder)
 
 
-def read_inputs(args, accelerator, output_dir, checkpoint, resume_state) -> tuple:
+def read_inputs(run: RunConfig, state: RunState, accelerator, output_dir, resume_state) -> tuple:
     """Everything that reads user input, before any model is built: the data, the tokenizer (loaded or trained),
-    the configuration (checked against the checkpoint's), the disk space. Returns (tokenizer, config, resolved,
-    train_docs, text_column, eval_set); `resolved` holds what the run settles that the flags left open."""
-    models.check_target_fits(args, accelerator)
-    train_docs, eval_docs, text_column = read_data(args)
-    saved_source = checkpoint or args.init_from  # where the tokenizer comes from when --tokenizer_name is not given
-    resolved = {"tokenizer_name": args.tokenizer_name or str(saved_source or data.BUILTIN_TOKENIZER)}
-    if args.train_tokenizer and not checkpoint:  # a resume keeps the tokenizer its checkpoint holds
-        resolved["tokenizer_name"] = trained_tokenizer(args, accelerator, output_dir, train_docs, text_column)
+    the configuration (checked against the checkpoint's), the disk space. Settles `state`'s tokenizer, size and
+    step count; returns (tokenizer, config, train_docs, text_column, eval_set)."""
+    checkpoint, model_args, optim = state.checkpoint, run.model, run.optim
+    models.check_target_fits(model_args, accelerator)
+    train_docs, eval_docs, text_column = read_data(run.data, optim.seed)
+    saved_source = checkpoint or state.init_from  # where the tokenizer comes from when --tokenizer_name is not given
+    state.tokenizer_name = run.data.tokenizer_name or str(saved_source or data.BUILTIN_TOKENIZER)
+    if run.data.train_tokenizer and not checkpoint:  # a resume keeps the tokenizer its checkpoint holds
+        state.tokenizer_name = trained_tokenizer(run.data, accelerator, output_dir, train_docs, text_column)
     try:
-        tokenizer = data.load_tokenizer(resolved["tokenizer_name"])
+        tokenizer = data.load_tokenizer(state.tokenizer_name)
     except data.DataError as error:
-        if args.tokenizer_name or not args.init_from:
+        if run.data.tokenizer_name or not model_args.init_from:
             raise
-        raise UserError(f"--init_from {args.init_from} has no usable tokenizer ({error}); give --tokenizer_name, the "
-                        f"tokenizer the model was trained with") from error
-    if checkpoint and args.init_from and args.init_from != resume_state["args"].get("init_from"):
-        raise UserError(f"--init_from {args.init_from} differs from that of the run in checkpoint {checkpoint} "
-                        f"({resume_state['args'].get('init_from')}): a resume continues from the checkpoint's weights; "
-                        f"drop --init_from or give the run's")
+        raise UserError(f"--init_from {model_args.init_from} has no usable tokenizer ({error}); give "
+                        f"--tokenizer_name, the tokenizer the model was trained with") from error
+    saved_args = resume_state["args"] if checkpoint else {}
+    if checkpoint and model_args.init_from and model_args.init_from != saved_args.get("init_from"):
+        raise UserError(f"--init_from {model_args.init_from} differs from that of the run in checkpoint {checkpoint} "
+                        f"({saved_args.get('init_from')}): a resume continues from the checkpoint's weights; drop "
+                        f"--init_from or give the run's")
+    state.model_size = model_args.model_size
     if checkpoint:
-        config = models.checkpoint_config(args, checkpoint, resume_state["args"])
-        resolved["model_size"] = args.model_size or resume_state["args"].get("model_size")
-        if args.tokenizer_name is not None:
-            data.check_same_tokenizer(tokenizer, data.load_tokenizer(str(checkpoint)), args.tokenizer_name, checkpoint)
-    elif args.init_from:
-        config = models.init_config(args, report=accelerator.print)
+        config = models.checkpoint_config(model_args, run.e2e, run.data, checkpoint, saved_args)
+        state.model_size = model_args.model_size or saved_args.get("model_size")
+        if run.data.tokenizer_name is not None:
+            data.check_same_tokenizer(tokenizer, data.load_tokenizer(str(checkpoint)), run.data.tokenizer_name,
+                                      checkpoint)
+    elif state.init_from:
+        config = models.init_config(model_args, run.e2e, state.init_from, report=accelerator.print)
         if len(tokenizer) > config.vocab_size:
-            raise UserError(f"tokenizer {resolved['tokenizer_name']} has {len(tokenizer)} tokens, more than the "
-                            f"vocabulary of --init_from {args.init_from} ({config.vocab_size})")
+            raise UserError(f"tokenizer {state.tokenizer_name} has {len(tokenizer)} tokens, more than the "
+                            f"vocabulary of --init_from {model_args.init_from} ({config.vocab_size})")
     else:
-        config = models.build_config(args, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                     report=accelerator.print)
+        config = models.build_config(model_args, run.e2e, len(tokenizer), tokenizer.bos_token_id,
+                                     tokenizer.eos_token_id, report=accelerator.print)
     family = families.family_of(config)
-    refusal = family.check_run(config, args.seq_length)
+    refusal = family.check_run(config, run.data.seq_length)
     if refusal:
         raise UserError(refusal)
     kernels = family.kernels(config, accelerator.device)
-    if args.require_fused_kernels and not kernels.fused:
+    if run.perf.require_fused_kernels and not kernels.fused:
         raise UserError(f"--require_fused_kernels: this run would use the {kernels.detail}; for the fused "
                         f"kernels: {kernels.install}")
     if accelerator.is_main_process:
         ckpt.check_disk_space(output_dir, models.parameter_count(config))
-    if args.num_train_epochs is not None:  # the step count the epochs make; the same on resume (same data)
-        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-        args.max_train_steps, tokens, blocks = data.steps_for_epochs(
-            train_docs, tokenizer, text_column, args.seq_length, per_step, args.num_train_epochs)
-        accelerator.print(f"--num_train_epochs {args.num_train_epochs:g}: {tokens} training tokens, {blocks} blocks "
-                          f"of {args.seq_length}, {per_step} per step -> {args.max_train_steps} steps")
-        if args.lr_warmup_steps is not None and args.lr_warmup_steps > args.max_train_steps:
-            raise UserError(f"--lr_warmup_steps ({args.lr_warmup_steps}) exceeds the {args.max_train_steps} steps "
-                            f"of --num_train_epochs {args.num_train_epochs:g}")
+    state.max_train_steps = optim.max_train_steps
+    if optim.num_train_epochs is not None:  # the step count the epochs make; the same on resume (same data)
+        per_step = optim.per_device_train_batch_size * optim.gradient_accumulation_steps * accelerator.num_processes
+        state.max_train_steps, tokens, blocks = data.steps_for_epochs(
+            train_docs, tokenizer, text_column, run.data.seq_length, per_step, optim.num_train_epochs)
+        accelerator.print(f"--num_train_epochs {optim.num_train_epochs:g}: {tokens} training tokens, {blocks} blocks "
+                          f"of {run.data.seq_length}, {per_step} per step -> {state.max_train_steps} steps")
+        if optim.lr_warmup_steps is not None and optim.lr_warmup_steps > state.max_train_steps:
+            raise UserError(f"--lr_warmup_steps ({optim.lr_warmup_steps}) exceeds the {state.max_train_steps} steps "
+                            f"of --num_train_epochs {optim.num_train_epochs:g}")
     # a checkpoint at the last step without a final model (a kill while it was written) finishes the run
-    if checkpoint and (resume_state["step"] > args.max_train_steps or (
-            resume_state["step"] == args.max_train_steps and (output_dir / rundir.FINAL_MODEL).exists())):
+    if checkpoint and (resume_state["step"] > state.max_train_steps or (
+            resume_state["step"] == state.max_train_steps and (output_dir / rundir.FINAL_MODEL).exists())):
         raise UserError(f"checkpoint {checkpoint} is at step {resume_state['step']}, not before "
-                        f"--max_train_steps {args.max_train_steps}; raise --max_train_steps to train further")
-    eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, args.seq_length, args.max_eval_samples)
-    return tokenizer, config, resolved, train_docs, text_column, eval_set
+                        f"--max_train_steps {state.max_train_steps}; raise --max_train_steps to train further")
+    eval_set = data.eval_blocks(eval_docs, tokenizer, text_column, run.data.seq_length, run.data.max_eval_samples)
+    return tokenizer, config, train_docs, text_column, eval_set
 
 
-def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=False):
-    checkpoint, resume_state = claim_output_dir(accelerator, args, output_dir, lock)
-    repo_id = main_decides(accelerator, lambda: publish.prepare(args, output_dir)) if args.push_to_hub else None
-    publisher = publish.Publisher(repo_id, args.hub_strategy) if repo_id and accelerator.is_main_process else None
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    set_seed(args.seed)
-    tokenizer, config, resolved, train_docs, text_column, eval_set = read_inputs(
-        args, accelerator, output_dir, checkpoint, resume_state)
-    run_args = {**vars(args), **resolved}  # what checkpoints and training_args.json record
+def _train(run: RunConfig, state: RunState, accelerator, output_dir, lock, remote=None, handle_signals=False):
+    optim, perf = run.optim, run.perf
+    state.checkpoint, resume_state = claim_output_dir(accelerator, run, state.resume, output_dir, lock)
+    checkpoint = state.checkpoint
+    repo_id = main_decides(accelerator, lambda: publish.prepare(run.hub, output_dir)) if run.hub.push_to_hub else None
+    publisher = publish.Publisher(repo_id, run.hub.hub_strategy) if repo_id and accelerator.is_main_process else None
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = perf.tf32
+    set_seed(optim.seed)
+    tokenizer, config, train_docs, text_column, eval_set = read_inputs(run, state, accelerator, output_dir,
+                                                                       resume_state)
+    run_args = {**run.flat(), **state.recorded()}  # what checkpoints and training_args.json record
 
-    lora = models.lora_settings(args, resume_state["args"] if checkpoint else None)
-    init_from = args.init_from or (resume_state["args"].get("init_from") if checkpoint else None)
+    saved_args = resume_state["args"] if checkpoint else None
+    lora = models.lora_settings(run.lora, saved_args)
     if lora:  # the base weights come from --init_from on resume too: checkpoints hold only the adapters
-        model = models.load_initial_model(init_from, config)
-        if args.gradient_checkpointing:
+        base = run.model.init_from or (saved_args or {}).get("init_from")
+        local_base = state.init_from if run.model.init_from else \
+            main_decides(accelerator, lambda: download_model(base) if is_remote(base) else base)
+        model = models.load_initial_model(local_base, config)
+        if perf.gradient_checkpointing:
             models.enable_activation_checkpointing(model)
         model = models.apply_lora(model, lora)
-        run_args.update(use_lora=True, init_from=init_from, **lora)
+        run_args.update(use_lora=True, init_from=base, **lora)
     else:
-        model = models.load_initial_model(init_from, config) if args.init_from and not checkpoint \
+        model = models.load_initial_model(state.init_from, config) if state.init_from and not checkpoint \
             else models.build_model(config)
-        if args.gradient_checkpointing:
+        if perf.gradient_checkpointing:
             models.enable_activation_checkpointing(model)
-    groups = param_groups(model, args.weight_decay, families.family_of(config).no_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+    groups = param_groups(model, optim.weight_decay, families.family_of(config).no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                   fused=accelerator.device.type == "cuda")
     # The scheduler is neither `prepare`d (Accelerate would step it once per process; ours steps once per optimizer
     # step) nor registered for Accelerate's checkpointing (which unpickles it): its state goes into trainer_state.
-    scheduler = build_scheduler(args, optimizer)
+    scheduler = build_scheduler(optim, state.max_train_steps, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step, elapsed_before, data_states = 0, 0.0, [None] * accelerator.num_processes
@@ -491,13 +510,13 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
         ckpt.load_training_state(accelerator, model, scheduler, checkpoint, resume_state)
         step, elapsed_before = resume_state["step"], resume_state.get("elapsed", 0.0)
         data_states = resume_data_states(resume_state["data"], accelerator.num_processes, accelerator)
-        if args.learning_rate != resume_state["args"]["learning_rate"]:
-            scheduler.base_lrs = [args.learning_rate] * len(scheduler.base_lrs)
-        changes = describe_changes(args, resume_state["args"])
+        if optim.learning_rate != saved_args["learning_rate"]:
+            scheduler.base_lrs = [optim.learning_rate] * len(scheduler.base_lrs)
+        changes = describe_changes(run_args, saved_args)
         accelerator.print(f"resumed from {checkpoint} at step {step}" + (f"; changed: {changes}" if changes else ""))
 
-    train_batches = data.PackedBlocks(train_docs, tokenizer, text_column, args.seq_length,
-                                      args.per_device_train_batch_size, args.seed, accelerator.process_index,
+    train_batches = data.PackedBlocks(train_docs, tokenizer, text_column, run.data.seq_length,
+                                      optim.per_device_train_batch_size, optim.seed, accelerator.process_index,
                                       accelerator.num_processes, state=data_states[accelerator.process_index])
     if accelerator.is_main_process:
         if checkpoint:
@@ -511,60 +530,62 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
     log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
     start_time = time.time()
     elapsed = lambda: elapsed_before + time.time() - start_time  # seconds over all resumed segments
+    tokens_per_step = optim.per_device_train_batch_size * run.data.seq_length * optim.gradient_accumulation_steps \
+        * accelerator.num_processes
     # training tokens over all resumed segments (a checkpoint that predates the count: its steps at this step size)
-    tokens = resume_state.get("tokens", step * args.per_device_train_batch_size * args.seq_length
-                              * args.gradient_accumulation_steps * accelerator.num_processes) if checkpoint else 0
-    checkpointer = ckpt.Checkpointer(accelerator, output_dir, model, tokenizer, scheduler, train_batches, run_args,
-                                     elapsed, tokens=lambda: tokens, remote=remote,
-                                     remote_files=(METRICS_FILE, rundir.TRAINING_ARGS), publisher=publisher)
-    if checkpoint and step >= args.max_train_steps:  # a kill while the final model was written: write it now
+    tokens = resume_state.get("tokens", step * tokens_per_step) if checkpoint else 0
+    checkpointer = ckpt.Checkpointer(run.checkpoints, state.max_train_steps, accelerator, output_dir, model, tokenizer,
+                                     scheduler, train_batches, run_args, elapsed, tokens=lambda: tokens,
+                                     remote=remote, remote_files=(METRICS_FILE, rundir.TRAINING_ARGS),
+                                     publisher=publisher)
+    if checkpoint and step >= state.max_train_steps:  # a kill while the final model was written: write it now
         checkpointer.save_final(step)
         accelerator.print(f"checkpoint {checkpoint} is the end of the run; wrote {output_dir / rundir.FINAL_MODEL}")
         return step
 
-    if args.data_prefetch:
-        train_batches = checkpointer.stream = data.Prefetcher(train_batches, args.data_prefetch, args.pin_memory)
-    start_trackers(accelerator, args, output_dir)
-    accum = args.gradient_accumulation_steps
-    tokens_per_step = args.per_device_train_batch_size * args.seq_length * accum * accelerator.num_processes
+    if perf.data_prefetch:
+        train_batches = checkpointer.stream = data.Prefetcher(train_batches, perf.data_prefetch, perf.pin_memory)
+    start_trackers(accelerator, run.logging, run_args, output_dir)
+    accum, last_step = optim.gradient_accumulation_steps, state.max_train_steps
     params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     kernels = families.family_of(config).kernels(config, accelerator.device)
     log.note({"step": step, "event": "start", **kernels.record()})
     accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters ({kernels.detail}); "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
                       f"{describe_setup(accelerator)}; writing to {remote.url if remote else output_dir}")
-    if args.init_from and not checkpoint:
-        accelerator.print(f"weights from --init_from {args.init_from} (optimizer and schedule start fresh)")
+    if run.model.init_from and not checkpoint:
+        accelerator.print(f"weights from --init_from {run.model.init_from} (optimizer and schedule start fresh)")
     if lora:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         accelerator.print(f"LoRA: rank {lora['lora_rank']}, alpha {lora['lora_alpha']:g}, {trainable} trainable "
                           f"parameters ({100 * trainable / params:.2f}% of {params}); checkpoints hold the adapters")
-    metrics = StepMetrics(log, accelerator, args.logging_steps, args.max_train_steps, tokens_per_step,
-                          training_flops_per_token(config, params, args.seq_length),
-                          args.peak_tflops or gpu_peak_tflops(), elapsed)
-    evaluator = Evaluator(model, eval_set, accelerator, args, log, families.family_of(config).ttt_statistics)
-    inner_loop = InnerLoopMetrics(log, accelerator, args.logging_steps, args.max_train_steps, config)
+    metrics = StepMetrics(log, accelerator, run.logging.logging_steps, last_step, tokens_per_step,
+                          training_flops_per_token(config, params, run.data.seq_length),
+                          perf.peak_tflops or gpu_peak_tflops(), elapsed)
+    evaluator = Evaluator(model, eval_set, accelerator, optim.per_device_eval_batch_size, run.logging.eval_steps,
+                          last_step, log, families.family_of(config).ttt_statistics)
+    inner_loop = InnerLoopMetrics(log, accelerator, run.logging.logging_steps, last_step, config)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    guard = DivergenceGuard(args.on_nonfinite, output_dir, log)
+    guard = DivergenceGuard(optim.on_nonfinite, output_dir, log)
     # The bar starts after this process's first step: its rate and ETA then leave out start-up, compilation and a
     # resumed stream's fast-forward, which a bar made here counted as one step's time (hours of ETA after a resume).
     progress = None
     stop_now = False
     with StopRequest(handle_signals) as stop:
         model.train()
-        while step < args.max_train_steps:
+        while step < last_step:
             # one optimizer step: forward/backward over the accumulated micro-batches, clip, AdamW, schedule
             step_loss = torch.zeros((), device=accelerator.device)
             if inner_loop.enabled:  # TTT-E2E: the inner step size's warm-up over outer steps
                 unwrapped.inner_lr_multiplier = config.ilr_multiplier(step)
             for micro in range(accum):
-                input_ids = next(train_batches).to(accelerator.device, non_blocking=args.pin_memory)
+                input_ids = next(train_batches).to(accelerator.device, non_blocking=perf.pin_memory)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
                     output = model(input_ids=input_ids, labels=input_ids)
                     accelerator.backward(output.loss / accum)
                 step_loss += output.loss.detach() / accum
                 inner_loop.add(output)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm or math.inf)
             stop_now, nonfinite = synchronised_flags(accelerator, stop, step_loss, grad_norm)
             if guard.allows_update(step + 1, nonfinite, step_loss, grad_norm):
                 optimizer.step()
@@ -573,7 +594,7 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
             scheduler.step()
             step += 1
             if progress is None:
-                progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
+                progress = tqdm(total=last_step, initial=step, disable=not accelerator.is_local_main_process)
             else:
                 progress.update(1)
 
@@ -581,20 +602,20 @@ def _train(args, accelerator, output_dir, lock, remote=None, handle_signals=Fals
             metrics.after_step(step, scheduler.get_last_lr()[0], grad_norm)
             inner_loop.after_step(step, getattr(unwrapped, "inner_lr_multiplier", 1.0))
             eval_loss = evaluator.after_step(step)
-            checkpointer.after_step(step, args, stop_now, eval_loss)
+            checkpointer.after_step(step, stop_now, eval_loss)
             if stop_now:
                 break
     if progress is not None:
         progress.close()
-    if args.data_prefetch:
+    if perf.data_prefetch:
         train_batches.close()
-    if stop_now and step < args.max_train_steps:
+    if stop_now and step < last_step:
         accelerator.end_training()
         signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops with the one that did
-        raise Stopped(f"stopped by {signal.Signals(signum).name} at step {step} of {args.max_train_steps}: saved "
+        raise Stopped(f"stopped by {signal.Signals(signum).name} at step {step} of {last_step}: saved "
                       f"checkpoint-{step}; resume with: {resume_command()}", signum)
-    if step == args.max_train_steps:
-        checkpointer.save_final(step, merge_lora=bool(lora) and args.merge_lora, eval_loss=evaluator.last)
+    if step == last_step:
+        checkpointer.save_final(step, merge_lora=bool(lora) and run.lora.merge_lora, eval_loss=evaluator.last)
         if accelerator.is_main_process:
             write_summary(output_dir / SUMMARY_FILE, step=step, tokens=tokens, elapsed=elapsed(), parameters=params,
                           final_eval_loss=evaluator.last, best=checkpointer.best, kernels=kernels)

@@ -25,9 +25,9 @@ def trackers(report_to: str) -> list:
     return names
 
 
-def tracker_config(args) -> dict:
-    """Hyper-parameters as trackers accept them (scalars and strings only)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+def tracker_config(values: dict) -> dict:
+    """The run's settings (RunConfig.flat()) as trackers accept them (scalars and strings only)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
 def parse_line(line: str) -> dict | None:

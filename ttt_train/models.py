@@ -68,39 +68,46 @@ def search_shape(target: int, prefer_depth: bool, make) -> tuple:
     return dims, parameter_count(make(dims))
 
 
-def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None,
+def architecture_flags(model, e2e) -> dict:
+    """The architecture flags' values (families.ALL_FLAGS, DIM_FLAGS and the E2E recipe's) from the model and
+    TTT-E2E settings groups (ttt_train.config.ModelArguments, E2EArguments)."""
+    return {**model.values(), **e2e.values()}
+
+
+def build_config(model, e2e, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None,
                  report=print):
-    """The config the flags ask for: a standard size of the model type, a preset, or the shape --target_params
-    finds; explicit dimension flags override the size's."""
-    model_type = args.model_type or "ttt"
+    """The config the model and TTT-E2E settings ask for: a standard size of the model type, a preset, or the shape
+    --target_params finds; explicit dimension flags override the size's."""
+    flags = architecture_flags(model, e2e)
+    model_type = model.model_type or "ttt"
     family = FAMILIES[model_type]
-    wrong = [f for f in ALL_FLAGS if f not in family.flags and getattr(args, f) is not None]
+    wrong = [f for f in ALL_FLAGS if f not in family.flags and flags[f] is not None]
     if wrong:
         raise UserError(f"--{wrong[0]} does not apply to --model_type {model_type}")
     sizes = family.sizes
-    explicit = {k: getattr(args, k) for k in DIM_FLAGS if getattr(args, k) is not None}
-    overrides = {k: getattr(args, k) for k in family.flags if getattr(args, k) is not None}
+    explicit = {k: flags[k] for k in DIM_FLAGS if flags[k] is not None}
+    overrides = {k: flags[k] for k in family.flags if flags[k] is not None}
     make = lambda dims, size=None: make_config(model_type, size, dims, vocab_size, overrides, bos_token_id,
                                               eos_token_id)
     try:
-        if args.target_params is not None:
+        if model.target_params is not None:
             if explicit:
                 raise UserError(f"--target_params chooses the dimensions; --{next(iter(explicit))} conflicts with it")
-            dims, count = search_shape(args.target_params, args.prefer_depth, make)
+            dims, count = search_shape(model.target_params, model.prefer_depth, make)
             config = make(dims)
             # a Mamba-2 stack has neither heads of attention nor an MLP
             shape = ", ".join(what.format(getattr(config, k)) for k, what in (
                 ("num_hidden_layers", "{} layers"), ("num_attention_heads", "{} heads"),
                 ("intermediate_size", "MLP {}")) if hasattr(config, k))
-            report(f"--target_params {args.target_params}: hidden {config.hidden_size}, {shape} -> {count} "
+            report(f"--target_params {model.target_params}: hidden {config.hidden_size}, {shape} -> {count} "
                    f"parameters (vocabulary {vocab_size})")
             return config
-        if args.model_size in PRESETS:
-            dims, size = {**PRESETS[args.model_size], **explicit}, None
-        elif args.model_size in sizes:
-            dims, size = explicit, args.model_size
+        if model.model_size in PRESETS:
+            dims, size = {**PRESETS[model.model_size], **explicit}, None
+        elif model.model_size in sizes:
+            dims, size = explicit, model.model_size
         else:
-            raise UserError(f"--model_size {args.model_size} is not a size of --model_type {model_type} "
+            raise UserError(f"--model_size {model.model_size} is not a size of --model_type {model_type} "
                             f"({', '.join([*sizes, *PRESETS])})")
         if family.match_knob and family.match_knob not in explicit:
             return matched_config(family, {**TTT_STANDARD_CONFIGS.get(size, {}), **dims}, vocab_size, make, report)
@@ -108,7 +115,8 @@ def build_config(args, vocab_size: int, bos_token_id: int | None = None, eos_tok
     except ValueError as error:  # the config names the field and the value
         if isinstance(error, UserError):
             raise
-        given = f" (from {', '.join('--' + k for k in explicit)} on --model_size {args.model_size})" if explicit else ""
+        given = (f" (from {', '.join('--' + k for k in explicit)} on --model_size {model.model_size})"
+                 if explicit else "")
         raise UserError(f"model configuration: {error}{given}") from error
 
 
@@ -127,7 +135,7 @@ def matched_config(family, dims: dict, vocab_size: int, make, report=print):
     return config
 
 
-def check_flags_agree(args, config, source: str, skip=(), why: str | None = None):
+def check_flags_agree(model, e2e, config, source: str, skip=(), why: str | None = None):
     """The explicitly given architecture flags must be those of `config` (the model of `source`): resuming or
     initialising from a saved model cannot change its architecture. `why`: the reason, added to a model flag's
     refusal."""
@@ -135,13 +143,14 @@ def check_flags_agree(args, config, source: str, skip=(), why: str | None = None
         actual = family_of(config)
     except ValueError as error:
         raise UserError(f"{source}: {error}") from error
-    if args.model_type and args.model_type != actual.name:
-        raise UserError(f"--model_type {args.model_type} conflicts with {source}, a {actual.title} model "
+    if model.model_type and model.model_type != actual.name:
+        raise UserError(f"--model_type {model.model_type} conflicts with {source}, a {actual.title} model "
                         f"(--model_type {actual.name})")
+    flags = architecture_flags(model, e2e)
     for flag in ALL_FLAGS + DIM_FLAGS:
         if flag in skip:
             continue
-        value = getattr(args, flag)
+        value = flags[flag]
         if value is not None and value != setting(config, flag):
             reason = f" ({why})" if why and flag in ALL_FLAGS else ""
             raise UserError(f"--{flag} {value} conflicts with {source}, whose model has "
@@ -177,15 +186,15 @@ def machine_memory(accelerator) -> tuple:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * machines, f"{machines} machine(s)' memory"
 
 
-def check_target_fits(args, accelerator):
+def check_target_fits(model, accelerator):
     """--target_params plans a new shape: one whose training state cannot fit in the run's memory, even sharded
     over all its processes, is refused before any data is read."""
-    if args.target_params is None:
+    if model.target_params is None:
         return
     available, where = machine_memory(accelerator)
-    needed = args.target_params * BYTES_PER_TRAINED_PARAMETER
+    needed = model.target_params * BYTES_PER_TRAINED_PARAMETER
     if needed > available:
-        raise UserError(f"--target_params {args.target_params} cannot be trained here: its float32 weights, "
+        raise UserError(f"--target_params {model.target_params} cannot be trained here: its float32 weights, "
                         f"gradients and AdamW moments take about {needed / 2**30:,.0f} GiB "
                         f"({BYTES_PER_TRAINED_PARAMETER} bytes per parameter), and the {where} of this run hold "
                         f"{available / 2**30:,.0f} GiB")
@@ -198,59 +207,61 @@ FIXED_BY_TOKENIZER = ("train_tokenizer", "vocab_size", "auto_vocab_size", "min_v
                       "tokenizer_train_docs")
 
 
-def check_repeated_start_options(args, checkpoint, saved_args: dict):
+def check_repeated_start_options(model, data_args, checkpoint, saved_args: dict):
     """--target_params / --train_tokenizer (and their options) given on resume agree with the run's start."""
-    groups = [FIXED_BY_TARGET] * (args.target_params is not None) + [FIXED_BY_TOKENIZER] * bool(args.train_tokenizer)
-    for names in groups:
+    groups = [(model, FIXED_BY_TARGET)] * (model.target_params is not None) + \
+        [(data_args, FIXED_BY_TOKENIZER)] * bool(data_args.train_tokenizer)
+    for group, names in groups:
         for name in names:
-            given, saved = getattr(args, name), saved_args.get(name)
+            given, saved = getattr(group, name), saved_args.get(name)
             if given != saved:
                 started = f"{name}={saved}" if saved not in (None, False) else f"without --{name}"
                 raise UserError(f"--{name} {given} conflicts with checkpoint {checkpoint}: its run started "
                                 f"{started}; resume with the run's own options, or leave them out")
 
 
-def checkpoint_config(args, checkpoint, saved_args: dict):
+def checkpoint_config(model, e2e, data_args, checkpoint, saved_args: dict):
     """The checkpoint's config, after checking that the explicitly given architecture flags (and the repeated start
     options) agree with it."""
-    check_repeated_start_options(args, checkpoint, saved_args)
+    check_repeated_start_options(model, data_args, checkpoint, saved_args)
     try:
         config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
     except Exception as error:  # a config.json that transformers cannot read: the checkpoint's error, one line
         raise data.refusal(error, "checkpoint", str(checkpoint)) from error
     saved_size = saved_args.get("model_size")
-    if args.model_size is not None and saved_size is not None and args.model_size != saved_size:
-        raise UserError(f"--model_size {args.model_size} conflicts with checkpoint {checkpoint}, trained with "
+    if model.model_size is not None and saved_size is not None and model.model_size != saved_size:
+        raise UserError(f"--model_size {model.model_size} conflicts with checkpoint {checkpoint}, trained with "
                          f"model_size={saved_size}")
-    check_flags_agree(args, config, f"checkpoint {checkpoint}")
+    check_flags_agree(model, e2e, config, f"checkpoint {checkpoint}")
     return config
 
 
-def init_config(args, report=print):
-    """The config of the --init_from model (a local folder or a Hub id), checked against the flags; the settings
-    the flags change (Family.init_overrides) are reported."""
-    name = hub.resolve(args.init_from, "--init_from model")
+def init_config(model, e2e, local: str, report=print):
+    """The config of the --init_from model (`local`: a local folder, the local copy of a bucket's, or a Hub id),
+    checked against the flags; the settings the flags change (Family.init_overrides) are reported."""
+    name = hub.resolve(local, "--init_from model")
+    flags = architecture_flags(model, e2e)
+    given = model.init_from
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except Exception as error:  # OSError, ValueError, JSON errors...: all mean "not a saved model"
         if data.ships_code(error):
-            raise data.refusal(error, "--init_from model", args.init_from) from error
+            raise data.refusal(error, "--init_from model", given) from error
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--init_from {args.init_from} is not a saved model (config.json): {detail}") from error
+        raise UserError(f"--init_from {given} is not a saved model (config.json): {detail}") from error
     try:
         family = family_of(config)
     except ValueError as error:
-        raise UserError(f"--init_from {args.init_from}: {error}") from error
+        raise UserError(f"--init_from {given}: {error}") from error
     changeable = family.init_overrides
-    e2e_only = [f for f in E2E_TRAINING if getattr(args, f) is not None]  # meaningless for other models
+    e2e_only = [f for f in E2E_TRAINING if flags[f] is not None]  # meaningless for other models
     if e2e_only and E2E_TRAINING[0] not in changeable:
-        raise UserError(f"--{e2e_only[0]} applies to TTT-E2E models; --init_from {args.init_from} is a "
+        raise UserError(f"--{e2e_only[0]} applies to TTT-E2E models; --init_from {given} is a "
                         f"{family.title} model")
-    check_flags_agree(args, config, f"--init_from {args.init_from}", skip=changeable, why=family.fixed_on_init)
-    overrides = {f: getattr(args, f) for f in changeable
-                 if getattr(args, f) is not None and getattr(args, f) != setting(config, f)}
+    check_flags_agree(model, e2e, config, f"--init_from {given}", skip=changeable, why=family.fixed_on_init)
+    overrides = {f: flags[f] for f in changeable if flags[f] is not None and flags[f] != setting(config, f)}
     if overrides:
-        report(f"--init_from {args.init_from}: " + ", ".join(f"{flag} {setting(config, flag)} -> {value}"
+        report(f"--init_from {given}: " + ", ".join(f"{flag} {setting(config, flag)} -> {value}"
                                                              for flag, value in overrides.items()))
         try:
             config = with_settings(config, overrides)
@@ -301,9 +312,10 @@ def describe(config) -> str:
 LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_target_modules": None}
 
 
-def lora_settings(args, saved_args: dict | None) -> dict | None:
-    """The run's LoRA settings: the flags', or on resume the checkpoint's (given flags must agree); None: no LoRA."""
-    given = {k: getattr(args, k) for k in LORA_DEFAULTS if getattr(args, k) is not None}
+def lora_settings(lora, saved_args: dict | None) -> dict | None:
+    """The run's LoRA settings: the flags' (`lora`: ttt_train.config.LoraArguments), or on resume the checkpoint's
+    (given flags must agree); None: no LoRA."""
+    given = {k: getattr(lora, k) for k in LORA_DEFAULTS if getattr(lora, k) is not None}
     if saved_args is not None and saved_args.get("use_lora"):
         settings = {k: saved_args.get(k) if saved_args.get(k) is not None else v for k, v in LORA_DEFAULTS.items()}
         wrong = next((k for k, v in given.items() if v != settings[k]), None)
@@ -311,11 +323,11 @@ def lora_settings(args, saved_args: dict | None) -> dict | None:
             raise UserError(f"--{wrong} {given[wrong]} conflicts with the LoRA run being resumed ({wrong}="
                             f"{settings[wrong]})")
         return settings
-    if saved_args is not None and args.use_lora:
+    if saved_args is not None and lora.use_lora:
         raise UserError("--use_lora: the run being resumed trained full weights, not adapters; resume it without "
                         "--use_lora, or start a LoRA run from its model with --init_from <checkpoint> --use_lora "
                         "and another --output_dir")
-    return {**LORA_DEFAULTS, **given} if args.use_lora else None
+    return {**LORA_DEFAULTS, **given} if lora.use_lora else None
 
 
 def apply_lora(model, settings: dict):

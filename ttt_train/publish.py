@@ -26,9 +26,9 @@ def retry_command(folder: Path, repo_id: str, path_in_repo: str = ".") -> str:
     return shlex.join(["hf", "upload", repo_id, str(folder), path_in_repo])
 
 
-def prepare(args, output_dir: Path) -> str:
-    """The repository's id, after checking the token and the account it belongs to, and creating the repository
-    (if new); or one UserError. The main process calls it before training."""
+def prepare(settings, output_dir: Path) -> str:
+    """The repository's id (`settings`: ttt_train.config.HubArguments), after checking the token and the account
+    it belongs to, and creating the repository (if new); or one UserError. The main process calls it before training."""
     token = get_token()
     if not token:
         raise UserError("--push_to_hub: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN "
@@ -42,9 +42,9 @@ def prepare(args, output_dir: Path) -> str:
     except Exception as error:  # connection refused, DNS, timeouts, offline mode: the Hub cannot be reached
         raise UserError(f"--push_to_hub: the Hub at {hub.endpoint()} cannot be reached ({first_line(error)}); "
                         f"train without --push_to_hub and upload later with `hf upload`") from error
-    repo_id = args.hub_model_id or f"{user}/{Path(output_dir).name}"
+    repo_id = settings.hub_model_id or f"{user}/{Path(output_dir).name}"
     try:
-        api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True, repo_type="model")
+        api.create_repo(repo_id, private=settings.hub_private_repo, exist_ok=True, repo_type="model")
     except Exception as error:
         raise UserError(f"--push_to_hub: cannot create or use the repository {repo_id}: {first_line(error)}") \
             from error

@@ -92,9 +92,10 @@ def newest(found: list, where, why_not: str = ""):
     return found[-1][1]
 
 
-def tracker_folders(args) -> tuple:
-    """The folder TensorBoard writes in the output directory (Accelerate: project_dir / the project name)."""
-    return (args.wandb_project,) if args.report_to in ("tensorboard", "all") else ()
+def tracker_folders(logging) -> tuple:
+    """The folder TensorBoard writes in the output directory (Accelerate: project_dir / the project name);
+    `logging`: ttt_train.config.LoggingArguments."""
+    return (logging.wandb_project,) if logging.report_to in ("tensorboard", "all") else ()
 
 
 def is_owned(name: str, extra=()) -> bool:
