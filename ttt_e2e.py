@@ -650,37 +650,19 @@ class E2ECausalLMOutput(CausalLMOutputWithPast):
     inner_grad_norms: torch.FloatTensor | None = None
 
 
-class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+class E2EInnerLoop:
+    """The inner loop of TTT-E2E over the suffix blocks of `lm` (an E2EForCausalLM): chunk by chunk, the suffix
+    blocks run with the fast weights theta (the prime MLPs' weights, one copy per sequence), the chunk's
+    next-token loss l_c is taken, and theta <- theta - eta * clip(dl_c / dtheta). Made on demand
+    (E2EForCausalLM.inner_loop): it reads the model's current modules and holds no state of its own."""
 
-    def __init__(self, config: E2EConfig):
-        super().__init__(config)
-        self.model = E2EModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # The inner step size's warm-up factor for training forwards (the trainer sets it each outer step from
-        # config.ilr_multiplier); evaluation, decoding and eval-mode forwards use 1.
-        self.inner_lr_multiplier = 1.0
-        self.fast_weight_trace = None  # a list while inner_loop_trace runs
-        self.post_init()
+    def __init__(self, lm: "E2EForCausalLM"):
+        self.lm, self.backbone, self.config = lm, lm.model, lm.config
+        self.suffix_blocks = lm.suffix_blocks
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def generate(self, *args, use_cache=True, **kwargs):
-        """GenerationMixin.generate, decoding through an E2ECache unless use_cache=False."""
-        return super().generate(*args, use_cache=use_cache, **kwargs)
-
-    @property
-    def suffix_blocks(self):
-        return [block for block in self.model.layers if block.is_suffix]
-
-    def inner_step_size(self) -> float:
-        return self.config.inner_lr * (self.inner_lr_multiplier if self.training else 1.0)
-
-    # ---------------------------------------------------------------- the inner loop
+    def step_size(self) -> float:
+        """eta: config.inner_lr, times the warm-up factor in training forwards."""
+        return self.config.inner_lr * (self.lm.inner_lr_multiplier if self.lm.training else 1.0)
 
     def chunk_step(self, start: int, update: bool, step_size: float, keep_graph: bool, want_logits: bool, x,
                    targets, state: InnerState) -> ChunkStep:
@@ -706,7 +688,7 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
                 new_windows.append(Window(torch.cat([window.k[:, drop:].to(k.dtype), k[:, -keep:]], 1),
                                           torch.cat([window.v[:, drop:].to(v.dtype), v[:, -keep:]], 1)))
                 h = block.after_attention(h, out, weights)
-            logits = self.lm_head(self.model.norm(h))
+            logits = self.lm.lm_head(self.backbone.norm(h))
             logits = logits.to(compute_dtype(logits.dtype))
             nll = token_cross_entropy(logits, targets)  # [B, n], 0 where there is no target
             valid = loss_mask(targets, config.bos_token_id)
@@ -738,10 +720,10 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
                               InnerState.from_tensors(state_tensors))
         return (*out[:4], *out.state.tensors())
 
-    def chunk_parameters(self) -> list:
+    def parameters(self) -> list:
         """The trained parameters a chunk step reads: the suffix blocks' (their prime MLPs' own are unused, since
         the fast weights come in the state), the final norm's and the output layer's."""
-        modules = [*self.suffix_blocks, self.model.norm, self.lm_head]
+        modules = [*self.suffix_blocks, self.backbone.norm, self.lm.lm_head]
         parameters = {id(p): p for module in modules for p in module.parameters() if p.requires_grad}
         return list(parameters.values())
 
@@ -756,23 +738,24 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
 
     def prefix(self, hidden_states):
         """The prefix blocks (all but the suffix) over the whole sequence."""
-        return self.model.run_sequence_blocks(hidden_states, self.model.layers[:self.config.num_prefix_layers])
+        return self.backbone.run_sequence_blocks(hidden_states, self.backbone.layers[:self.config.num_prefix_layers])
 
-    def meta_forward(self, input_ids, hidden_states, want_logits: bool = True):
+    def run(self, input_ids, hidden_states, want_logits: bool = True, trace: list | None = None):
         """The inner loop over a whole sequence: the prefix blocks once, then chunk by chunk the suffix blocks with
         the current fast weights, each chunk's loss, and one inner step. Returns (logits [B, T, V] if want_logits
-        else None, nll [B, T] (in the graph), inner chunk losses [B, n], inner gradient norms [B, n - 1])."""
+        else None, nll [B, T] (in the graph), inner chunk losses [B, n], inner gradient norms [B, n - 1]). `trace`:
+        a list that receives the fast weights after each inner step (E2EForCausalLM.inner_loop_trace)."""
         config = self.config
         h = self.prefix(hidden_states)
         state = self.initial_state(input_ids.shape[0], h)
         # the outer gradient goes through the inner loop whenever anything trains: theta(0), or only other weights
         # (LoRA adapters on the attention and MLPs, with theta(0) frozen)
-        keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        step_size = self.inner_step_size()
+        keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.lm.parameters())
+        step_size = self.step_size()
         targets = next_token_targets(input_ids)
         b, length = config.mini_batch_size, input_ids.shape[1]
         logits, nll, losses, norms = [], [], [], []
-        parameters = self.chunk_parameters() if keep_graph else []  # what every recomputed chunk reads
+        parameters = self.parameters() if keep_graph else []  # what every recomputed chunk reads
         # split, not sliced: the chunks' gradients reach h in one step, not each through a zero tensor of h's size
         for start, x, chunk_targets in zip(range(0, length, b), h.split(b, 1), targets.split(b, 1), strict=True):
             update = start + b < length and step_size != 0  # the last chunk's update would reach no prediction
@@ -789,29 +772,23 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
             if out.grad_norm is not None:
                 norms.append(out.grad_norm)
             state = out.state
-            if update and self.fast_weight_trace is not None:
-                self.fast_weight_trace.append([w.detach() for weights in state.fast for w in weights])
+            if update and trace is not None:
+                trace.append([w.detach() for weights in state.fast for w in weights])
         norms = torch.stack(norms, 1) if norms else None
         return (torch.cat(logits, 1) if want_logits else None, torch.cat(nll, 1), torch.stack(losses, 1).detach(),
                 norms)
 
-    @torch.no_grad()
-    def inner_loop_trace(self, input_ids) -> list:
-        """The fast weights after each inner step on input_ids (meta mode): [per updated chunk c: theta(c+1) as
-        [gate, up, down per suffix block], each [B, out, in]]. A chunk is updated when the token after it is in
-        input_ids (its last target), so T + 1 tokens give the updates of all T / b chunks."""
-        if self.config.train_mode != "meta":
-            raise ValueError("inner_loop_trace needs train_mode 'meta' (there is no inner loop otherwise)")
-        self.fast_weight_trace = []
-        try:
-            self.meta_forward(input_ids, self.model.embed_tokens(input_ids), want_logits=False)
-            return self.fast_weight_trace
-        finally:
-            self.fast_weight_trace = None
 
-    # ---------------------------------------------------------------- decoding
+class E2EDecoding:
+    """Reading tokens through an E2ECache (prefill and decoding) with the model `lm`: the prefix blocks with their
+    key/value windows, the suffix blocks with the cached inner-loop state, and each chunk's inner step when its
+    last target arrives, exactly as in the full forward. Made per read (E2EForCausalLM.forward with a cache)."""
 
-    def cached_forward(self, input_ids, cache: E2ECache, logits_to_keep: int = 0):
+    def __init__(self, lm: "E2EForCausalLM"):
+        self.lm, self.backbone, self.config = lm, lm.model, lm.config
+        self.loop = lm.inner_loop
+
+    def read(self, input_ids, cache: E2ECache, logits_to_keep: int = 0):
         """Logits of input_ids read after the cache's tokens (the last `logits_to_keep` only, if set), the cache
         advanced (no outer gradient). A first read (prefill) runs the prefix blocks once over the prompt and the
         inner loop's chunk steps, which give the logits too; the tokens after the last chunk whose next token has
@@ -823,67 +800,68 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         keep_from = length - logits_to_keep if logits_to_keep else 0
         logits, offset = [], 0
         if meta and cache.inner is None:
-            offset = self._read_prompt(input_ids, cache, keep_from, logits)
+            offset = self.read_prompt(input_ids, cache, keep_from, logits)
         while offset < length:
             position = cache.seen + offset
             end = length if not meta else min(length, offset + b - position % b)
             segment = input_ids[:, offset:end]
             if meta and position % b == 0 and position > 0:
-                self._finish_chunk(cache, position - b, next_token=segment[:, :1])
-            segment_logits = self._cached_segment(segment, position, cache, want_logits=end > keep_from)
+                self.finish_chunk(cache, position - b, next_token=segment[:, :1])
+            segment_logits = self.cached_segment(segment, position, cache, want_logits=end > keep_from)
             if segment_logits is not None:
                 logits.append(segment_logits[:, max(0, keep_from - offset):])
             offset = end
         cache.seen += length
         return torch.cat(logits, 1)
 
-    def _read_prompt(self, input_ids, cache: E2ECache, keep_from: int, logits: list) -> int:
+    def read_prompt(self, input_ids, cache: E2ECache, keep_from: int, logits: list) -> int:
         """The first read of a meta-mode cache: the prefix blocks once over the whole prompt (their last W keys and
         values kept), the chunk steps of every chunk whose next token is in the prompt (each chunk's suffix blocks
         run once, for its logits and its inner step together), and the suffix blocks over the rest, which opens
         the current chunk. Appends the logits from position keep_from on to `logits`; returns the tokens read."""
         config = self.config
         b, length = config.mini_batch_size, input_ids.shape[1]
-        h = self.model.embed_tokens(input_ids)
-        for i, block in enumerate(self.model.layers[:config.num_prefix_layers]):
+        h = self.backbone.embed_tokens(input_ids)
+        for i, block in enumerate(self.backbone.layers[:config.num_prefix_layers]):
             out, cache.kv[i] = block.self_attn.sequence_attention(block.input_layernorm(h))
             h = block.after_attention(h, out)
-        state = self.initial_state(input_ids.shape[0], h)
-        step_size = self.inner_step_size()
+        state = self.loop.initial_state(input_ids.shape[0], h)
+        step_size = self.loop.step_size()
         targets = next_token_targets(input_ids)
         done = (length - 1) // b * b  # the chunks whose last target (the next chunk's first token) is here
         for start in range(0, done, b):
-            out = self.chunk_step(start, step_size != 0, step_size, False, start + b > keep_from,
+            out = self.loop.chunk_step(start, step_size != 0, step_size, False, start + b > keep_from,
                                   h[:, start:start + b], targets[:, start:start + b], state)
             if out.logits is not None:
                 logits.append(out.logits[:, max(0, keep_from - start):])
             state = out.state
-        self._start_chunk(cache, state)
-        rest = self._cached_segment(input_ids[:, done:], done, cache, want_logits=True, prefix_output=h[:, done:])
+        self.start_chunk(cache, state)
+        rest = self.cached_segment(input_ids[:, done:], done, cache, want_logits=True, prefix_output=h[:, done:])
         logits.append(rest[:, max(0, keep_from - done):])
         return length
 
-    def _finish_chunk(self, cache: E2ECache, start: int, next_token):
+    def finish_chunk(self, cache: E2ECache, start: int, next_token):
         """The current chunk's inner step, now that its last target `next_token` [B, 1] has arrived."""
         targets = torch.cat([cache.chunk_ids[:, 1:], next_token], 1)
-        step_size = self.inner_step_size()
-        out = self.chunk_step(start, step_size != 0, step_size, False, False, cache.chunk_inputs, targets, cache.inner)
-        self._start_chunk(cache, out.state)
+        step_size = self.loop.step_size()
+        out = self.loop.chunk_step(start, step_size != 0, step_size, False, False, cache.chunk_inputs, targets,
+                                   cache.inner)
+        self.start_chunk(cache, out.state)
 
-    def _start_chunk(self, cache: E2ECache, state: InnerState):
+    def start_chunk(self, cache: E2ECache, state: InnerState):
         """A new chunk begins with the inner loop's `state`: nothing of it read yet."""
         cache.inner, cache.chunk_kv = state, [None] * len(state.windows)
         cache.chunk_inputs = cache.chunk_ids = None
 
-    def _cached_segment(self, ids, position: int, cache: E2ECache, want_logits: bool = True, prefix_output=None):
+    def cached_segment(self, ids, position: int, cache: E2ECache, want_logits: bool = True, prefix_output=None):
         """Tokens `ids` at `position` (within one chunk in meta mode) through every block with the cache, or, given
         prefix_output (their prefix blocks' output, from a prefill), through the suffix blocks only. Returns their
         logits, or None unless want_logits."""
         config = self.config
         meta = config.train_mode == "meta"
-        h = self.model.embed_tokens(ids) if prefix_output is None else prefix_output
+        h = self.backbone.embed_tokens(ids) if prefix_output is None else prefix_output
         first = 0 if prefix_output is None else config.num_prefix_layers
-        for i, block in enumerate(self.model.layers[first:], start=first):
+        for i, block in enumerate(self.backbone.layers[first:], start=first):
             x = block.input_layernorm(h)
             if meta and block.is_suffix:
                 j = i - config.num_prefix_layers  # which suffix block
@@ -900,14 +878,57 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
             else:
                 out, cache.kv[i] = block.self_attn.sequence_attention(x, cache.kv[i], position)
                 h = block.after_attention(h, out)
-        return self.lm_head(self.model.norm(h)) if want_logits else None
+        return self.lm.lm_head(self.backbone.norm(h)) if want_logits else None
+
+
+class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: E2EConfig):
+        super().__init__(config)
+        self.model = E2EModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The inner step size's warm-up factor for training forwards (the trainer sets it each outer step from
+        # config.ilr_multiplier); evaluation, decoding and eval-mode forwards use 1.
+        self.inner_lr_multiplier = 1.0
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def generate(self, *args, use_cache=True, **kwargs):
+        """GenerationMixin.generate, decoding through an E2ECache unless use_cache=False."""
+        return super().generate(*args, use_cache=use_cache, **kwargs)
+
+    @property
+    def suffix_blocks(self):
+        return [block for block in self.model.layers if block.is_suffix]
+
+    @property
+    def inner_loop(self) -> E2EInnerLoop:
+        """The inner loop over this model's suffix blocks."""
+        return E2EInnerLoop(self)
+
+    @torch.no_grad()
+    def inner_loop_trace(self, input_ids) -> list:
+        """The fast weights after each inner step on input_ids (meta mode): [per updated chunk c: theta(c+1) as
+        [gate, up, down per suffix block], each [B, out, in]]. A chunk is updated when the token after it is in
+        input_ids (its last target), so T + 1 tokens give the updates of all T / b chunks."""
+        if self.config.train_mode != "meta":
+            raise ValueError("inner_loop_trace needs train_mode 'meta' (there is no inner loop otherwise)")
+        trace = []
+        self.inner_loop.run(input_ids, self.model.embed_tokens(input_ids), want_logits=False, trace=trace)
+        return trace
 
     def next_token_losses(self, input_ids, block: int = LOSS_BLOCK):
         """[B, T] the cross-entropy of each position's prediction of the next token (0 at the last position; BOS
         targets included) without the [B, T, V] logits (evaluation by position at long context): chunk by chunk
         in meta mode, else `block` positions at a time."""
         if self.config.train_mode == "meta":
-            return self.meta_forward(input_ids, self.model.embed_tokens(input_ids), want_logits=False)[1]
+            return self.inner_loop.run(input_ids, self.model.embed_tokens(input_ids), want_logits=False)[1]
         return token_nll(self.model(input_ids), self.lm_head, next_token_targets(input_ids), block)
 
     # ---------------------------------------------------------------- forward
@@ -947,13 +968,13 @@ class E2EForCausalLM(E2EPreTrainedModel, GenerationMixin):
         chunk_stats = grad_norms = nll = logits = None
         if use_cache:
             cache = cache if cache is not None else E2ECache(self.config.num_hidden_layers)
-            logits = self.cached_forward(input_ids, cache, 0 if labels is not None else logits_to_keep)
+            logits = E2EDecoding(self).read(input_ids, cache, 0 if labels is not None else logits_to_keep)
         elif self.config.train_mode == "meta":
             if labels is not None and not torch.compiler.is_compiling() \
                     and not bool(((labels == input_ids) | (labels == -100)).all()):
                 raise ValueError("labels must equal input_ids where they are not -100: the inner loop of an E2E model "
                                  "learns from input_ids' next tokens")
-            logits, nll, chunk_stats, grad_norms = self.meta_forward(input_ids, self.model.embed_tokens(input_ids),
+            logits, nll, chunk_stats, grad_norms = self.inner_loop.run(input_ids, self.model.embed_tokens(input_ids),
                                                                      want_logits)
         else:
             h = self.model.norm(self.model.run_sequence_blocks(self.model.embed_tokens(input_ids), self.model.layers))

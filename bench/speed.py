@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_ttt import COMPILE_MODES
 from ttt import CACHE_FIELD, TTT_LAYER_CLASSES, TTT_STANDARD_CONFIGS, InnerState, TTTConfig, TTTForCausalLM
+from ttt_train.config import COMPILE_MODES
 from ttt_train.families import FAMILIES, transformer_config
 from ttt_train.metrics import gpu_peak_tflops, training_flops_per_token
 from ttt_train.models import matched_config

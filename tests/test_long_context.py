@@ -157,10 +157,11 @@ def test_chunk_boundary_windows_are_in_the_compute_dtype_and_own_their_rows():
     model = e2e(dtype=torch.float32)
     config = model.config
     h = torch.randn(1, 8, config.hidden_size)
-    state = model.initial_state(1, h)
+    state = model.inner_loop.initial_state(1, h)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for start in (0, 8, 16):
-            state = model.chunk_step(start, True, 1.0, False, False, h, ids_of(1, 8, seed=start), state).state
+            step = model.inner_loop.chunk_step(start, True, 1.0, False, False, h, ids_of(1, 8, seed=start), state)
+            state = step.state
     windows = [t for window in state.windows for t in window]
     assert len(windows) == 2 * config.suffix_len
     for window in windows:

@@ -222,3 +222,26 @@ def test_a_fresh_run_that_stops_on_bad_input_gives_its_claim_back(bucket, tmp_pa
     train_ttt.main([*FAST, "--output_dir", url, "--max_train_steps", "2"])  # the corrected command is not refused
     fs.invalidate_cache()
     assert fs.exists(f"{bucket}/typo/.run-claim.json") and fs.exists(f"{bucket}/typo/final_model/.upload-complete")
+
+
+def test_a_resume_from_an_earlier_bucket_checkpoint_sets_the_later_ones_aside_only_once_it_starts(bucket, capsys):
+    """Resuming from checkpoint-2 of a bucket run that reached step 6: a start that fails on bad input moves
+    nothing; the resume that starts moves checkpoint-4, checkpoint-6 and final_model to abandoned/<time>/ in the
+    bucket (never deleted), so that `latest` and rotation follow the new branch."""
+    import train_ttt
+
+    url = f"s3://{bucket}/branch"
+    flags = ["--max_train_steps", "6", "--save_checkpoint_freq", "2", "--save_total_limit", "5"]
+    train_ttt.main([*FAST, "--output_dir", url, *flags])
+    before = set(listing(bucket, "branch"))
+    assert {"checkpoint-2", "checkpoint-4", "checkpoint-6", "final_model"} <= before
+    fails(capsys, *FAST, "--output_dir", url, *flags, "--resume_from_checkpoint", f"{url}/checkpoint-2",
+          "--ttt_layer_type", "mlp", match="--ttt_layer_type mlp conflicts with checkpoint")
+    assert set(listing(bucket, "branch")) == before
+    train_ttt.main([*FAST, "--output_dir", url, *flags, "--max_train_steps", "3", "--resume_from_checkpoint",
+                    f"{url}/checkpoint-2"])
+    after = set(listing(bucket, "branch"))
+    assert {"checkpoint-2", "checkpoint-3", "final_model", "abandoned"} <= after
+    assert not {"checkpoint-4", "checkpoint-6"} & after
+    [moved] = listing(bucket, "branch/abandoned")
+    assert set(listing(bucket, f"branch/abandoned/{moved}")) == {"checkpoint-4", "checkpoint-6", "final_model"}

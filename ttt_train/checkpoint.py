@@ -42,7 +42,6 @@ from ttt_train.rundir import (
     CheckpointError,
     is_trainers,
     partial_of,
-    prune_checkpoints,
     read_best,
 )
 
@@ -152,13 +151,14 @@ class Checkpointer:
     resumes; never pruned), and `final_model` at the end. `stream` is the data stream whose position each
     checkpoint records; `tokens` counts the training tokens so far."""
 
-    def __init__(self, settings, max_steps: int, accelerator, output_dir: Path, model, tokenizer, scheduler, stream,
-                 run_args: dict, elapsed, tokens=lambda: None, remote=None, remote_files=(), publisher=None):
+    def __init__(self, settings, max_steps: int, accelerator, directory, model, tokenizer, scheduler, stream,
+                 run_args: dict, elapsed, tokens=lambda: None, publisher=None):
         self.settings, self.max_steps = settings, max_steps  # ttt_train.config.CheckpointArguments; the last step
-        self.accelerator, self.output_dir, self.model, self.tokenizer = accelerator, Path(output_dir), model, tokenizer
+        # ttt_train.run_directory.RunDirectory: where saves go (and, for a bucket, are uploaded) and rotate
+        self.directory, self.output_dir = directory, directory.path
+        self.accelerator, self.model, self.tokenizer = accelerator, model, tokenizer
         self.scheduler, self.stream, self.run_args, self.elapsed = scheduler, stream, run_args, elapsed
-        # a cloud output_dir (ttt_train.remote): each saved folder is uploaded whole, with remote_files beside it
-        self.tokens, self.remote, self.remote_files = tokens, remote, remote_files
+        self.tokens = tokens
         self.publisher = publisher  # --push_to_hub (main process only): ttt_train.publish.Publisher
         # every process must take the same save decisions (a save is collective): the main process reads, all get it
         self.best = main_decides(accelerator, lambda: read_best(self.output_dir))
@@ -173,9 +173,7 @@ class Checkpointer:
             if self.publisher:
                 self.publisher.checkpoint_saved(self.output_dir / f"checkpoint-{step}", step, self.accelerator.print)
             if self.accelerator.is_main_process:
-                prune_checkpoints(self.output_dir, settings.save_total_limit)
-                if self.remote:
-                    self.remote.prune(settings.save_total_limit)
+                self.directory.rotate(settings.save_total_limit)
         if settings.save_best and eval_loss is not None and math.isfinite(eval_loss) \
                 and (self.best is None or eval_loss < self.best[1]):
             self.save(BEST_MODEL, step, with_training_state=False, extra={"eval_loss": eval_loss})
@@ -202,10 +200,8 @@ class Checkpointer:
             raise CheckpointError(f"step {step}: the weights are not finite; {folder} was not saved")
         save_checkpoint(self.accelerator, self.output_dir / folder, self.model, self.tokenizer, state,
                         with_training_state)
-        if self.remote and self.accelerator.is_main_process:
-            self.remote.upload_folder(self.output_dir / folder, folder)
-            for name in self.remote_files:
-                self.remote.upload_file(self.output_dir / name, name)
+        if self.accelerator.is_main_process:
+            self.directory.saved(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

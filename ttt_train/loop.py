@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -33,7 +32,8 @@ from ttt_train.metrics import (
     training_flops_per_token,
     write_summary,
 )
-from ttt_train.remote import RemoteDir, download_model, is_remote
+from ttt_train.remote import download_model, is_remote
+from ttt_train.run_directory import RunDirectory
 from ttt_train.rundir import METRICS_FILE, SUMMARY_FILE
 
 # Flags whose change on resume is allowed (a curriculum) and reported.
@@ -187,77 +187,20 @@ def start_trackers(accelerator, logging, run_args: dict, output_dir):
         raise UserError(f"--report_to {logging.report_to}: the tracker cannot start: {message}{hint}") from error
 
 
-def claim_output_dir(accelerator, run, resume: str | None, output_dir: Path, lock) -> tuple:
-    """The main process takes the output directory's lock, restores what a killed save left, and checks what the
-    directory holds against what was asked (a fresh run, or a resume from `resume`: 'latest' or a local checkpoint
-    folder); every process gets the outcome. Returns (checkpoint or None, its trainer state or None); the main
-    process alone reads and verifies the checkpoint's files (every rank hashing every file would multiply the reads
-    by the process count)."""
+def claim_output_dir(accelerator, run: RunConfig, state: RunState, directory: RunDirectory) -> dict | None:
+    """The main process claims the output directory (RunDirectory.claim) and reads and verifies the checkpoint a
+    resume starts from (every rank hashing every file would multiply the reads by the process count); every process
+    gets the outcome: `state.checkpoint` is set, and the checkpoint's trainer state returned (None: a fresh run)."""
     def claim() -> tuple:  # (notes, checkpoint or None, its trainer state or None)
-        if output_dir.exists() and not output_dir.is_dir():
-            raise UserError(f"output_dir {output_dir} is a file, not a folder")
-        try:
-            taken_over = lock.acquire()
-        except OSError as error:
-            raise UserError(f"cannot write to output_dir {output_dir}: {error.strerror or error}") from error
-        notes = [taken_over] * bool(taken_over) + rundir.clean_interrupted_saves(output_dir)
-        notes += rundir.check_run_directory(output_dir, fresh=not resume,
-                                            overwrite=run.checkpoints.overwrite_output_dir,
-                                            extra=rundir.tracker_folders(run.logging))
-        if not resume:
-            return notes, None, None
-        checkpoint = rundir.resolve_checkpoint(resume, output_dir)
-        return notes, str(checkpoint), ckpt.validate_checkpoint(checkpoint)
+        notes, checkpoint = directory.claim(state.resume, run.checkpoints.overwrite_output_dir,
+                                            rundir.tracker_folders(run.logging))
+        return notes, checkpoint and str(checkpoint), checkpoint and ckpt.validate_checkpoint(checkpoint)
 
-    notes, checkpoint, state = main_decides(accelerator, claim)
+    notes, checkpoint, resume_state = main_decides(accelerator, claim)
     for note in notes:
-        accelerator.print(f"{output_dir}: {note}")
-    return (Path(checkpoint), state) if checkpoint else (None, None)
-
-
-def stage_remote(spec: str | None, remote: RemoteDir, output_dir: Path) -> str | None:
-    """A cloud --output_dir: the local staging folder made afresh with what the run needs of the bucket (the
-    checkpoint it resumes from, metrics.jsonl, the best model's score). A resume from an earlier checkpoint moves
-    the bucket's later ones (an abandoned continuation) to abandoned/<time>/ there, as branch_from does locally.
-    `spec`: --resume_from_checkpoint; returns the local copy of the checkpoint it names (None: a fresh run)."""
-    remote.check_writable()
-    if output_dir.exists():  # another trainer staging the same URL on this machine holds its lock: refused here
-        probe = rundir.RunLock(output_dir)
-        probe.acquire()
-        probe.release()
-    shutil.rmtree(output_dir, ignore_errors=True)  # a cache of the bucket, never the only copy of anything
-    output_dir.mkdir(parents=True)
-    checkpoints, folders = remote.checkpoints(), remote.complete_folders()
-    if not spec:
-        if checkpoints or rundir.FINAL_MODEL in folders:
-            raise UserError(f"output_dir {remote.url} already holds a run (checkpoints or final_model); pass "
-                            f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
-        remote.claim(fresh=True)
-        return None
-    if spec == "latest":
-        name = rundir.newest(checkpoints, remote.url, " (uploads that did not complete do not count)")
-    elif spec.startswith(remote.url + "/"):
-        name = spec[len(remote.url) + 1:].strip("/")
-        if name not in folders:
-            raise rundir.CheckpointError(f"{spec} is not a complete checkpoint (missing, or its upload did not "
-                                         f"complete)")
-    else:
-        raise UserError(f"--resume_from_checkpoint {spec}: with --output_dir {remote.url}, give 'latest' or a "
-                        f"checkpoint under it")
-    note = remote.claim(fresh=False)
-    if note:
-        print(f"{remote.url}: {note}")
-    remote.download(name, output_dir / name)
-    step = int(rundir.CHECKPOINT_NAME.match(name).group(2))
-    later = [n for s, n in checkpoints if s > step] + [n for n in (rundir.FINAL_MODEL,) if n in folders]
-    for other in later:
-        remote.move(other, f"{rundir.ABANDONED_DIR}/{time.strftime('%Y%m%d-%H%M%S')}/{other}")
-    if remote._call("read", remote.fs.exists, remote.path(METRICS_FILE)):
-        remote.download(METRICS_FILE, output_dir / METRICS_FILE)
-    if rundir.BEST_MODEL in folders:  # its score, for --save_best's comparisons (the weights stay in the bucket)
-        best_state = f"{rundir.BEST_MODEL}/{rundir.TRAINER_STATE}"
-        remote.download(best_state, output_dir / best_state)
-    return str(output_dir / name)
+        accelerator.print(f"{directory.path}: {note}")
+    state.checkpoint = Path(checkpoint) if checkpoint else None
+    return resume_state
 
 
 def train(run: RunConfig, handle_signals: bool = False):
@@ -265,34 +208,24 @@ def train(run: RunConfig, handle_signals: bool = False):
     `handle_signals` (the trainer is the program), SIGTERM / SIGINT save a checkpoint and end the run with
     cli.Stopped."""
     quiet_libraries()
-    remote = RemoteDir(run.checkpoints.output_dir) if is_remote(run.checkpoints.output_dir) else None
-    output_dir = remote.staging if remote else Path(run.checkpoints.output_dir)
+    directory = RunDirectory(run.checkpoints.output_dir)
     # Without CUDA, Accelerate joins a multi-process launch (gloo) only when told it runs on the CPU.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=run.optim.mixed_precision,
-                              log_with=trackers(run.logging.report_to) or None, project_dir=str(output_dir),
+                              log_with=trackers(run.logging.report_to) or None, project_dir=str(directory.path),
                               cpu=multi_process_cpu, dynamo_plugin=compile_plugin(run.perf))
     state = RunState(resume=run.checkpoints.resume_from_checkpoint, init_from=run.model.init_from)
-    if remote or is_remote(state.init_from):
+    if directory.remote or is_remote(state.init_from):
         def stage() -> tuple:  # the local copies every process then reads
-            resume = stage_remote(state.resume, remote, output_dir) if remote else state.resume
-            return resume, download_model(state.init_from) if is_remote(state.init_from) else state.init_from
+            return directory.stage(state.resume), \
+                download_model(state.init_from) if is_remote(state.init_from) else state.init_from
 
         state.resume, state.init_from = main_decides(accelerator, stage)
-    lock = rundir.RunLock(output_dir)
-    created = not output_dir.exists()
-    fresh = not state.resume
     try:
-        return _train(run, state, accelerator, output_dir, lock, remote, handle_signals)
+        return _train(run, state, accelerator, directory, handle_signals)
     finally:
-        lock.release()
-        if remote and accelerator.is_main_process:
-            try:
-                remote.release_if_unused(fresh)
-            except UserError as error:  # the run's own outcome (or error) is what the user must see
-                accelerator.print(f"note: {error}")
-        if created and accelerator.is_main_process and output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()  # a run that stopped on bad input leaves no folder behind
+        directory.release(fresh=not run.checkpoints.resume_from_checkpoint,
+                          main_process=accelerator.is_main_process)
 
 
 class Evaluator:
@@ -469,9 +402,9 @@ def read_inputs(run: RunConfig, state: RunState, accelerator, output_dir, resume
     return tokenizer, config, train_docs, text_column, eval_set
 
 
-def _train(run: RunConfig, state: RunState, accelerator, output_dir, lock, remote=None, handle_signals=False):
-    optim, perf = run.optim, run.perf
-    state.checkpoint, resume_state = claim_output_dir(accelerator, run, state.resume, output_dir, lock)
+def _train(run: RunConfig, state: RunState, accelerator, directory: RunDirectory, handle_signals=False):
+    optim, perf, output_dir = run.optim, run.perf, directory.path
+    resume_state = claim_output_dir(accelerator, run, state, directory)
     checkpoint = state.checkpoint
     repo_id = main_decides(accelerator, lambda: publish.prepare(run.hub, output_dir)) if run.hub.push_to_hub else None
     publisher = publish.Publisher(repo_id, run.hub.hub_strategy) if repo_id and accelerator.is_main_process else None
@@ -519,13 +452,8 @@ def _train(run: RunConfig, state: RunState, accelerator, output_dir, lock, remot
                                       optim.per_device_train_batch_size, optim.seed, accelerator.process_index,
                                       accelerator.num_processes, state=data_states[accelerator.process_index])
     if accelerator.is_main_process:
-        if checkpoint:
-            abandoned = rundir.branch_from(output_dir, step)
-            if abandoned:
-                if (output_dir / METRICS_FILE).is_file():  # its lines after `step` leave metrics.jsonl below
-                    shutil.copy2(output_dir / METRICS_FILE, abandoned / METRICS_FILE)
-                accelerator.print(f"resuming from step {step}: the later checkpoints of the abandoned continuation "
-                                  f"(and a copy of metrics.jsonl) moved to {abandoned}")
+        for note in directory.branch_from(step) if checkpoint else []:
+            accelerator.print(note)
         (output_dir / rundir.TRAINING_ARGS).write_text(json.dumps(run_args, indent=2))
     log = MetricsLog(accelerator, output_dir, resumed_at=step if checkpoint else None)
     start_time = time.time()
@@ -534,9 +462,8 @@ def _train(run: RunConfig, state: RunState, accelerator, output_dir, lock, remot
         * accelerator.num_processes
     # training tokens over all resumed segments (a checkpoint that predates the count: its steps at this step size)
     tokens = resume_state.get("tokens", step * tokens_per_step) if checkpoint else 0
-    checkpointer = ckpt.Checkpointer(run.checkpoints, state.max_train_steps, accelerator, output_dir, model, tokenizer,
+    checkpointer = ckpt.Checkpointer(run.checkpoints, state.max_train_steps, accelerator, directory, model, tokenizer,
                                      scheduler, train_batches, run_args, elapsed, tokens=lambda: tokens,
-                                     remote=remote, remote_files=(METRICS_FILE, rundir.TRAINING_ARGS),
                                      publisher=publisher)
     if checkpoint and step >= state.max_train_steps:  # a kill while the final model was written: write it now
         checkpointer.save_final(step)
@@ -552,7 +479,7 @@ def _train(run: RunConfig, state: RunState, accelerator, output_dir, lock, remot
     log.note({"step": step, "event": "start", **kernels.record()})
     accelerator.print(f"model: {models.describe(config)}, {params / 1e6:.2f}M parameters ({kernels.detail}); "
                       f"{tokens_per_step} tokens per step on {accelerator.num_processes} process(es); "
-                      f"{describe_setup(accelerator)}; writing to {remote.url if remote else output_dir}")
+                      f"{describe_setup(accelerator)}; writing to {directory.where}")
     if run.model.init_from and not checkpoint:
         accelerator.print(f"weights from --init_from {run.model.init_from} (optimizer and schedule start fresh)")
     if lora:
@@ -619,9 +546,7 @@ def _train(run: RunConfig, state: RunState, accelerator, output_dir, lock, remot
         if accelerator.is_main_process:
             write_summary(output_dir / SUMMARY_FILE, step=step, tokens=tokens, elapsed=elapsed(), parameters=params,
                           final_eval_loss=evaluator.last, best=checkpointer.best, kernels=kernels)
-            if remote:
-                for name in (SUMMARY_FILE, METRICS_FILE):
-                    remote.upload_file(output_dir / name, name)
+            directory.upload(SUMMARY_FILE, METRICS_FILE)
         accelerator.print(f"done: {output_dir / rundir.FINAL_MODEL}")
         if publisher:
             publisher.final_model_saved(output_dir / rundir.FINAL_MODEL, step)

@@ -282,8 +282,17 @@ class RemoteDir:
         self._call("delete in", self.fs.rm, self.path(name), recursive=True)
 
     def move(self, name: str, to: str):
+        """The folder `name` to `to`, file by file: every file copied first, then the original goes, its upload
+        marker first (a move cut short leaves the original complete, or no longer listed, and never loses a file).
+        (fsspec's recursive mv copies the folders' own keys too, which S3 does not have: NoSuchKey.)"""
         self.check_owner()
-        self._call("move in", self.fs.mv, self.path(name), self.path(to), recursive=True)
+        source, target = self.path(name), self.path(to)
+        files = self._call("list", self.fs.find, source)
+        for file in files:
+            self._call("move in", self.fs.copy, file, f"{target}/{file[len(source) + 1:]}")
+        if f"{source}/{COMPLETE}" in files:
+            self._call("move in", self.fs.rm, f"{source}/{COMPLETE}")
+        self._call("move in", self.fs.rm, source, recursive=True)
 
     def prune(self, keep: int):
         """All but the newest `keep` complete checkpoint-* folders (milestones stay), in the bucket."""

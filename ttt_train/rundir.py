@@ -112,6 +112,13 @@ def is_trainers(folder: Path) -> bool:
         (folder / TRAINER_MARK).is_file() or (folder / TRAINER_STATE).is_file())
 
 
+def is_empty_partial(folder: Path) -> bool:
+    """An empty real `.X.partial` folder: what a kill leaves between a save's mkdir and its mark (nothing in it to
+    lose, so the start-up clean-up removes it like a marked one)."""
+    return folder.name.endswith(".partial") and folder.is_dir() and not folder.is_symlink() \
+        and not any(folder.iterdir())
+
+
 def check_run_directory(output_dir: Path, fresh: bool, overwrite: bool = False, extra=(),
                         apply: bool = True) -> list:
     """What the output directory holds, against what the run may do there: nothing it would write through a link
@@ -128,7 +135,7 @@ def check_run_directory(output_dir: Path, fresh: bool, overwrite: bool = False, 
                               f"not follow links in its run directory (a save, prune or clean-up would write or "
                               f"delete through it); move the link away")
     not_ours = [p.name for p in owned if p.is_dir() and (SAVE_SIDE_NAME.match(p.name) or CHECKPOINT_NAME.match(p.name))
-                and not is_trainers(p)]
+                and not is_trainers(p) and not is_empty_partial(p)]
     if not_ours:
         raise CheckpointError(f"output_dir {output_dir} holds {', '.join(not_ours)} without {TRAINER_STATE} or "
                               f"the trainer's mark (not written, or not completely, by this trainer) under names "
@@ -177,7 +184,7 @@ def clean_interrupted_saves(output_dir: Path) -> list:
             os.replace(path, target)
             notes.append(f"restored {target.name} from an interrupted save")
     for path in sorted(Path(output_dir).glob(".*.partial")):
-        if is_owned(path.name) and is_trainers(path):
+        if is_owned(path.name) and (is_trainers(path) or is_empty_partial(path)):
             shutil.rmtree(path)
             notes.append(f"removed {path.name}, left by an interrupted save")
     return notes
