@@ -73,3 +73,18 @@ def test_a_run_does_not_write_what_it_settles_back_into_the_settings(tmp_path, c
     assert recorded["max_train_steps"] > 0 and recorded["num_train_epochs"] == 1.0
     assert recorded["tokenizer_name"] == "builtin:bytes"
     assert set(recorded) == set(run.flat())  # one record of every setting, by its flag's name
+
+
+def test_adding_a_flag_is_one_field(capsys):
+    """--adam_beta1/--adam_beta2/--adam_epsilon (the Hugging Face Trainer's names) were added as three fields of
+    OptimizerArguments (and the line that builds AdamW reads them): parsed, checked, in --help, in a YAML file."""
+    import torch
+
+    from ttt_train.loop import build_optimizer
+
+    run = train_ttt.parse_args(["--adam-beta2", "0.99", "--adam_epsilon", "1e-6"])
+    model = torch.nn.Linear(2, 2)
+    [group, _] = build_optimizer(model, run.optim, (), torch.device("cpu")).param_groups
+    assert (group["betas"], group["eps"]) == ((0.9, 0.99), 1e-6)
+    fails(capsys, "--adam_beta2", "1.0", match="--adam_beta2 must be in [0, 1), got 1.0")
+    assert "--adam_beta1 ADAM_BETA1" in train_ttt.build_parser().format_help()

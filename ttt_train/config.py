@@ -317,6 +317,9 @@ class OptimizerArguments(Group):
     warmup_ratio: float | None = flag()
     lr_scheduler_type: str = flag("cosine", choices=("cosine", "linear", "constant"))
     weight_decay: float = flag(0.1)
+    adam_beta1: float = flag(0.9, help="AdamW's beta1")
+    adam_beta2: float = flag(0.95, help="AdamW's beta2 (the papers' recipes: 0.95)")
+    adam_epsilon: float = flag(1e-8, help="AdamW's epsilon")
     max_grad_norm: float = flag(1.0, aliases=["--grad-clip"], help="0 disables clipping")
     max_train_steps: int | None = flag(aliases=["--max_steps"], help=f"optimizer steps (default {DEFAULT_STEPS})")
     num_train_epochs: float | None = flag(
@@ -343,6 +346,10 @@ class OptimizerArguments(Group):
         self.non_negative("weight_decay", "max_grad_norm", "lr_end", "lr_warmup_steps", "seed")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        self.positive("adam_epsilon")
         if self.lr_warmup_steps is not None and self.max_train_steps is not None \
                 and self.lr_warmup_steps > self.max_train_steps:
             raise ConfigError(f"--lr_warmup_steps ({self.lr_warmup_steps}) exceeds --max_train_steps "

@@ -88,6 +88,13 @@ def param_groups(model, weight_decay, exempt_names=()):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model, optim, exempt_names, device) -> torch.optim.AdamW:
+    """AdamW of the optimisation settings (ttt_train.config.OptimizerArguments) over param_groups, fused on CUDA."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay, exempt_names), lr=optim.learning_rate,
+                             betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon,
+                             fused=device.type == "cuda")
+
+
 def warmup_steps(optim, total_steps: int) -> int:
     if optim.lr_warmup_steps is not None:
         return optim.lr_warmup_steps
@@ -430,9 +437,7 @@ def _train(run: RunConfig, state: RunState, accelerator, directory: RunDirectory
             else models.build_model(config)
         if perf.gradient_checkpointing:
             models.enable_activation_checkpointing(model)
-    groups = param_groups(model, optim.weight_decay, families.family_of(config).no_decay)
-    optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(model, optim, families.family_of(config).no_decay, accelerator.device)
     # The scheduler is neither `prepare`d (Accelerate would step it once per process; ours steps once per optimizer
     # step) nor registered for Accelerate's checkpointing (which unpickles it): its state goes into trainer_state.
     scheduler = build_scheduler(optim, state.max_train_steps, optimizer)
