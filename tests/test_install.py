@@ -56,6 +56,7 @@ def check_installed(bin_dir, tmp_path):
         assert done.returncode == 0 and "usage" in done.stdout, (script, done.stderr[-2000:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("editable", [False, True], ids=["wheel", "editable"])
 def test_install_clashes_with_nothing_and_the_console_scripts_run_anywhere(tmp_path, editable):
     source = source_copy(tmp_path)

@@ -167,6 +167,7 @@ def lrs(folder):
     return {r["step"]: r["lr"] for r in lines if "lr" in r}
 
 
+@pytest.mark.slow
 def test_two_processes_save_resume_and_match_the_single_process_schedule(tmp_path):
     flags = ["--seq_length", "32", "--per_device_train_batch_size", "2", "--logging_steps", "1",
              "--save_checkpoint_freq", "3", "--eval_steps", "0", "--max_eval_samples", "4", "--max_train_steps", "6"]

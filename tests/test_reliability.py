@@ -378,6 +378,7 @@ def test_a_final_model_altered_after_training_is_refused_wherever_it_is_read(sav
 
 # ---------------------------------------------------------------- 6. kills at any moment
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_completes(tmp_path):
     """Three SIGKILLs at random moments (during steps, saves, the final model), then `latest` finishes the run,
     with one metrics line per step and no temporary folders left."""

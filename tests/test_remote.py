@@ -175,6 +175,7 @@ def test_a_resume_elsewhere_takes_the_claim_and_the_first_run_writes_no_more(buc
         first.upload_file(ROOT / "README.md", "README.md")
 
 
+@pytest.mark.slow
 def test_an_endpoint_that_stalls_mid_run_is_one_line_and_the_local_copy_stays(server, bucket, tmp_path):
     """The S3 endpoint stops answering (a proxy in front of moto holds every connection) after the first checkpoint
     is in the bucket: the next upload is given up after its bounded deadline, with one error line naming the local

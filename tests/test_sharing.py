@@ -198,6 +198,7 @@ def test_push_to_hub_problems_are_one_line_before_training(fake_hub, monkeypatch
     assert not any(path.endswith("/commit/main") for _, path, _ in fake_hub.requests)
 
 
+@pytest.mark.slow
 def test_a_failed_final_upload_keeps_the_run_and_says_how_to_retry(fake_hub, tmp_path, capsys):
     fake_hub.fail_commits = True
     out = tmp_path / "run"

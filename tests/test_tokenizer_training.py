@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoTokenizer
 
 import train_ttt
@@ -70,6 +71,7 @@ def test_tokenizer_training_errors(tmp_path, capsys):
     assert train_ttt.parse_args(["--train_tokenizer"]).data.vocab_size == 8192
 
 
+@pytest.mark.slow
 def test_the_readme_custom_corpus_command_resumes_with_one_flag_added(tmp_path, capsys):
     """The README's own-corpus command (trained tokenizer, --auto_vocab_size, --target_params, --epochs, --save_best),
     stopped by SIGTERM, resumes by the command the stop prints (the same line plus --resume_from_checkpoint latest)
