@@ -56,6 +56,9 @@ def test_a_json_config_maps_onto_the_same_fields_and_the_command_line_wins(tmp_p
     assert (run.optim.learning_rate, run.optim.max_train_steps, run.lora.use_lora, run.model.init_from) == (
         0.001, 4, True, "m")
     assert (run.perf.tf32, run.optim.mixed_precision, run.config) == (True, "bf16", str(path))
+    # a flag that applies only with a switch the file turns on: checked with the file's values, not without them
+    run = train_ttt.parse_args(["--config", str(path), "--lora_rank", "4"])
+    assert (run.lora.use_lora, run.lora.lora_rank) == (True, 4)
     path.write_text("{not json")
     fails(capsys, "--config", str(path), match=f"cannot read --config {path}")
 

@@ -766,10 +766,10 @@ def parse(argv: list, parser: Parser) -> RunConfig:
     refused = other_way(argv)
     if refused:
         parser.error(refused)
-    run = parser.run_config(argv)
-    conflict = command_line_conflicts(argv, parser)
+    config = parser.parse_args(argv).config  # argparse's own checks of the command line; the settings are checked
+    conflict = command_line_conflicts(argv, parser)  # once, with the file's values (which may satisfy them)
     if conflict:
         parser.error(conflict)
-    if run.config:
-        run = parser.run_config([*file_argv(read_config_file(run.config, parser), parser, run.config), *argv])
-    return run
+    if config:
+        argv = [*file_argv(read_config_file(config, parser), parser, config), *argv]
+    return parser.run_config(argv)
