@@ -227,22 +227,30 @@ def test_a_fresh_run_that_stops_on_bad_input_gives_its_claim_back(bucket, tmp_pa
 
 def test_a_resume_from_an_earlier_bucket_checkpoint_sets_the_later_ones_aside_only_once_it_starts(bucket, capsys):
     """Resuming from checkpoint-2 of a bucket run that reached step 6: a start that fails on bad input moves
-    nothing; the resume that starts moves checkpoint-4, checkpoint-6 and final_model to abandoned/<time>/ in the
-    bucket (never deleted), so that `latest` and rotation follow the new branch."""
+    nothing; the resume that starts moves checkpoint-4, checkpoint-6, final_model and the best model (from step 6)
+    to abandoned/<time>/ in the bucket (never deleted), as a local resume does, so that `latest`, rotation and
+    --save_best follow the new branch."""
+    import s3fs
+
     import train_ttt
 
     url = f"s3://{bucket}/branch"
-    flags = ["--max_train_steps", "6", "--save_checkpoint_freq", "2", "--save_total_limit", "5"]
+    flags = ["--max_train_steps", "6", "--save_checkpoint_freq", "2", "--save_total_limit", "5", "--save_best",
+             "--eval_steps", "2"]
     train_ttt.main([*FAST, "--output_dir", url, *flags])
     before = set(listing(bucket, "branch"))
-    assert {"checkpoint-2", "checkpoint-4", "checkpoint-6", "final_model"} <= before
+    assert {"checkpoint-2", "checkpoint-4", "checkpoint-6", "final_model", "best_model"} <= before
+    best_state = f"{bucket}/branch/best_model/{rundir.TRAINER_STATE}"
+    assert json.loads(s3fs.S3FileSystem().cat(best_state))["step"] == 6  # the loss falls: the last is the best
     fails(capsys, *FAST, "--output_dir", url, *flags, "--resume_from_checkpoint", f"{url}/checkpoint-2",
           "--ttt_layer_type", "mlp", match="--ttt_layer_type mlp conflicts with checkpoint")
     assert set(listing(bucket, "branch")) == before
     train_ttt.main([*FAST, "--output_dir", url, *flags, "--max_train_steps", "3", "--resume_from_checkpoint",
                     f"{url}/checkpoint-2"])
     after = set(listing(bucket, "branch"))
-    assert {"checkpoint-2", "checkpoint-3", "final_model", "abandoned"} <= after
+    assert {"checkpoint-2", "checkpoint-3", "final_model", "best_model", "abandoned"} <= after
     assert not {"checkpoint-4", "checkpoint-6"} & after
     [moved] = listing(bucket, "branch/abandoned")
-    assert set(listing(bucket, f"branch/abandoned/{moved}")) == {"checkpoint-4", "checkpoint-6", "final_model"}
+    assert set(listing(bucket, f"branch/abandoned/{moved}")) == {"checkpoint-4", "checkpoint-6", "final_model",
+                                                                  "best_model"}
+    assert json.loads(s3fs.S3FileSystem().cat(best_state))["step"] == 3  # the new branch's best

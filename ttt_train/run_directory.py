@@ -97,6 +97,7 @@ class RunDirectory:
         after `step` the run then drops), locally and in the bucket, so that `latest` and rotation follow the new
         branch. Returns notes."""
         notes = []
+        best = rundir.read_best(self.path)  # a bucket's best model is staged as its score: read before it moves
         abandoned = rundir.branch_from(self.path, step)
         if abandoned:
             if (self.path / METRICS_FILE).is_file():
@@ -105,8 +106,7 @@ class RunDirectory:
                          f"copy of metrics.jsonl) moved to {abandoned}")
         if self.remote:
             folders = self.remote.complete_folders()
-            later = [name for s, name in rundir.order_checkpoints(folders) if s > step] + \
-                [name for name in (rundir.FINAL_MODEL,) if name in folders]
+            later = rundir.abandoned_names(step, rundir.order_checkpoints(folders), folders, best)
             destination = f"{rundir.ABANDONED_DIR}/{time.strftime('%Y%m%d-%H%M%S')}"
             for name in later:
                 self.remote.move(name, f"{destination}/{name}")

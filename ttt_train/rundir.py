@@ -190,22 +190,30 @@ def clean_interrupted_saves(output_dir: Path) -> list:
     return notes
 
 
+def abandoned_names(step: int, checkpoints: list, names, best: tuple | None) -> list:
+    """What a resume from `step` sets aside of a continuation that went further: its checkpoints and milestones
+    after `step` (`checkpoints`: (step, name) in step order), the final model, and the best model when it is from
+    after `step` (`best`: read_best's). `names`: the folders the directory (or bucket) holds."""
+    later = [name for s, name in checkpoints if s > step]
+    later += [FINAL_MODEL] * (FINAL_MODEL in names)
+    later += [BEST_MODEL] * (best is not None and best[0] > step and BEST_MODEL in names)
+    return later
+
+
 def branch_from(output_dir: Path, step: int) -> Path | None:
     """Resuming from step `step` while the output directory holds later checkpoints or milestones (or a final
-    model) of an abandoned continuation: those move to `abandoned/<time>/` (never deleted), so that `latest` and
-    retention follow the new branch. Returns that folder, or None when nothing was later."""
-    later = [path for s, path in list_checkpoints(output_dir) if s > step]
-    if (Path(output_dir) / FINAL_MODEL).exists():
-        later.append(Path(output_dir) / FINAL_MODEL)
-    best = read_best(output_dir)
-    if best is not None and best[0] > step:  # the best of the abandoned continuation goes with it
-        later.append(Path(output_dir) / BEST_MODEL)
+    model) of an abandoned continuation: those (abandoned_names) move to `abandoned/<time>/` (never deleted), so
+    that `latest` and retention follow the new branch. Returns that folder, or None when nothing was later."""
+    output_dir = Path(output_dir)
+    names = {path.name for path in output_dir.iterdir()}
+    later = abandoned_names(step, [(s, path.name) for s, path in list_checkpoints(output_dir)], names,
+                            read_best(output_dir))
     if not later:
         return None
-    destination = Path(output_dir) / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    destination = output_dir / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
     destination.mkdir(parents=True, exist_ok=False)
-    for path in later:
-        os.replace(path, destination / path.name)
+    for name in later:
+        os.replace(output_dir / name, destination / name)
     return destination
 
 
