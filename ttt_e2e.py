@@ -487,7 +487,7 @@ class InnerState:
 
 
 class ChunkStep(NamedTuple):
-    """What one chunk of the inner loop gives (E2EForCausalLM.chunk_step)."""
+    """What one chunk of the inner loop gives (E2EInnerLoop.chunk_step)."""
 
     logits: torch.Tensor | None  # [B, n, V], when asked for
     nll: torch.Tensor  # [B, n] next-token losses under the chunk's fast weights (0 where there is no target)
